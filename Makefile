@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.attnconv-installed
+
+.PHONY: test demo lint tools clean bench
+
+tools:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) is missing; install Python >= 3.10" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "error: Python >= 3.10 is needed" >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: the Python venv module is missing; install python3-venv" >&2; exit 1; }
+
+$(STAMP): pyproject.toml | tools
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build installs from local disk; an unpinned one pulls GBs of CUDA wheels
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check attnconv tests benchmarks scripts
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/convert.py
+
+clean:
+	rm -rf $(VENV) demo-out

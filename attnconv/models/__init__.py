@@ -1,0 +1,1 @@
+"""attnconv's own model classes (registered with transformers' Auto classes on import)."""

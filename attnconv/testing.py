@@ -1,0 +1,77 @@
+"""Tiny real Hugging Face checkpoints, built from transformers config classes (tests, demo, benchmarks).
+
+`save_pretrained` writes the same layout as a hub checkpoint, so converting and loading them exercises
+the same code paths as a real model, in seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "assets" / "gpt2-tokenizer"
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+
+
+def tiny_config(family: str, *, n_heads: int = 4, n_kv_heads: int | None = None, hidden: int = 64,
+                layers: int = 2, vocab: int = 256, max_positions: int = 512, init_std: float = 0.1):
+    """A transformers config of the given family, small enough for a unit test."""
+    import transformers as tf
+
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                  max_position_embeddings=max_positions, initializer_range=init_std, tie_word_embeddings=False)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=hidden // n_heads)
+    if family == "gemma":
+        return tf.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=hidden // n_heads)
+    if family == "phi3":
+        return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        if n_kv_heads != n_heads:
+            raise ValueError("GPT-2 has no grouped form")
+        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=n_heads,
+                             n_positions=max_positions, initializer_range=init_std,
+                             bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def build_tiny_model(family: str, out: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     max_shard_size: str | None = None, with_tokenizer: bool = False,
+                     randomize_biases: bool = True, **config_kwargs) -> Path:
+    """Build a randomly initialised model of FAMILY and `save_pretrained` it to OUT (safetensors).
+
+    with_tokenizer: use the GPT-2 vocabulary (50257) and copy its tokenizer files beside the weights.
+    randomize_biases/norms: HF initialises biases to 0 and norms to 1; random values make tests able to
+    see a bias or norm that a conversion dropped or misplaced.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if with_tokenizer:
+        config_kwargs["vocab"] = 50257
+    config = tiny_config(family, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if randomize_biases:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name or "ln_" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(dtype)
+    out = Path(out)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    if with_tokenizer:
+        for f in TOKENIZER_DIR.iterdir():
+            if f.name != "NOTICE":
+                shutil.copy(f, out / f.name)
+    return out
