@@ -11,7 +11,7 @@ from attnconv.errors import AttnconvError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 # What a conversion or an evaluation needs from a hub repo: never the pickles or other frameworks' weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.md", "*.py"]
 
@@ -36,7 +36,7 @@ def resolve_source(src: str | Path, allow_pickle: bool = False) -> Path:
             raise AttnconvError(f"{src} is not a model folder: it has no config.json")
         return path
     if not _HUB_ID.match(str(src)):
-        raise AttnconvError(f"{src}: no such folder, and it is not a hub id of the form org/name")
+        raise AttnconvError(f"{src}: no such folder, and it is not a hub id (name or org/name)")
     try:
         from huggingface_hub import snapshot_download
 
