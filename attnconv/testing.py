@@ -75,3 +75,13 @@ def build_tiny_model(family: str, out: str | Path, *, seed: int = 0, dtype: torc
             if f.name != "NOTICE":
                 shutil.copy(f, out / f.name)
     return out
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A bad input gives a non-zero exit and one `error:` line that says what is wrong, never a traceback."""
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]

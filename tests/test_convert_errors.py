@@ -1,0 +1,139 @@
+"""convert: bad input ends in one line, a non-zero exit, nothing written, and the source untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnconv.testing import assert_one_line_error, build_tiny_model
+
+
+def tree_digest(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return build_tiny_model("llama", tmp_path_factory.mktemp("src") / "llama", with_tokenizer=False)
+
+
+def test_missing_and_non_model_folders(cli, tmp_path):
+    code, _, err = cli("convert", tmp_path / "nope", tmp_path / "out", "--to", "mqa")
+    assert_one_line_error(code, err, "no such folder")
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("convert", tmp_path / "empty", tmp_path / "out", "--to", "mqa")
+    assert_one_line_error(code, err, "not a model folder")
+    (tmp_path / "weightless").mkdir()
+    shutil.copy(build_tiny_model("llama", tmp_path / "m") / "config.json", tmp_path / "weightless")
+    code, _, err = cli("convert", tmp_path / "weightless", tmp_path / "out", "--to", "mqa")
+    assert_one_line_error(code, err, "has no weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_supported_families(cli, tmp_path):
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    cfg = OPTConfig(hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1, vocab_size=64,
+                    word_embed_proj_dim=32, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "opt")
+    code, _, err = cli("convert", tmp_path / "opt", tmp_path / "out", "--to", "mqa")
+    assert_one_line_error(code, err, "'opt'", "not supported", "llama", "phi3", "gpt2")
+
+
+@pytest.mark.parametrize("kv, needle", [("3", "does not divide"), ("8", "exceeds"), ("0", ">= 1")])
+def test_bad_kv_heads(cli, llama, tmp_path, kv, needle):
+    code, _, err = cli("convert", llama, tmp_path / "out", "--kv-heads", kv)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gqa_without_kv_heads_and_mqa_with_other_kv(cli, llama, tmp_path):
+    assert_one_line_error(*cli("convert", llama, tmp_path / "o")[::2], "--kv-heads")
+    assert_one_line_error(*cli("convert", llama, tmp_path / "o", "--to", "mqa", "--kv-heads", "2")[::2], "mqa")
+
+
+def test_truncated_and_corrupted_shards(cli, llama, tmp_path):
+    for name, damage in [("truncated", lambda b: b[: len(b) // 2]), ("header", lambda b: b"\xff" * 8 + b[8:]),
+                         ("garbage", lambda b: b[:8] + b"{not json" + b[17:])]:
+        src = tmp_path / name
+        shutil.copytree(llama, src)
+        f = src / "model.safetensors"
+        f.write_bytes(damage(f.read_bytes()))
+        code, _, err = cli("convert", src, tmp_path / f"out-{name}", "--kv-heads", "2")
+        assert_one_line_error(code, err, "truncated or corrupted", "model.safetensors")
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_existing_output_needs_overwrite(cli, llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = cli("convert", llama, out, "--kv-heads", "2")
+    assert_one_line_error(code, err, "already exists", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+    code, _, err = cli("convert", llama, out, "--kv-heads", "2", "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    code, _, err = cli("convert", llama, llama, "--kv-heads", "2", "--overwrite")
+    assert_one_line_error(code, err, "source is never modified")
+
+
+def test_pickle_weights_need_allow_pickle(cli, llama, tmp_path):
+    src = tmp_path / "pickled"
+    shutil.copytree(llama, src)
+    torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
+    (src / "model.safetensors").unlink()
+    code, _, err = cli("convert", src, tmp_path / "out", "--kv-heads", "2")
+    assert_one_line_error(code, err, "pickle", "--allow-pickle")
+    assert not (tmp_path / "out").exists()
+    code, _, err = cli("convert", src, tmp_path / "out", "--kv-heads", "2", "--allow-pickle")
+    assert code == 0, err
+    code, _, err = cli("convert", llama, tmp_path / "ref", "--kv-heads", "2")
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_source_is_never_modified(cli, llama, tmp_path):
+    before = tree_digest(llama)
+    for args in (["--kv-heads", "2"], ["--to", "mqa", "--dtype", "bfloat16"], ["--kv-heads", "3"],
+                 ["--kv-heads", "1", "--method", "random", "--dry-run"]):
+        cli("convert", llama, tmp_path / "o", *args, "--overwrite")
+    assert tree_digest(llama) == before
+
+
+def test_sigkill_at_any_moment_leaves_no_output(tmp_path):
+    # Big enough that writing takes a moment; many shards so a kill can land between them.
+    src = build_tiny_model("llama", tmp_path / "src", hidden=256, layers=6, vocab=4096, max_shard_size="1MB")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "attnconv", "convert", str(src), str(out), "--kv-heads", "2"]
+    kills = 0
+    for stage in ("tmp-exists", "first-shard", "late"):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            tmps = list(tmp_path.glob(".out.attnconv-tmp-*"))
+            shards = [p for t in tmps for p in t.glob("model-*.safetensors")]
+            if (stage == "tmp-exists" and tmps) or (stage == "first-shard" and shards) or \
+                    (stage == "late" and len(shards) > 5):
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait()
+        assert not out.exists(), f"OUT appeared after a kill at {stage}"
+    assert kills >= 2
+    # The next run cleans what the killed ones left and completes.
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert out.is_dir() and not list(tmp_path.glob(".out.attnconv-tmp-*"))
