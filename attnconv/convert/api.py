@@ -7,12 +7,16 @@ import hashlib
 import json
 import shutil
 import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from attnconv import __version__
-from attnconv.convert.plan import Plan, make_plan
+from attnconv.convert.plan import Plan, Step, make_plan
 from attnconv.convert.tensor_io import ShardWriter
 from attnconv.errors import AttnconvError
 from attnconv.hub import parse_dtype
@@ -86,8 +90,33 @@ def provenance(plan: Plan, hashes: dict[str, str]) -> dict:
     }
 
 
+LOOKAHEAD_BYTES = 512 << 20
+
+
+def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch.Tensor | None]]:
+    """Yield each step with its tensor (None for a raw copy), computing upcoming tensors in a thread.
+
+    The thread reads and pools while the main thread writes, so compute hides behind IO; at most
+    LOOKAHEAD_BYTES of results wait in memory.
+    """
+    todo = deque(i for i, s in enumerate(steps) if not plan.is_raw_copy(s))
+    pending: deque = deque()
+    waiting = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for step in steps:
+            while todo and (not pending or waiting < LOOKAHEAD_BYTES):
+                s = steps[todo.popleft()]
+                pending.append(pool.submit(lambda s=s: plan.run_step(s, [plan.reader.get(n) for n in s.inputs])))
+                waiting += s.nbytes
+            if plan.is_raw_copy(step):
+                yield step, None
+            else:
+                waiting -= step.nbytes
+                yield step, pending.popleft().result()
+
+
 def write_plan(plan: Plan, out_dir: Path, progress: bool = True) -> None:
-    """Execute every step, one tensor in memory at a time; unchanged tensors are copied as bytes."""
+    """Execute every step, a few tensors in memory at a time; unchanged tensors are copied as bytes."""
     shards = plan.shards()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
@@ -95,11 +124,11 @@ def write_plan(plan: Plan, out_dir: Path, progress: bool = True) -> None:
         task = bar.add_task("converting", total=plan.bytes_written)
         for shard, steps in shards.items():
             writer = ShardWriter(out_dir / shard, [(s.output, s.dtype, s.shape) for s in steps])
-            for step in steps:
-                if plan.is_raw_copy(step):
+            for step, tensor in _computed_ahead(plan, steps):
+                if tensor is None:
                     writer.copy_raw(step.output, plan.reader.tensors[step.inputs[0]])
                 else:
-                    writer.write(step.output, plan.run_step(step, [plan.reader.get(n) for n in step.inputs]))
+                    writer.write(step.output, tensor)
                 bar.advance(task, step.nbytes)
             writer.close()
     if len(shards) > 1:

@@ -70,6 +70,8 @@ def pool_heads(heads: Tensor, n_out: int, method: Method, gen: torch.Generator |
     n_in = heads.shape[0]
     if n_in % n_out:
         raise ValueError(f"{n_out} output heads do not divide {n_in} input heads")
+    if heads.is_meta:  # shape inference for the plan; meta reductions go through slow Python decompositions
+        return heads.new_empty((n_out, *heads.shape[1:]), dtype=torch.float32)
     groups = heads.float().reshape(n_out, n_in // n_out, *heads.shape[1:])  # [n_out, g, head_dim, *rest]
     return method.merge(groups, gen, is_bias)
 

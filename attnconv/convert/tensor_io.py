@@ -135,7 +135,7 @@ class ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment with spaces
         self.path, self.total = path, offset
-        self._f = open(path, "wb")
+        self._f = open(path, "wb", buffering=0)  # unbuffered: copy_file_range below shares the fd
         self._f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
 
@@ -149,20 +149,34 @@ class ShardWriter:
         t = tensor.detach().contiguous().cpu()
         self._check(name, t.numel() * t.element_size())
         if t.numel():
-            self._f.write(t.view(-1).view(torch.uint8).numpy().data)
+            view = memoryview(t.view(-1).view(torch.uint8).numpy())
+            while view:  # raw FileIO may write less than asked
+                view = view[self._f.write(view):]
 
     def copy_raw(self, name: str, meta: TensorMeta) -> None:
         """Copy a tensor's bytes from a safetensors file without decoding them."""
         self._check(name, meta.nbytes)
-        with open(meta.file, "rb") as src:
-            src.seek(meta.start)
-            left = meta.nbytes
+        with open(meta.file, "rb", buffering=0) as src:
+            offset, left = meta.start, meta.nbytes
             while left:
-                chunk = src.read(min(COPY_CHUNK, left))
-                if not chunk:
+                n = self._copy_range(src, offset, min(COPY_CHUNK, left))
+                if not n:
                     raise _corrupt(meta.file, f"{name} is cut short")
-                self._f.write(chunk)
-                left -= len(chunk)
+                offset, left = offset + n, left - n
+
+    def _copy_range(self, src, offset: int, count: int) -> int:
+        """Copy in the kernel (as cp does) where the platform allows, else through a buffer."""
+        if hasattr(os, "copy_file_range"):
+            try:
+                return os.copy_file_range(src.fileno(), self._f.fileno(), count, offset)
+            except OSError:
+                pass  # e.g. across file systems on old kernels
+        src.seek(offset)
+        chunk = memoryview(src.read(count))
+        n = len(chunk)
+        while chunk:
+            chunk = chunk[self._f.write(chunk):]
+        return n
 
     def close(self) -> None:
         if self._next != len(self._expected):

@@ -1,0 +1,130 @@
+"""Convert benchmark: a synthetic ~1.5B-parameter Llama (bf16, 2 GB shards) to GQA-4, against a plain copy.
+
+Targets (issue 2): convert wall time <= 1.5x a plain copy of the same files; peak RSS <= largest shard + 1 GB.
+Both runs happen here, one after the other, on the same files (page cache warm for both).
+
+    python benchmarks/convert.py [--workdir DIR] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from attnconv.convert.tensor_io import ShardWriter
+
+CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26, num_attention_heads=16,
+              num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+SHARD_BYTES = 2 << 30
+
+
+def llama_tensors(c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["hidden_size"] // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (c["vocab_size"], h))]
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (c["vocab_size"], h))]
+
+
+def build_checkpoint(folder: Path) -> None:
+    """Write the synthetic checkpoint shard by shard (random bf16), as save_pretrained would lay it out."""
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True)
+    LlamaConfig(**CONFIG, dtype="bfloat16").save_pretrained(folder)
+    shards, cur, size = [], [], 0
+    for name, shape in llama_tensors(CONFIG):
+        nbytes = 2 * int(torch.tensor(shape).prod())
+        if cur and size + nbytes > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += nbytes
+    shards.append(cur)
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for k, entries in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        w = ShardWriter(folder / fname, [(n, torch.bfloat16, s) for n, s in entries])
+        for n, s in entries:
+            w.write(n, (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
+            weight_map[n] = fname
+        w.close()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def timed_child(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="attnconv-bench-"))
+    src = work / "src"
+    if not src.exists():
+        t0 = time.perf_counter()
+        build_checkpoint(src)
+        print(f"built {src} in {time.perf_counter() - t0:.0f} s")
+    files = sorted(src.glob("*.safetensors"))
+    total, largest = sum(f.stat().st_size for f in files), max(f.stat().st_size for f in files)
+    params = sum(int(torch.tensor(s).prod()) for _, s in llama_tensors(CONFIG))
+    print(f"checkpoint: {params / 1e9:.2f} B parameters, {total / 2**30:.2f} GiB in {len(files)} shards "
+          f"(largest {largest / 2**30:.2f} GiB)")
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # same warm cache for both
+    copies, converts, conv_rss = [], [], 0
+    for _ in range(args.repeat):  # alternate the two, keep the best of each: this disk is shared and noisy
+        for d in ("copy", "gqa4"):
+            shutil.rmtree(work / d, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        copies.append(timed_child(["sh", "-c", f"cp --reflink=never -r '{src}' '{work / 'copy'}' && sync"])[0])
+        wall, rss = timed_child([sys.executable, "-m", "attnconv", "convert", str(src), str(work / "gqa4"),
+                                 "--kv-heads", "4"])
+        converts.append(wall)
+        conv_rss = max(conv_rss, rss)
+    copy_s, conv_s = min(copies), min(converts)
+    print("runs (s): copy " + ", ".join(f"{t:.1f}" for t in copies) + "; convert " +
+          ", ".join(f"{t:.1f}" for t in converts))
+    written = sum(f.stat().st_size for f in (work / "gqa4").glob("*.safetensors"))
+    rows = {
+        "plain copy + sync, best (s)": f"{copy_s:.1f}",
+        "convert to GQA-4 incl. start-up, best (s)": f"{conv_s:.1f}",
+        "time ratio convert/copy (target <= 1.5)": f"{conv_s / copy_s:.2f}",
+        "convert peak RSS (GiB)": f"{conv_rss / 2**30:.2f}",
+        "largest shard + 1 GiB (GiB, the RSS limit)": f"{(largest + 2**30) / 2**30:.2f}",
+        "RSS within limit": str(conv_rss <= largest + 2**30),
+        "written (GiB)": f"{written / 2**30:.2f}",
+    }
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+    if not args.keep:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
