@@ -95,7 +95,10 @@ def load_tokenizer(src: str | Path, tokenizer: str | Path | None = None):
 
     where = tokenizer if tokenizer is not None else src
     try:
-        path = resolve_source(where) if tokenizer is None or Path(str(tokenizer)).exists() else where
+        if tokenizer is not None and Path(str(tokenizer)).expanduser().is_dir():
+            path = Path(str(tokenizer)).expanduser()  # a tokenizer-only folder has no config.json
+        else:
+            path = resolve_source(where)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except AttnconvError:
         raise

@@ -1,0 +1,136 @@
+"""Atomic training checkpoints: model, optimizer, scheduler, RNG states (per process) and data position.
+
+A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
+every process has finished writing; the previous checkpoint is deleted after that rename. A crash or a
+full disk while saving therefore leaves the previous checkpoint intact. Everything loads with
+`torch.load(weights_only=True)` or safetensors: no pickled code.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from attnconv.errors import AttnconvError
+
+# Test hook: SIGKILL this process right after the checkpoint of this step is complete (simulates a crash).
+KILL_AFTER_ENV = "ATTNCONV_TEST_KILL_AFTER_CHECKPOINT"
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint (a renamed folder with its state.json), or None."""
+    if not ckpt_root.is_dir():
+        return None
+    done = [p for p in ckpt_root.glob("step-*") if (p / "state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, state: dict) -> Path:
+    """Write a checkpoint for `state["step"]` atomically; all processes must call it."""
+    step = state["step"]
+    tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
+    final = ckpt_root / step_dir_name(step)
+    error: OSError | None = None
+    if accelerator.is_main_process:
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    accelerator.wait_for_everyone()
+    try:
+        if error is None and accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if error is None:
+            torch.save(_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    except OSError as e:
+        error = e
+    failed = _any_process(accelerator, error is not None)
+    if not failed and accelerator.is_main_process:
+        try:
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            os.rename(tmp, final)
+        except OSError as e:
+            error = e
+    failed = _any_process(accelerator, error is not None) or failed
+    if failed:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(ckpt_root)
+        keep = f"the previous checkpoint ({prev}) is intact" if prev else "no earlier checkpoint exists"
+        full = error is not None and error.errno == errno.ENOSPC
+        why = "the disk is full" if full else f"{error or 'a process failed'}"
+        raise AttnconvError(f"could not save the checkpoint of step {step} ({why}); {keep}; "
+                            "free space and run again with --resume")
+    if accelerator.is_main_process:
+        for old in ckpt_root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if os.environ.get(KILL_AFTER_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return final
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
+    """Restore everything saved by save_checkpoint; returns its state dict (step, data position...)."""
+    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        raise AttnconvError(f"{path} was written by fewer processes than this run has; resume with the same "
+                            "number of processes")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AttnconvError(f"checkpoint {path} could not be loaded ({first}); remove it to fall back to "
+                            "an earlier one, or start over with --overwrite") from None
+    return state

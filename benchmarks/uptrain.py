@@ -1,0 +1,164 @@
+"""Tokens/s and peak memory: attnconv's uptrain loop vs a plain transformers Trainer, side by side.
+
+Same random Llama-like GQA model, same packed Tiny Shakespeare blocks (GPT-2 tokenizer), same batch,
+AdamW (fused, Trainer's default), cosine schedule, clipping at 1.0, logging every step, in fp32 and
+bf16 autocast. Each run is a fresh subprocess so its peak memory is its own: on CPU the peak resident
+set (VmHWM, reset after the model is loaded) minus the resident set at that moment; on CUDA
+torch.cuda.max_memory_allocated. Runs alternate (ours, Trainer, ours, ...) so that load from other
+processes hits both alike. Target: >= 1.2x Trainer's tokens/s at equal or lower memory.
+
+    python benchmarks/uptrain.py [--steps 6] [--warmup-steps 2] [--batch 4] [--seq-len 256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> int:
+    """Reset the peak RSS (Linux clear_refs 5) / CUDA peak; returns the current baseline in bytes."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_kib("VmRSS") * 1024
+
+
+def _peak() -> int:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_kib("VmHWM") * 1024
+
+
+def _model_and_blocks(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from attnconv.testing import TOKENIZER_DIR
+    from attnconv.textdata import tinyshakespeare_split
+    from attnconv.uptrain.data import pack_blocks, tokenize_cached
+
+    cfg = LlamaConfig(vocab_size=50257, hidden_size=args.hidden, intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    stream, _ = tokenize_cached([tinyshakespeare_split("train")], AutoTokenizer.from_pretrained(TOKENIZER_DIR),
+                                Path(tempfile.gettempdir()) / "attnconv-bench-tokens")
+    return model, pack_blocks(stream, args.seq_len + 1)  # [n, seq_len + 1]
+
+
+def worker_ours(args, model, blocks) -> list[float]:
+    from accelerate import Accelerator
+
+    from attnconv.uptrain.trainer import TrainConfig, train
+
+    acc = Accelerator(mixed_precision="bf16" if args.dtype == "bf16" else "no", cpu=not torch.cuda.is_available())
+    cfg = TrainConfig(steps=args.warmup_steps + args.steps, seq_len=args.seq_len, batch_size=args.batch, lr=1e-4)
+    with tempfile.TemporaryDirectory() as run_dir:
+        r = train(acc, model, blocks, cfg, Path(run_dir), show_progress=False)
+    return [row["tokens_per_s"] for row in r["log"]]
+
+
+def worker_trainer(args, model, blocks) -> list[float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(blocks)
+
+        def __getitem__(self, i):  # seq_len tokens through the model, like ours (the model shifts labels)
+            return {"input_ids": blocks[i, :-1], "labels": blocks[i, :-1]}
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t0, self.rates = 0.0, []
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.rates.append(args.batch * args.seq_len / (time.perf_counter() - self.t0))
+
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch, learning_rate=1e-4,
+                                  max_steps=args.warmup_steps + args.steps, lr_scheduler_type="cosine",
+                                  max_grad_norm=1.0, bf16=args.dtype == "bf16", use_cpu=not torch.cuda.is_available(),
+                                  logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+                                  dataloader_num_workers=0, seed=0)
+        Trainer(model=model, args=targs, train_dataset=Blocks(), callbacks=[clock]).train()
+    return clock.rates
+
+
+def run_worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    model, blocks = _model_and_blocks(args)
+    base = _reset_peak()
+    rates = (worker_ours if args.worker == "ours" else worker_trainer)(args, model, blocks)
+    print(json.dumps({"tokens_per_s": statistics.median(rates[args.warmup_steps:]), "peak_bytes": _peak() - base,
+                      "params": sum(p.numel() for p in model.parameters())}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed first steps")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2, help="a converted (GQA) model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on shared, busy cores)")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return run_worker(args)
+    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "dtype", "dtypes")]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        res = {}
+        for who in ("ours", "trainer"):
+            cmd = [sys.executable, __file__, *common, f"--worker={who}", f"--dtype={dtype}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{who} {dtype} failed:\n{proc.stderr[-3000:]}")
+            res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
+        o, t = res["ours"], res["trainer"]
+        rows.append({"dtype": dtype, "params_M": round(o["params"] / 1e6, 1),
+                     "ours_tok_s": round(o["tokens_per_s"], 1), "trainer_tok_s": round(t["tokens_per_s"], 1),
+                     "speedup": round(o["tokens_per_s"] / t["tokens_per_s"], 3),
+                     "ours_peak_MiB": round(o["peak_bytes"] / 2**20),
+                     "trainer_peak_MiB": round(t["peak_bytes"] / 2**20),
+                     "memory_ratio": round(o["peak_bytes"] / max(t["peak_bytes"], 1), 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
+    print(f"\nbatch {args.batch} x {args.seq_len}, {device}")
+    print(f"{'dtype':6} {'ours tok/s':>11} {'Trainer tok/s':>14} {'speedup':>8} {'ours MiB':>9} {'Trainer MiB':>12}")
+    for r in rows:
+        print(f"{r['dtype']:6} {r['ours_tok_s']:>11} {r['trainer_tok_s']:>14} {r['speedup']:>8} "
+              f"{r['ours_peak_MiB']:>9} {r['trainer_peak_MiB']:>12}")
+
+
+if __name__ == "__main__":
+    main()

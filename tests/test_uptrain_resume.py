@@ -1,0 +1,162 @@
+"""attnconv uptrain: exact resume after SIGKILL, atomic checkpoints (disk full), NaN stop, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from attnconv.errors import AttnconvError
+from attnconv.testing import build_tiny_model
+from attnconv.textdata import tinyshakespeare_split
+from attnconv.uptrain import checkpoint as ckpt_mod
+from attnconv.uptrain import trainer as trainer_mod
+from attnconv.uptrain.api import uptrain
+from attnconv.uptrain.checkpoint import KILL_AFTER_ENV, latest_checkpoint
+
+RUN = dict(seq_len=32, batch_size=4, lr=1e-2, warmup=2, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on shared, oversubscribed cores two OpenMP threads run ~10x slower (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    model = build_tiny_model("llama", root / "mqa", with_tokenizer=True, n_heads=4, n_kv_heads=1,
+                             hidden=32)
+    (root / "train.txt").write_text(tinyshakespeare_split("train")[:30_000])
+    return {"root": root, "model": str(model), "train": str(root / "train.txt"), "cache": str(root / "cache")}
+
+
+def _losses(out):
+    return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_is_exact(env):
+    root = env["root"]
+    straight = uptrain(env["model"], str(root / "straight"), data=env["train"], steps=20, save_every=10,
+                       cache_dir=env["cache"], **RUN)
+    out = root / "killed"
+    cmd = [sys.executable, "-m", "attnconv", "uptrain", env["model"], str(out), "--data", env["train"],
+           "--steps", "20", "--save-every", "10", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
+           "--warmup", "2", "--quiet"]
+    child_env = {**os.environ, KILL_AFTER_ENV: "10", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists()
+    assert latest_checkpoint(root / "killed.uptrain-run" / "checkpoints").name == "step-0000010"
+    with pytest.raises(AttnconvError, match="--resume"):
+        uptrain(env["model"], str(out), data=env["train"], steps=20, cache_dir=env["cache"], **RUN)
+    resumed = uptrain(env["model"], str(out), data=env["train"], steps=20, save_every=10, resume=True,
+                      cache_dir=env["cache"], **RUN)
+    assert resumed["results"]["resumed_from"] == 10
+    a, b = [r["loss"] for r in straight["log"]], _losses(out)
+    assert len(a) == len(b) == 20
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, (a, b)
+    wa, wb = load_file(root / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(env, monkeypatch):
+    out = env["root"] / "enospc"
+    real, calls = ckpt_mod.save_model, []
+
+    def failing_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_model", failing_save)
+    with pytest.raises(AttnconvError, match="disk is full.*step-0000002.*intact"):
+        uptrain(env["model"], str(out), data=env["train"], steps=4, save_every=2, cache_dir=env["cache"], **RUN)
+    ckpts = env["root"] / "enospc.uptrain-run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"] and not out.exists()
+    monkeypatch.setattr(ckpt_mod, "save_model", real)
+    with pytest.raises(AttnconvError, match="other settings.*lr: 0.01 -> 0.02"):
+        uptrain(env["model"], str(out), data=env["train"], steps=4, save_every=2, resume=True,
+                cache_dir=env["cache"], **{**RUN, "lr": 2e-2})
+    r = uptrain(env["model"], str(out), data=env["train"], steps=4, save_every=2, resume=True,
+                cache_dir=env["cache"], **RUN)
+    assert r["results"]["resumed_from"] == 2 and [x["step"] for x in r["log"]] == list(range(1, 5))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
+    real, calls = trainer_mod.training_loss, []
+
+    def nan_at_step_3(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), parts
+
+    monkeypatch.setattr(trainer_mod, "training_loss", nan_at_step_3)
+    out = env["root"] / "nan"
+    with pytest.raises(AttnconvError, match="loss became nan at step 3.*step-0000002"):
+        uptrain(env["model"], str(out), data=env["train"], steps=5, save_every=1, cache_dir=env["cache"], **RUN)
+    last = latest_checkpoint(env["root"] / "nan.uptrain-run" / "checkpoints")
+    assert last.name == "step-0000002" and not out.exists()
+    assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
+
+
+def test_nan_weights_stop_at_step_1(env, tmp_path):
+    bad = build_tiny_model("llama", tmp_path / "bad", with_tokenizer=True, n_heads=4, n_kv_heads=1)
+    w = load_file(bad / "model.safetensors")
+    w["model.norm.weight"][0] = float("inf")
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AttnconvError, match="at step 1; .*no checkpoint was saved yet"):
+        uptrain(str(bad), str(tmp_path / "o"), data=env["train"], steps=2, cache_dir=env["cache"], **RUN)
+
+
+def test_bad_input_is_one_line_error(env, tmp_path):
+    m, d, c = env["model"], env["train"], env["cache"]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("To be, or not to be.")
+    other = build_tiny_model("llama", tmp_path / "other", with_tokenizer=True, n_heads=4)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<attnconv-extra>"])
+    tok.save_pretrained(other)
+    (tmp_path / "exists").mkdir()
+    cases = [
+        (dict(data=d, seq_len=600), "beyond the model's maximum of 512"),
+        (dict(data=str(tmp_path / "empty.txt")), "empty"),
+        (dict(data=str(tmp_path / "short.txt")), "blocks but one step needs 4"),
+        (dict(data=d, teacher=str(tmp_path / "missing")), "no such folder"),
+        (dict(data=d, teacher=str(other)), "another tokenizer"),
+        (dict(data=d, eval_every=2), "--eval-every needs --eval-data"),
+        (dict(data=d, steps=2, tokens=100), "not both"),
+        (dict(data=d, schedule="cyclic"), "--schedule"),
+        (dict(data=d, teacher=m, distill_weight=1.5), "--distill-weight"),
+    ]
+    for kwargs, msg in cases:
+        with pytest.raises(AttnconvError, match=msg):
+            uptrain(m, str(tmp_path / "o"), cache_dir=c, progress=False, **{"seq_len": 32, **kwargs})
+    with pytest.raises(AttnconvError, match="already exists.*--overwrite"):
+        uptrain(m, str(tmp_path / "exists"), data=d, cache_dir=c, progress=False)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.uptrain-run").exists()
+
+
+def test_cli_prints_one_line_error(env, tmp_path, monkeypatch, capsys):
+    from attnconv import cli
+
+    (tmp_path / "exists").mkdir()
+    monkeypatch.setattr(sys, "argv", ["attnconv", "uptrain", env["model"], str(tmp_path / "exists"),
+                                      "--data", env["train"]])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--overwrite" in err[0]
