@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/convert.py
+	$(PY) benchmarks/perplexity.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/uptrain.py
+	$(PY) benchmarks/paper_gqa.py
 
 clean:
 	rm -rf $(VENV) demo-out

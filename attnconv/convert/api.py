@@ -120,8 +120,10 @@ def write_plan(plan: Plan, out_dir: Path, progress: bool = True) -> None:
     shards = plan.shards()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar:
+    # A finished shard is flushed to disk (fsync) in a thread while the next one is written.
+    with Progress(*columns, transient=True, disable=not progress) as bar, ThreadPoolExecutor(1) as flusher:
         task = bar.add_task("converting", total=plan.bytes_written)
+        flushes = []
         for shard, steps in shards.items():
             writer = ShardWriter(out_dir / shard, [(s.output, s.dtype, s.shape) for s in steps])
             for step, tensor in _computed_ahead(plan, steps):
@@ -130,7 +132,9 @@ def write_plan(plan: Plan, out_dir: Path, progress: bool = True) -> None:
                 else:
                     writer.write(step.output, tensor)
                 bar.advance(task, step.nbytes)
-            writer.close()
+            flushes.append(flusher.submit(writer.close))
+        for f in flushes:
+            f.result()  # re-raises a failed flush
     if len(shards) > 1:
         index = {"metadata": {"total_size": plan.bytes_written},
                  "weight_map": {s.output: s.shard for s in plan.steps}}

@@ -1,0 +1,207 @@
+"""attnconv's own greedy decode loop (preallocated KV cache + SDPA with enable_gqa) and its speed benchmark.
+
+`greedy_generate` runs the model's own transformers modules with `PreallocatedKVCache` and
+`sdpa_gqa_attention` (see static_cache.py): one prefill forward, then one forward per new token.
+`decode_benchmark` times it beside transformers' `generate()` over a grid of batch sizes and context lengths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.progress import Progress
+
+from attnconv.errors import AttnconvError
+from attnconv.eval.decode_measure import (
+    PeakMemory,
+    measure_bandwidth,
+    synchronize,
+    time_generate,
+    weight_bytes_per_step,
+)
+from attnconv.eval.static_cache import PreallocatedKVCache, attnconv_attention
+from attnconv.kv import cache_shape
+
+# Families whose attention modules call the registered attention interface with a standard (b, h, s, d) layout.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+
+@dataclass
+class GreedyResult:
+    tokens: torch.Tensor  # [b, new_tokens], the greedy continuation
+    prefill_s: float  # prompt forward + first token
+    decode_s: float  # the new_tokens - 1 one-token steps after it
+    kv_bytes: int  # nbytes of the preallocated cache tensors
+    prefill_logits: torch.Tensor | None = None  # [b, s, vocab] when asked for
+
+
+def check_supported(model) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise AttnconvError(
+            f"attnconv's decode loop does not support model type {model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Run eval without --decode for this model"
+        )
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _padding_masks(attention_mask: torch.Tensor, total: int):
+    """For left-padded prompts: positions [b, s], the prefill keep-mask [b, 1, s, s] and the decode keep-mask
+    [b, 1, 1, total] (sliced to the filled length by the attention). Causality is added by the attention."""
+    batch, prompt_len = attention_mask.shape
+    keep = torch.ones(batch, total, dtype=torch.bool, device=attention_mask.device)  # [b, total]
+    keep[:, :prompt_len] = attention_mask.bool()
+    # a pad query also sees itself, so no row is fully masked (that would give NaN that reaches real tokens)
+    eye = torch.eye(prompt_len, dtype=torch.bool, device=attention_mask.device)
+    prefill = keep[:, None, None, :prompt_len] | eye  # [b, 1, s, s]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [b, s], as generate() numbers them
+    return positions, prefill, keep[:, None, None, :]
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+                    keep_prefill_logits: bool = False) -> GreedyResult:
+    """Greedy continuation of `input_ids` ([b, s]) by `new_tokens` tokens, timed.
+
+    attention_mask: [b, s] with 0 on left padding, or None for same-length prompts (the fast path: no mask).
+    The cache is sized once for s + new_tokens tokens. Timings synchronise the device before each clock read.
+    """
+    check_supported(model)
+    if new_tokens < 1:
+        raise AttnconvError(f"new_tokens must be at least 1, got {new_tokens}")
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + new_tokens
+    limit = max_positions(model.config)
+    if limit is not None and total > limit:
+        raise AttnconvError(f"{prompt_len} prompt + {new_tokens} new tokens exceed the model's {limit} positions; "
+                            "use a shorter context")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    cache = PreallocatedKVCache(model.config, batch, total, dtype, device)
+    tokens = torch.empty(batch, new_tokens, dtype=torch.long, device=device)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        positions, prefill_mask, step_mask = _padding_masks(attention_mask.to(device), total)
+        position = positions[:, -1:].clone()  # [b, 1], advanced in place every step
+    else:
+        positions = torch.arange(prompt_len, device=device)[None]
+        prefill_mask = step_mask = None
+        position = torch.full((1, 1), prompt_len - 1, dtype=torch.long, device=device)
+    with attnconv_attention(model):
+        synchronize(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=0 if keep_prefill_logits else 1)
+        prefill_logits = out.logits if keep_prefill_logits else None  # [b, s, vocab]
+        next_token = out.logits[:, -1].argmax(-1)  # [b]
+        tokens[:, 0] = next_token
+        synchronize(device)
+        t1 = time.perf_counter()
+        for i in range(1, new_tokens):
+            position += 1
+            logits = model(input_ids=next_token[:, None], attention_mask=step_mask, position_ids=position,
+                           past_key_values=cache, use_cache=True).logits  # [b, 1, vocab]
+            next_token = logits[:, -1].argmax(-1)
+            tokens[:, i] = next_token
+        synchronize(device)
+        t2 = time.perf_counter()
+    return GreedyResult(tokens, t1 - t0, t2 - t1, cache.nbytes, prefill_logits)
+
+
+WARMUP_PROMPT = 32  # warm-up runs use a short prompt: they only need to touch the kernels, threads and allocator
+BASELINES = (("hf-static", "static"), ("hf-dynamic", "dynamic"))
+
+
+def clamp_contexts(contexts: Sequence[int], limit: int | None, new_tokens: int, notes: list[str]) -> list[int]:
+    """Contexts that fit the model's positions together with the new tokens; clamped ones are noted."""
+    kept: list[int] = []
+    for ctx in contexts:
+        if limit is not None and ctx + new_tokens > limit:
+            clamped = limit - new_tokens
+            if clamped < 1:
+                raise AttnconvError(f"the model's {limit} positions leave no room for {new_tokens} new tokens; "
+                                    "ask for fewer new tokens")
+            notes.append(f"context {ctx} clamped to {clamped}: the model has {limit} positions "
+                         f"and {new_tokens} are generated")
+            ctx = clamped
+        if ctx not in kept:
+            kept.append(ctx)
+    return kept
+
+
+def _row(impl, batch, ctx, new_tokens, prefill_s, decode_s, kv_theory, kv_measured, peak, step_bytes, bandwidth):
+    steps = new_tokens - 1  # the first new token comes out of the prefill
+    tokens_per_s = batch * steps / decode_s
+    roofline = batch * bandwidth / step_bytes  # every sequence of the batch gets a token per step
+    return {"impl": impl, "batch": batch, "context": ctx, "prefill_s": prefill_s, "tokens_per_s": tokens_per_s,
+            "ms_per_token": 1000 * decode_s / steps, "kv_bytes_theoretical": kv_theory,
+            "kv_bytes_measured": kv_measured, "peak_mem_bytes": peak, "roofline_tokens_per_s": roofline,
+            "bandwidth_fraction": tokens_per_s / roofline}
+
+
+@torch.inference_mode()
+def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_tokens=32, baseline=True) -> dict:
+    """Decode speed of attnconv's loop (and transformers generate(), static and dynamic cache) over a grid.
+
+    Per (batch, context): random prompt ids (seeded), one untimed warm-up with a short prompt, then one timed run.
+    tokens_per_s = batch x (new_tokens - 1) / time of the one-token steps after the prefill (prefill_s apart).
+    Roofline: bytes read per step (weights + the KV cache filled on average over the run) / measured bandwidth.
+    """
+    check_supported(model)
+    if new_tokens < 2:
+        raise AttnconvError(f"the decode benchmark needs at least 2 new tokens to time a decode step, got {new_tokens}")
+    device, config = model_device(model), model.config
+    notes: list[str] = []
+    grid_contexts = clamp_contexts(contexts, max_positions(config), new_tokens, notes)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    shape, dtype_bytes = cache_shape(config), torch.tensor([], dtype=dtype).element_size()
+    bandwidth = measure_bandwidth(device)
+    weights = weight_bytes_per_step(model)
+    notes.append(f"bandwidth {bandwidth / 1e9:.1f} GB/s: best of 5 torch.sum over a 256 MiB fp32 tensor on "
+                 f"{device} with {torch.get_num_threads()} threads")
+    notes.append(f"bytes read per decode step: {weights / 1e6:.1f} MB of weights + batch x (context + new_tokens/2)"
+                 f" x {shape.bytes_per_token(dtype_bytes)} KV bytes per token")
+    if device.type != "cuda":
+        notes.append("peak_mem_bytes: process resident-set peak during the timed run (VmHWM, reset per run)")
+    impls = [("attnconv", None)] + (list(BASELINES) if baseline else [])
+    generator = torch.Generator().manual_seed(0)
+    rows, mismatches = [], []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decode benchmark", total=len(batches) * len(grid_contexts) * len(impls))
+        for batch in batches:
+            for ctx in grid_contexts:
+                prompt = torch.randint(0, config.vocab_size, (batch, ctx), generator=generator).to(device)
+                kv_theory = shape.bytes(batch, ctx + new_tokens, dtype_bytes)
+                step_bytes = weights + batch * (ctx + new_tokens / 2) * shape.bytes_per_token(dtype_bytes)
+                for impl, cache_impl in impls:
+                    progress.update(task, description=f"{impl} batch {batch} context {ctx}")
+                    warm = prompt[:, :min(ctx, WARMUP_PROMPT)]
+                    if cache_impl is None:
+                        greedy_generate(model, warm, min(new_tokens, 4))
+                        with PeakMemory(device) as peak:
+                            run = greedy_generate(model, prompt, new_tokens)
+                        timing, ours = (run.prefill_s, run.decode_s, run.kv_bytes), run.tokens
+                    else:
+                        time_generate(model, warm, min(new_tokens, 4), cache_impl)
+                        with PeakMemory(device) as peak:
+                            theirs, *timing = time_generate(model, prompt, new_tokens, cache_impl)
+                        if not torch.equal(theirs, ours):
+                            mismatches.append(f"{impl} batch {batch} context {ctx}")
+                    prefill_s, decode_s, kv_measured = timing
+                    rows.append(_row(impl, batch, ctx, new_tokens, prefill_s, decode_s, kv_theory, kv_measured,
+                                     peak.peak, step_bytes, bandwidth))
+                    progress.advance(task)
+    if baseline:  # random weights give near-ties where kernels' rounding may pick another token: say so
+        notes.append("greedy tokens equal generate()'s at every grid point" if not mismatches else
+                     f"greedy tokens differ from generate()'s at: {', '.join(mismatches)}")
+    return {"rows": rows, "notes": notes, "bandwidth_bytes_per_s": bandwidth}
