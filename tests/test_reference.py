@@ -1,0 +1,141 @@
+"""The embedded reference model: its files match its recorded training run, and it is the model the run describes.
+
+Perplexity is recomputed here independently of scripts/train_reference.py: the Hugging Face perplexity guide's
+unbatched loop, with context tokens masked by label -100 and transformers' own loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from attnconv.errors import AttnconvError
+from attnconv.reference import REFERENCE_DIR, TRAIN_RUN_FILE, load_train_run
+from attnconv.textdata import tinyshakespeare_split
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_reference.py"
+
+
+@pytest.fixture(scope="module")
+def run() -> dict:
+    return load_train_run(REFERENCE_DIR)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(REFERENCE_DIR, local_files_only=True, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(REFERENCE_DIR, local_files_only=True)
+
+
+def test_weights_match_recorded_checksum(run):
+    weights = REFERENCE_DIR / "model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == run["model_safetensors_sha256"]
+    assert weights.stat().st_size <= 20 * 10**6
+    assert "public domain" in (REFERENCE_DIR / "NOTICE").read_text()
+
+
+def test_is_the_recorded_mha_llama(model, run):
+    cfg = model.config
+    assert cfg.model_type == "llama"
+    assert cfg.num_key_value_heads == cfg.num_attention_heads == run["config"]["num_attention_heads"]
+    assert cfg.num_hidden_layers == run["config"]["num_hidden_layers"]
+    assert sum(p.numel() for p in model.parameters()) == run["parameters"]
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == model.model.layers[0].self_attn.q_proj.weight.shape
+
+
+def test_tokenizer_round_trips_heldout_text(tokenizer, run):
+    text = tinyshakespeare_split("test")
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    assert len(tokenizer) == run["tokenizer"]["vocab_size"]
+    assert len(ids) == run["heldout"]["tokens"]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token == tokenizer.bos_token == "<|endoftext|>"
+
+
+def test_heldout_perplexity_matches_record(model, tokenizer, run):
+    rec = run["heldout"]
+    length, stride = rec["max_length"], rec["stride"]
+    ids = tokenizer(tinyshakespeare_split("test"), return_tensors="pt", verbose=False).input_ids[0]  # [n]
+    n = len(ids)
+    windows, prev_end = [], 0  # (input ids, labels with the context tokens masked)
+    for begin in range(0, n, stride):
+        end = min(begin + length, n)
+        labels = ids[begin:end].clone()
+        labels[: (end - begin) - (end - prev_end)] = -100  # tokens an earlier window already scored
+        windows.append((ids[begin:end], labels))
+        prev_end = end
+        if end == n:
+            break
+    full = [w for w in windows if len(w[0]) == length]
+    batches = [full[i:i + 16] for i in range(0, len(full), 16)] + [[w] for w in windows if len(w[0]) != length]
+    nll_sum, n_scored = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            x, labels = torch.stack([w[0] for w in batch]), torch.stack([w[1] for w in batch])  # [B, len]
+            n_valid = int((labels[:, 1:] != -100).sum())  # transformers shifts labels left by one
+            nll_sum += model(input_ids=x, labels=labels).loss.item() * n_valid  # its loss is the mean
+            n_scored += n_valid
+    ppl = math.exp(nll_sum / n_scored)
+    assert n_scored == rec["scored_tokens"] == (n - 1 if stride < length else n - len(windows))
+    assert ppl == pytest.approx(rec["perplexity"], rel=0.01)
+    assert ppl < len(tokenizer) / 20  # learned structure: far below a uniform guess over the vocabulary
+
+
+def test_load_train_run_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(AttnconvError, match="train_reference.py"):
+        load_train_run(tmp_path)
+    (tmp_path / TRAIN_RUN_FILE).write_text("{not json")
+    with pytest.raises(AttnconvError, match="not valid JSON"):
+        load_train_run(tmp_path)
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("train_reference", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n,length,stride", [(10, 4, 2), (11, 4, 3), (1000, 256, 128), (300, 256, 128), (11, 4, 4)])
+def test_strided_windows_match_the_guides_scoring(n, length, stride):
+    counts = torch.zeros(n, dtype=torch.long)
+    for begin, end, first in _script_module().strided_windows(n, length, stride):
+        assert end - begin <= length
+        counts[begin + first:end] += 1
+    if stride < length:  # overlapping windows: every token but the first of the text is scored once
+        expected = torch.ones(n, dtype=torch.long)
+        expected[0] = 0
+    else:  # disjoint windows: the first token of each window has no context and is not scored
+        expected = (torch.arange(n) % length != 0).long()
+    assert torch.equal(counts, expected)
+
+
+def test_script_writes_a_consistent_tiny_model(tmp_path):
+    out = tmp_path / "ref"
+    tiny = ["--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "32", "--layers", "1", "--hidden", "32",
+            "--heads", "2", "--intermediate", "64", "--vocab-size", "300", "--eval-length", "64", "--eval-stride", "64",
+            "--log-every", "1", "--threads", "1"]
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *tiny], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((out / TRAIN_RUN_FILE).read_text())
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == rec["model_safetensors_sha256"]
+    assert rec["tokens_seen"] == 3 * 2 * 32 and rec["tokenizer"]["vocab_size"] == 300
+    assert rec["config"]["num_key_value_heads"] == rec["config"]["num_attention_heads"] == 2
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tok.decode(tok("To be, or not to be\n\u00e9")["input_ids"]) == "To be, or not to be\n\u00e9"
+    again = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *tiny], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
