@@ -55,3 +55,12 @@ def dtype_bytes(dtype: torch.dtype | str) -> int:
 
         dtype = parse_dtype(dtype) or torch.float32
     return DTYPE_BYTES[dtype]
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a config allows, whatever the family calls it (None when it says nothing)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

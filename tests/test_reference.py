@@ -139,3 +139,14 @@ def test_script_writes_a_consistent_tiny_model(tmp_path):
     assert tok.decode(tok("To be, or not to be\n\u00e9")["input_ids"]) == "To be, or not to be\n\u00e9"
     again = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *tiny], capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_attnconv_eval_reaches_the_recorded_perplexity(cli, run, tmp_path):
+    """The issue's check: `attnconv eval` on the shipped held-out text gives the recorded perplexity (1%)."""
+    rec = run["heldout"]
+    code, _, err = cli("eval", REFERENCE_DIR, "--data", rec["data"], "-L", rec["max_length"], "-S", rec["stride"],
+                       "--out", tmp_path / "report")
+    assert code == 0, err
+    row = json.loads((tmp_path / "report" / "results.json").read_text())["models"][0]
+    assert row["n_kv_heads"] == row["n_heads"] == 8
+    assert row["token_perplexity"] == pytest.approx(rec["perplexity"], rel=0.01)

@@ -16,7 +16,7 @@ from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import perplexity, plan_windows, text_stats, tokenize_corpus
 from attnconv.eval.report import print_table, write_reports
 from attnconv.hub import load_causal_lm, load_tokenizer, parse_dtype, resolve_source
-from attnconv.kv import DTYPE_BYTES, cache_shape
+from attnconv.kv import DTYPE_BYTES, cache_shape, max_positions
 from attnconv.outputs import atomic_output_dir, check_output_dir
 from attnconv.textdata import DEFAULT_SPEC, load_texts
 
@@ -36,14 +36,6 @@ def _load_config(src: str, allow_pickle: bool):
     except (ValueError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AttnconvError(f"{src}: its config.json could not be read ({msg})") from None
-
-
-def max_positions(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def choose_windows(configs: dict[str, object], max_length: int | None, stride: int | None,

@@ -23,7 +23,7 @@ from attnconv.eval.decode_measure import (
     weight_bytes_per_step,
 )
 from attnconv.eval.static_cache import PreallocatedKVCache, attnconv_attention
-from attnconv.kv import cache_shape
+from attnconv.kv import cache_shape, max_positions
 
 # Families whose attention modules call the registered attention interface with a standard (b, h, s, d) layout.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
@@ -45,10 +45,6 @@ def check_supported(model) -> None:
             f"attnconv's decode loop does not support model type {model_type!r}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Run eval without --decode for this model"
         )
-
-
-def max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def model_device(model) -> torch.device:

@@ -17,16 +17,12 @@ from pathlib import Path
 import torch
 
 from attnconv.errors import AttnconvError
+from attnconv.kv import max_positions
 from attnconv.outputs import atomic_output_dir, check_output_dir
 from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached
 from attnconv.uptrain.distill import DistillConfig
-from attnconv.uptrain.model_setup import (
-    apply_liger,
-    enable_gradient_checkpointing,
-    max_positions,
-    select_trainable,
-)
+from attnconv.uptrain.model_setup import apply_liger, enable_gradient_checkpointing, select_trainable
 from attnconv.uptrain.trainer import SCHEDULES, TrainConfig
 from attnconv.uptrain.trainer import train as run_training
 
