@@ -1,4 +1,4 @@
-"""The GQA paper's conversion ablation (Ainslie et al. 2023, Fig. 4 / Sec. 4) at small scale, on the reference model.
+"""The GQA paper's checkpoint-conversion ablation (Ainslie et al. 2023) at small scale, on the reference model.
 
 For MQA and GQA with 2 and 4 KV heads, convert the embedded MHA reference model with mean pooling, the first
 head of each group, and random initialisation; measure held-out perplexity (Tiny Shakespeare, last 10%) and KL to
