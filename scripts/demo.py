@@ -81,7 +81,7 @@ def main() -> None:
     converted = [p for label, p in models.items() if p != str(REFERENCE_DIR)]  # --reference adds the source
     results = evaluate(converted, data=HELD_OUT, max_length=seq_len, stride=seq_len // 2,
                        reference=str(REFERENCE_DIR), decode=not args.no_decode, contexts=(128, 512),
-                       batches=(1, 8), new_tokens=16, out=report, console=console)
+                       batches=(1, 8), new_tokens=32, out=report, console=console)
     (report / "demo_models.json").write_text(json.dumps(models, indent=2) + "\n")
     console.print(summary_table(models, results))
     console.print(f"full report: {report}/results.md, results.json, perplexity_vs_kv.png, decode_tokens_per_s.png")

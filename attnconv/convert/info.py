@@ -11,7 +11,7 @@ from rich.table import Table
 
 from attnconv.errors import AttnconvError
 from attnconv.hub import parse_dtype, resolve_source, weight_files
-from attnconv.kv import CacheShape, cache_shape, dtype_bytes
+from attnconv.kv import CacheShape, cache_shape, dtype_bytes, max_positions
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ModelInfo:
     shape: CacheShape
     parameters: int
     checkpoint_dtype: str
+    max_positions: int | None
 
 
 def human_bytes(n: float) -> str:
@@ -53,7 +54,7 @@ def model_info(model: str | Path) -> ModelInfo:
         params, dtypes = 0, [str(getattr(config, "dtype", "unknown")).removeprefix("torch.")]
     raw = json.loads((path / "config.json").read_text())
     return ModelInfo(path, ", ".join(raw.get("architectures") or ["?"]), raw.get("model_type", "?"),
-                     cache_shape(config), params, "/".join(dtypes))
+                     cache_shape(config), params, "/".join(dtypes), max_positions(config))
 
 
 def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int) -> list[dict]:
@@ -73,10 +74,7 @@ def print_info(model: str | Path, batch: int = 1, context: int | None = None, dt
     console = console or Console()
     info = model_info(model)
     nbytes = dtype_bytes(parse_dtype(dtype) or parse_dtype("bfloat16"))
-    from transformers import AutoConfig
-
-    max_pos = getattr(AutoConfig.from_pretrained(info.path), "max_position_embeddings", None) or 4096
-    context = context or max_pos
+    context = context or info.max_positions or 4096
     s = info.shape
     console.print(f"[bold]{info.path}[/bold]  {info.architecture} ({info.model_type})")
     params = f"{info.parameters:,}" if info.parameters else "?"

@@ -126,8 +126,7 @@ def _op_for(adapter: Adapter, name: str) -> str:
     return "copy"
 
 
-def _config_out(adapter: Adapter, config: dict, layout: HeadLayout, kv_heads: int,
-                dtype: torch.dtype | None) -> dict:
+def _config_out(adapter: Adapter, config: dict, kv_heads: int, dtype: torch.dtype | None) -> dict:
     if adapter.target_model_type == "gpt_bigcode":
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if config.get(flag):
@@ -176,7 +175,7 @@ def make_plan(source: str | Path, kv_heads: int, method: str = "mean", seed: int
     copy = sorted(p.name for p in path.iterdir()
                   if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(_SKIP_SUFFIXES))
     plan = Plan(str(source), path, adapter, layout_in, layout_out, METHODS[method], seed, dtype, reader,
-                _config_out(adapter, config, layout_in, kv_heads, dtype), copy)
+                _config_out(adapter, config, kv_heads, dtype), copy)
     n = len(files)
     for i, file in enumerate(files):
         shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
