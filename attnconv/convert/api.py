@@ -126,12 +126,19 @@ def write_plan(plan: Plan, out_dir: Path, progress: bool = True) -> None:
         flushes = []
         for shard, steps in shards.items():
             writer = ShardWriter(out_dir / shard, [(s.output, s.dtype, s.shape) for s in steps])
+            run: list = []  # raw copies whose source bytes follow each other: one kernel copy for all
             for step, tensor in _computed_ahead(plan, steps):
+                meta = plan.reader.tensors[step.inputs[0]]
+                if run and (tensor is not None or meta.file != run[-1][1].file or meta.start != run[-1][1].end):
+                    writer.copy_raw(run)
+                    run = []
                 if tensor is None:
-                    writer.copy_raw(step.output, plan.reader.tensors[step.inputs[0]])
+                    run.append((step.output, meta))
                 else:
                     writer.write(step.output, tensor)
                 bar.advance(task, step.nbytes)
+            if run:
+                writer.copy_raw(run)
             flushes.append(flusher.submit(writer.close))
         for f in flushes:
             f.result()  # re-raises a failed flush

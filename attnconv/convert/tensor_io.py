@@ -25,7 +25,8 @@ ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 64 << 20  # user-space fallback: bounded memory
+KERNEL_CHUNK = 1 << 30  # copy_file_range: no user memory; fewer, larger calls are faster
 
 
 @dataclass(frozen=True)
@@ -153,26 +154,31 @@ class ShardWriter:
             while view:  # raw FileIO may write less than asked
                 view = view[self._f.write(view):]
 
-    def copy_raw(self, name: str, meta: TensorMeta) -> None:
-        """Copy a tensor's bytes from a safetensors file without decoding them."""
-        self._check(name, meta.nbytes)
-        with open(meta.file, "rb", buffering=0) as src:
-            offset, left = meta.start, meta.nbytes
+    def copy_raw(self, items: list[tuple[str, TensorMeta]]) -> None:
+        """Copy tensors' bytes from a safetensors file without decoding them.
+
+        items: consecutive output tensors whose source bytes are contiguous in one file, copied in one go.
+        """
+        for name, meta in items:
+            self._check(name, meta.nbytes)
+        first, last = items[0][1], items[-1][1]
+        with open(first.file, "rb", buffering=0) as src:
+            offset, left = first.start, last.end - first.start
             while left:
-                n = self._copy_range(src, offset, min(COPY_CHUNK, left))
+                n = self._copy_range(src, offset, left)
                 if not n:
-                    raise _corrupt(meta.file, f"{name} is cut short")
+                    raise _corrupt(first.file, f"{items[-1][0]} is cut short")
                 offset, left = offset + n, left - n
 
     def _copy_range(self, src, offset: int, count: int) -> int:
-        """Copy in the kernel (as cp does) where the platform allows, else through a buffer."""
+        """Copy in the kernel (as cp does) where the platform allows, else through a bounded buffer."""
         if hasattr(os, "copy_file_range"):
             try:
-                return os.copy_file_range(src.fileno(), self._f.fileno(), count, offset)
+                return os.copy_file_range(src.fileno(), self._f.fileno(), min(count, KERNEL_CHUNK), offset)
             except OSError:
                 pass  # e.g. across file systems on old kernels
         src.seek(offset)
-        chunk = memoryview(src.read(count))
+        chunk = memoryview(src.read(min(count, COPY_CHUNK)))
         n = len(chunk)
         while chunk:
             chunk = chunk[self._f.write(chunk):]
