@@ -16,7 +16,7 @@ from attnconv.errors import AttnconvError
 from attnconv.testing import build_tiny_model
 from attnconv.textdata import tinyshakespeare_split
 from attnconv.uptrain import checkpoint as ckpt_mod
-from attnconv.uptrain import trainer as trainer_mod
+from attnconv.uptrain import fused_loss as fused_loss_mod
 from attnconv.uptrain.api import uptrain
 from attnconv.uptrain.checkpoint import KILL_AFTER_ENV, latest_checkpoint
 
@@ -95,14 +95,15 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(env, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
-    real, calls = trainer_mod.training_loss, []
+    # The default path computes the loss in the output layer (fused linear cross-entropy).
+    real, calls = fused_loss_mod.linear_cross_entropy, []
 
     def nan_at_step_3(*args, **kwargs):
-        loss, parts = real(*args, **kwargs)
+        loss = real(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 3 else loss), parts
+        return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(trainer_mod, "training_loss", nan_at_step_3)
+    monkeypatch.setattr(fused_loss_mod, "linear_cross_entropy", nan_at_step_3)
     out = env["root"] / "nan"
     with pytest.raises(AttnconvError, match="loss became nan at step 3.*step-0000002"):
         uptrain(env["model"], str(out), data=env["train"], steps=5, save_every=1, cache_dir=env["cache"], **RUN)

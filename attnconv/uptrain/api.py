@@ -101,7 +101,7 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
             resume: bool = False, overwrite: bool = False, seed: int = 0, max_grad_norm: float = 1.0,
             weight_decay: float = 0.0, gradient_checkpointing: bool = False, tokenizer: str | None = None,
             allow_pickle: bool = False, cache_dir: str | None = None, max_eval_windows: int = 64,
-            keep_checkpoints: bool = False, progress: bool = True) -> dict:
+            keep_checkpoints: bool = False, loss_kernel: str = "auto", progress: bool = True) -> dict:
     """Continue training MODEL on DATA and write the result to OUT; returns the run's summary.
 
     steps: optimizer steps; or tokens: training tokens (steps = ceil(tokens / tokens per step));
@@ -117,6 +117,7 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
 
     _check_settings(steps, tokens, seq_len, batch_size, grad_accum, lr, warmup, schedule, dtype, eval_data,
                     eval_every, save_every)
+    _check_loss_kernel(loss_kernel)
     distill = DistillConfig(distill_weight, temperature) if teacher is not None else None
     if distill is not None:
         distill.check()
@@ -166,7 +167,8 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
     liger = apply_liger(net)
     cfg = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                      eval_every=eval_every, save_every=save_every, seed=seed, distill=distill)
+                      eval_every=eval_every, save_every=save_every, seed=seed, distill=distill,
+                      loss_kernel=loss_kernel)
     if accelerator.is_main_process and progress:
         print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
               f"on {accelerator.num_processes} process(es), {accelerator.device.type}"
@@ -182,7 +184,7 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
                      "processes": accelerator.num_processes, "lr": lr, "warmup": warmup, "schedule": schedule,
                      "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "dtype": dtype, "train": train,
                      "trainable_parameters": trainable, "gradient_checkpointing": gradient_checkpointing,
-                     "liger_kernel": liger, "seed": seed, "teacher": teacher,
+                     "liger_kernel": liger, "loss_kernel": result.pop("loss_kernel"), "seed": seed, "teacher": teacher,
                      "distill_weight": distill_weight if teacher else None,
                      "temperature": temperature if teacher else None},
         "results": result,
@@ -193,6 +195,17 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
             shutil.rmtree(run_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return {**summary, "out": str(out_path), "log": log}
+
+
+def _check_loss_kernel(kernel: str) -> None:
+    from attnconv.kernels.linear_cross_entropy import liger_available
+    from attnconv.uptrain.fused_loss import LOSS_KERNELS
+
+    if kernel not in LOSS_KERNELS:
+        raise AttnconvError(f"--loss-kernel must be one of {', '.join(LOSS_KERNELS)}, not {kernel!r}")
+    if kernel == "liger" and not liger_available():
+        raise AttnconvError("--loss-kernel liger needs a CUDA GPU and liger-kernel (pip install 'attnconv[gpu]'); "
+                            "use --loss-kernel auto")
 
 
 def _write_output(src: Path, out: Path, net, tok, log: list[dict], summary: dict, replace: bool) -> None:

@@ -40,6 +40,10 @@ def uptrain_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model*.bin weights."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints",
                                           help="Keep OUT.uptrain-run/ (last checkpoint) after a successful run."),
+    loss_kernel: str = typer.Option("auto", "--loss-kernel",
+                                    help="How the loss is computed without the full logits: auto (Liger on CUDA "
+                                    "when installed, else torch), torch (chunked, pure torch), liger, or reference "
+                                    "(plain logits + cross-entropy). Distillation always uses the logits."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar; print only the summary."),
 ) -> None:
     """Continue training a (converted) model for a short while to repair its quality.
@@ -55,7 +59,7 @@ def uptrain_command(
                      eval_every=eval_every, save_every=save_every, resume=resume, overwrite=overwrite, seed=seed,
                      max_grad_norm=max_grad_norm, weight_decay=weight_decay,
                      gradient_checkpointing=gradient_checkpointing, tokenizer=tokenizer, allow_pickle=allow_pickle,
-                     keep_checkpoints=keep_checkpoints, progress=not quiet)
+                     keep_checkpoints=keep_checkpoints, loss_kernel=loss_kernel, progress=not quiet)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -18,6 +18,7 @@ from attnconv.errors import AttnconvError
 from attnconv.uptrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from attnconv.uptrain.data import BlockSchedule
 from attnconv.uptrain.distill import DistillConfig, cross_entropy, training_loss
+from attnconv.uptrain.fused_loss import install_fused_loss, loss_targets, remove_fused_loss
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -37,6 +38,7 @@ class TrainConfig:
     save_every: int | None = None
     seed: int = 0
     distill: DistillConfig | None = field(default=None)
+    loss_kernel: str = "auto"  # see attnconv.uptrain.fused_loss.LOSS_KERNELS
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -89,6 +91,17 @@ def train(accelerator, model, blocks: torch.Tensor, cfg: TrainConfig, run_dir: P
     schedule = BlockSchedule(len(blocks), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed)
     schedule.check("the training data")
     params = [p for p in model.parameters() if p.requires_grad]
+    # Without a teacher only the loss is needed, not the logits: the output layer computes it in chunks.
+    head = install_fused_loss(model, cfg.loss_kernel, accelerator.device) if teacher is None else None
+    try:
+        return _train(accelerator, model, blocks, cfg, run_dir, schedule, params, head, teacher=teacher,
+                      eval_windows=eval_windows, resume=resume, data_key=data_key, show_progress=show_progress)
+    finally:
+        remove_fused_loss(accelerator.unwrap_model(model), head)
+
+
+def _train(accelerator, model, blocks, cfg: TrainConfig, run_dir: Path, schedule: BlockSchedule, params, head, *,
+           teacher, eval_windows, resume: bool, data_key: str, show_progress: bool) -> dict:
     optimizer = make_optimizer(params, cfg, accelerator.device)
     from transformers import get_scheduler
 
@@ -128,13 +141,18 @@ def train(accelerator, model, blocks: torch.Tensor, cfg: TrainConfig, run_dir: P
                 batch = blocks[idx].to(accelerator.device, non_blocking=True)  # [b, seq_len + 1]
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 with accelerator.accumulate(model):
-                    logits = model(input_ids=inputs, use_cache=False).logits  # [b, seq_len, V]
-                    teacher_logits = None
-                    if teacher is not None:
-                        with torch.no_grad(), accelerator.autocast():
-                            teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
-                    loss, parts = training_loss(logits, targets, teacher_logits, cfg.distill)
-                    del logits, teacher_logits  # [b, s, V] each: not needed by backward, free them before it
+                    if head is not None:
+                        with loss_targets(head, targets):
+                            loss = model(input_ids=inputs, use_cache=False).logits  # the mean CE, a scalar
+                        parts = {"ce": loss.detach()}
+                    else:
+                        logits = model(input_ids=inputs, use_cache=False).logits  # [b, seq_len, V]
+                        teacher_logits = None
+                        if teacher is not None:
+                            with torch.no_grad(), accelerator.autocast():
+                                teacher_logits = teacher(input_ids=inputs, use_cache=False).logits
+                        loss, parts = training_loss(logits, targets, teacher_logits, cfg.distill)
+                        del logits, teacher_logits  # [b, s, V] each: not needed by backward, free them before it
                     accelerator.backward(loss)
                     sums += torch.stack([loss.detach().float(), parts["ce"].float(),
                                          parts.get("kl", torch.zeros((), device=loss.device)).float()])
@@ -180,6 +198,7 @@ def train(accelerator, model, blocks: torch.Tensor, cfg: TrainConfig, run_dir: P
         "tokens_per_s": (steps_timed * tokens_per_step / elapsed) if steps_timed else None,
         "seconds": elapsed, "log": log_rows, "steps_this_run": len(new_rows),
         "model": accelerator.unwrap_model(model),
+        "loss_kernel": head.backend if head is not None else "reference",
     }
 
 
@@ -189,7 +208,7 @@ def _jsonable(cfg: TrainConfig) -> dict:
 
 def _changed_settings(saved: dict, now: dict) -> list[str]:
     """Settings that decide the data order, the schedule or the loss; eval/save frequency may change."""
-    free = {"eval_every", "save_every"}
+    free = {"eval_every", "save_every", "loss_kernel"}  # kernels give the same losses to rounding
     return [f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if k not in free and saved.get(k) != v]
 
 

@@ -1,0 +1,131 @@
+"""Fused linear + cross-entropy: the mean token loss of `hidden @ weight.T (+ bias)` without ever holding the
+[tokens, vocab] logits.
+
+A language model's last matmul and its loss are the largest activations of a training step (tokens x vocab,
+in float32 for the softmax) and a long chain of memory-bound passes (log-softmax forward, its backward, the
+one-hot scatter). Here rows are processed a chunk at a time: each chunk's logits are turned into the loss
+and, in place, into their gradient (softmax - one-hot) / n_valid, which immediately yields that chunk's
+grad_hidden and its share of grad_weight. backward() only scales the stored gradients (Liger-Kernel and
+Cut Cross-Entropy do the same on GPUs; this file is their pure-torch form, used on CPU and as a fallback).
+
+Backends: "torch" (this file), "liger" (Liger-Kernel's Triton kernel; CUDA and the `gpu` extra),
+"reference" (the eager two-op form, for tests), "auto" (liger where it loads, else torch).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "liger", "reference")
+CHUNK_BYTES = 16 << 20  # float32 logits per chunk: stays in a server CPU's L3 / small against GPU memory
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   bias: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Eager form: hidden [N, d], weight [V, d], bias [V], targets [N] -> mean CE over non-ignored targets."""
+    logits = F.linear(hidden, weight, bias)  # [N, V]
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick (the Function runs with autocast off)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss and all gradients in forward, one chunk of rows at a time; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index: int, chunk_rows: int):
+        # hidden [N, d], weight [V, d], bias [V] | None, targets [N]
+        dtype = _compute_dtype(hidden)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            valid = targets != ignore_index  # [N]
+            n_valid = valid.sum().clamp(min=1)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = hidden[start:start + chunk_rows].to(dtype)  # [c, d]
+                logits = F.linear(h, w, b).float()  # [c, V]
+                ok = valid[start:start + chunk_rows]
+                tgt = torch.where(ok, targets[start:start + chunk_rows], 0)[:, None]  # [c, 1]
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, 1]
+                loss_sum += ((lse - logits.gather(1, tgt)).squeeze(1) * ok).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                # d loss / d logits = (softmax - one_hot) / n_valid on valid rows, 0 elsewhere; built in place.
+                grad = logits.sub_(lse).exp_()
+                grad.scatter_add_(1, tgt, torch.full_like(lse, -1.0))
+                grad.mul_((ok / n_valid).unsqueeze(1))
+                grad = grad.to(dtype)
+                if need_h:
+                    grad_h[start:start + chunk_rows] = grad @ w
+                if need_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(grad.t(), h)
+                    else:
+                        grad_w += (grad.t() @ h).float()
+                if need_b:
+                    grad_b += grad.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = None if bool(grad_out == 1.0) else grad_out  # the usual case: loss.backward() as is
+        out = []
+        for g, dt in ((grad_h, None), (grad_w, ctx.dtypes[0]), (grad_b, ctx.dtypes[1])):
+            if g is not None:
+                g = g if scale is None else g * scale.to(g.dtype)
+                g = g.to(dt) if dt is not None else g
+            out.append(g)
+        return out[0], out[1], out[2], None, None, None
+
+
+def liger_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+
+
+def _liger(hidden, weight, targets, bias, ignore_index):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, bias, ignore_index=ignore_index)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' picks Liger on CUDA when it is installed, else the pure-torch chunked form; an explicit
+    'liger' that cannot run raises."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear cross-entropy backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "liger" if device.type == "cuda" and liger_available() else "torch"
+    if backend == "liger" and not (device.type == "cuda" and liger_available()):
+        raise RuntimeError("the liger backend needs a CUDA device and liger-kernel (pip install 'attnconv[gpu]')")
+    return backend
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, backend: str = "auto",
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T + bias` against targets; hidden [..., d], targets [...]."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    which = resolve_backend(backend, hidden.device)
+    if which == "reference":
+        return linear_cross_entropy_reference(hidden, weight, targets, bias, ignore_index)
+    if which == "liger":
+        return _liger(hidden, weight, targets, bias, ignore_index)
+    rows = chunk_rows or max(8, CHUNK_BYTES // (4 * weight.shape[0]))
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, rows)

@@ -1,0 +1,87 @@
+"""The fused linear cross-entropy against the eager two-op form, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnconv.kernels.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    resolve_backend,
+)
+
+# dtype -> (atol, rtol) for the loss and the gradients; bf16 matmuls round every product.
+TOLERANCE = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _inputs(n, d, v, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    return h, w, b, t
+
+
+def _grads(fn, h, w, b, t, scale=1.0, **kw):
+    for x in (h, w, b):
+        if x is not None:
+            x.grad = None
+    loss = fn(h, w, t, b, **kw)
+    (loss * scale).backward()
+    return loss.detach(), [x.grad.clone() for x in (h, w, b) if x is not None and x.requires_grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,v,chunk,bias", [(37, 16, 101, 8, False), (64, 32, 50, 64, True), (5, 8, 7, 2, True),
+                                                (50, 24, 333, 7, False)])
+def test_matches_eager_forward_and_backward(dtype, n, d, v, chunk, bias):
+    h, w, b, t = _inputs(n, d, v, dtype, bias)
+    t[::5] = -100  # ignored targets count neither in the loss nor in the mean
+    ref_loss, ref_grads = _grads(linear_cross_entropy_reference, h, w, b, t)
+    loss, grads = _grads(linear_cross_entropy, h, w, b, t, backend="torch", chunk_rows=chunk)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(loss.float(), ref_loss.float(), atol=atol, rtol=rtol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+def test_grad_output_scale_frozen_weight_and_3d_input():
+    h, w, b, t = _inputs(24, 16, 40, torch.float32, False)
+    w.requires_grad_(False)
+    ref_loss, (ref_gh,) = _grads(linear_cross_entropy_reference, h, w, None, t, scale=3.0)
+    h3 = h.detach().view(4, 6, 16).requires_grad_()
+    loss = linear_cross_entropy(h3, w, t.view(4, 6), backend="torch", chunk_rows=5)
+    (loss * 3.0).backward()
+    torch.testing.assert_close(loss.detach(), ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h3.grad.view(24, 16), ref_gh, atol=1e-6, rtol=1e-5)
+    assert w.grad is None
+
+
+def test_closed_form_uniform_logits():
+    # Zero weights: every logit is 0, so the loss is log(V) whatever the targets.
+    h = torch.randn(9, 4)
+    w = torch.zeros(13, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.arange(9), backend="torch", chunk_rows=4)
+    assert abs(loss.item() - torch.log(torch.tensor(13.0)).item()) < 1e-6
+
+
+def test_under_cpu_autocast_matches_bf16_reference():
+    h, w, b, t = _inputs(33, 16, 90, torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _grads(linear_cross_entropy, h, w, b, t, backend="torch", chunk_rows=10)
+        ref_loss, ref_grads = _grads(linear_cross_entropy_reference, h, w, b, t)
+    torch.testing.assert_close(loss, ref_loss.float(), atol=2e-2, rtol=2e-2)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_backend_selection():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(RuntimeError, match="liger backend needs a CUDA device"):
+        resolve_backend("liger", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_backend("triton", torch.device("cpu"))
