@@ -68,13 +68,18 @@ def _model_and_blocks(args):
 def worker_ours(args, model, blocks) -> list[float]:
     from accelerate import Accelerator
 
+    from attnconv.uptrain.model_setup import apply_liger
     from attnconv.uptrain.trainer import TrainConfig, train
 
+    apply_liger(model)  # as `attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed
     acc = Accelerator(mixed_precision="bf16" if args.dtype == "bf16" else "no", cpu=not torch.cuda.is_available())
-    cfg = TrainConfig(steps=args.warmup_steps + args.steps, seq_len=args.seq_len, batch_size=args.batch, lr=1e-4)
+    cfg = TrainConfig(steps=args.warmup_steps + args.steps, seq_len=args.seq_len, batch_size=args.batch, lr=1e-4,
+                      loss_kernel=args.loss_kernel)
     with tempfile.TemporaryDirectory() as run_dir:
         r = train(acc, model, blocks, cfg, Path(run_dir), show_progress=False)
-    return [row["tokens_per_s"] for row in r["log"]]
+    print(json.dumps({"loss_kernel": r["loss_kernel"]}), file=sys.stderr)
+    ends = [row["elapsed_s"] for row in r["log"]]
+    return [args.batch * args.seq_len / (b - a) for a, b in zip(ends, ends[1:], strict=False)]
 
 
 def worker_trainer(args, model, blocks) -> list[float]:
@@ -88,14 +93,18 @@ def worker_trainer(args, model, blocks) -> list[float]:
             return {"input_ids": blocks[i, :-1], "labels": blocks[i, :-1]}
 
     class Clock(TrainerCallback):
-        def __init__(self):
-            self.t0, self.rates = 0.0, []
+        """Step-end to step-end wall time, after the device has finished (Trainer logs after on_step_end)."""
 
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
+        def __init__(self):
+            self.last, self.rates = None, []
 
         def on_step_end(self, *a, **k):
-            self.rates.append(args.batch * args.seq_len / (time.perf_counter() - self.t0))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if self.last is not None:
+                self.rates.append(args.batch * args.seq_len / (now - self.last))
+            self.last = now
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
@@ -113,7 +122,8 @@ def run_worker(args) -> None:
     model, blocks = _model_and_blocks(args)
     base = _reset_peak()
     rates = (worker_ours if args.worker == "ours" else worker_trainer)(args, model, blocks)
-    print(json.dumps({"tokens_per_s": statistics.median(rates[args.warmup_steps:]), "peak_bytes": _peak() - base,
+    # rates[i] is the cycle from the end of step i + 1 to the end of step i + 2: skip the warm-up steps.
+    print(json.dumps({"tokens_per_s": statistics.median(rates[args.warmup_steps - 1:]), "peak_bytes": _peak() - base,
                       "params": sum(p.numel() for p in model.parameters())}))
 
 
@@ -129,6 +139,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2, help="a converted (GQA) model")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on shared, busy cores)")
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--loss-kernel", default="auto", help="attnconv's loss kernel (auto, torch, liger, reference)")
     p.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()

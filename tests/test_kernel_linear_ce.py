@@ -85,3 +85,23 @@ def test_backend_selection():
         resolve_backend("liger", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["torch", "liger"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backends_match_eager(backend, dtype):
+    if backend == "liger":
+        pytest.importorskip("liger_kernel")
+    h, w, b, t = _inputs(300, 64, 1000, dtype, False)
+    h, w, t = (h.detach().cuda().requires_grad_(), w.detach().cuda().requires_grad_(), t.cuda())
+    t[::7] = -100
+    ref_loss, ref_grads = _grads(linear_cross_entropy_reference, h, w, None, t)
+    loss, grads = _grads(linear_cross_entropy, h, w, None, t, backend=backend)
+    atol, rtol = (2e-4, 2e-3) if dtype == torch.float32 else TOLERANCE[dtype]  # TF32/fused accumulation order
+    torch.testing.assert_close(loss.float(), ref_loss.float(), atol=atol, rtol=rtol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "torch", "liger", "reference")
-CHUNK_BYTES = 16 << 20  # float32 logits per chunk: stays in a server CPU's L3 / small against GPU memory
+# float32 logits per chunk: within a server CPU's L3; on GPUs large chunks keep the matmuls efficient.
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 1 << 30}
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -30,10 +31,22 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls faster than float32 on this CPU."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The matmul dtype autocast would pick (the Function runs with autocast off)."""
+    """The matmul dtype autocast would pick (the Function runs with autocast off), except that a CPU without
+    bf16 instructions computes in float32: its bf16 matmuls with a vocabulary-sized inner dimension run
+    100-200x slower than float32 (measured: [83, 50257] @ [50257, 512] 15 s vs 0.07 s on an AVX2 EPYC)."""
     if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
+        dtype = torch.get_autocast_dtype(t.device.type)
+        if t.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16():
+            return torch.float32
+        return dtype
     return t.dtype
 
 
@@ -127,5 +140,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return linear_cross_entropy_reference(hidden, weight, targets, bias, ignore_index)
     if which == "liger":
         return _liger(hidden, weight, targets, bias, ignore_index)
-    rows = chunk_rows or max(8, CHUNK_BYTES // (4 * weight.shape[0]))
+    budget = CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cpu"])
+    rows = chunk_rows or max(8, budget // (4 * weight.shape[0]))
     return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, rows)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from attnconv.errors import AttnconvError
+from attnconv.kernels.linear_cross_entropy import cpu_has_fast_bf16
 from attnconv.kv import max_positions
 from attnconv.outputs import atomic_output_dir, check_output_dir
 from attnconv.uptrain.checkpoint import latest_checkpoint
@@ -169,6 +170,10 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
                       warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                       eval_every=eval_every, save_every=save_every, seed=seed, distill=distill,
                       loss_kernel=loss_kernel)
+    slow_bf16 = dtype == "bf16" and accelerator.device.type == "cpu" and not cpu_has_fast_bf16()
+    if accelerator.is_main_process and slow_bf16:
+        print("uptrain: note: this CPU has no bf16 instructions; bf16 autocast runs several times slower here "
+              "than --dtype fp32", file=sys.stderr)
     if accelerator.is_main_process and progress:
         print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
               f"on {accelerator.num_processes} process(es), {accelerator.device.type}"

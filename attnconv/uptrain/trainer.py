@@ -92,7 +92,8 @@ def train(accelerator, model, blocks: torch.Tensor, cfg: TrainConfig, run_dir: P
     schedule.check("the training data")
     params = [p for p in model.parameters() if p.requires_grad]
     # Without a teacher only the loss is needed, not the logits: the output layer computes it in chunks.
-    head = install_fused_loss(model, cfg.loss_kernel, accelerator.device) if teacher is None else None
+    head = install_fused_loss(model, cfg.loss_kernel, accelerator.device,
+                              cfg.batch_size * cfg.seq_len) if teacher is None else None
     try:
         return _train(accelerator, model, blocks, cfg, run_dir, schedule, params, head, teacher=teacher,
                       eval_windows=eval_windows, resume=resume, data_key=data_key, show_progress=show_progress)
@@ -173,6 +174,7 @@ def _train(accelerator, model, blocks, cfg: TrainConfig, run_dir: Path, schedule
             steps_timed += 1
             row = {"step": step + 1, "loss": means[0].item(), "lr": lr_now, "tokens": (step + 1) * tokens_per_step,
                    "tokens_per_s": tokens_per_step / dt, "grad_norm": float(grad_norm)}
+            row["elapsed_s"] = time.perf_counter() - t_begin  # after the syncs above: device work is done
             if cfg.distill is not None:
                 row.update(ce=means[1].item(), kl=means[2].item())
             done = step + 1
