@@ -159,3 +159,26 @@ def test_decode_benchmark_tiny_grid(tiny):
     assert [r["impl"] for r in only_ours["rows"]] == ["attnconv"]
     with pytest.raises(AttnconvError, match="at least 2 new tokens"):
         decode_benchmark(model, contexts=(8,), batches=(1,), new_tokens=1)
+
+
+def test_packed_linears_match_nn_linear_and_restore():
+    from attnconv.eval.packed_linear import available, packed_linears
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.Linear(53, 11, bias=False))
+    if not available(net):
+        pytest.skip("this torch build has no oneDNN linear")
+    for shape in [(1, 37), (8, 37), (3, 5, 37), (2, 1, 37)]:
+        x = torch.randn(shape)
+        want = net(x)
+        with torch.inference_mode(), packed_linears(net) as n:
+            got = net(x)
+        assert n == 2 and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all("forward" not in m.__dict__ for m in net)  # the modules' own forward is back
+    with torch.no_grad():
+        net[0].weight.mul_(2)  # a changed weight is packed again
+    x = torch.randn(4, 37)
+    want = net(x)
+    with torch.inference_mode(), packed_linears(net):
+        torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from attnconv.eval.decode_measure import (
     time_generate,
     weight_bytes_per_step,
 )
+from attnconv.eval.packed_linear import packed_linears
 from attnconv.eval.static_cache import PreallocatedKVCache, attnconv_attention
 from attnconv.kv import cache_shape, max_positions
 
@@ -66,11 +67,12 @@ def _padding_masks(attention_mask: torch.Tensor, total: int):
 
 @torch.inference_mode()
 def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                    keep_prefill_logits: bool = False) -> GreedyResult:
+                    keep_prefill_logits: bool = False, packed: bool = True) -> GreedyResult:
     """Greedy continuation of `input_ids` ([b, s]) by `new_tokens` tokens, timed.
 
     attention_mask: [b, s] with 0 on left padding, or None for same-length prompts (the fast path: no mask).
     The cache is sized once for s + new_tokens tokens. Timings synchronise the device before each clock read.
+    packed: on CPU in float32, run the Linear layers through oneDNN with weights packed once (packed_linear.py).
     """
     check_supported(model)
     if new_tokens < 1:
@@ -93,7 +95,7 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         positions = torch.arange(prompt_len, device=device)[None]
         prefill_mask = step_mask = None
         position = torch.full((1, 1), prompt_len - 1, dtype=torch.long, device=device)
-    with attnconv_attention(model):
+    with attnconv_attention(model), packed_linears(model, packed):
         synchronize(device)
         t0 = time.perf_counter()
         out = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
