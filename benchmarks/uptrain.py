@@ -5,7 +5,10 @@ AdamW (fused, Trainer's default), cosine schedule, clipping at 1.0, logging ever
 bf16 autocast. Each run is a fresh subprocess so its peak memory is its own: on CPU the peak resident
 set (VmHWM, reset after the model is loaded) minus the resident set at that moment; on CUDA
 torch.cuda.max_memory_allocated. Runs alternate (ours, Trainer, ours, ...) so that load from other
-processes hits both alike. Target: >= 1.2x Trainer's tokens/s at equal or lower memory.
+processes hits both alike. Speed is the median step-end to step-end time after the warm-up steps, taken once
+the device has finished (Trainer's own per-step callbacks fire before its per-step sync). attnconv runs as
+`attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed, `--loss-kernel` (default auto).
+Target: >= 1.2x Trainer's tokens/s at equal or lower memory.
 
     python benchmarks/uptrain.py [--steps 6] [--warmup-steps 2] [--batch 4] [--seq-len 256] [--threads 1]
 """
