@@ -105,3 +105,41 @@ def test_cuda_backends_match_eager(backend, dtype):
     torch.testing.assert_close(loss.float(), ref_loss.float(), atol=atol, rtol=rtol)
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_bigcode"])
+def test_fused_loss_head_in_every_family(family, tmp_path):
+    """The swapped output layer returns transformers' own LM loss, its gradients, and the logits when idle."""
+    from transformers import AutoModelForCausalLM, GPTBigCodeConfig
+
+    from attnconv.testing import build_tiny_model
+    from attnconv.uptrain.fused_loss import install_fused_loss, loss_targets, remove_fused_loss
+
+    if family == "gpt_bigcode":  # what GPT-2 conversions are written as
+        cfg = GPTBigCodeConfig(vocab_size=300, n_embd=32, n_layer=2, n_head=4, multi_query=True, n_positions=64)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(build_tiny_model(family, tmp_path / family), dtype=torch.float32)
+    model.eval()  # no dropout: the two forwards below must see the same function (gradients still flow)
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    want = model(input_ids=inputs, labels=ids[:, :-1]).loss  # HF shifts: scores positions 0..14
+    logits = model(input_ids=inputs).logits
+    want_all = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    want_all.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    names = [n for n, _ in model.named_parameters()]
+    head = install_fused_loss(model, "torch", torch.device("cpu"))
+    assert head is not None and [n for n, _ in model.named_parameters()] == names
+    with loss_targets(head, targets):
+        got = model(input_ids=inputs).logits
+    got.backward()
+    torch.testing.assert_close(got, want_all, atol=1e-5, rtol=1e-5)
+    assert abs(want.item() - want_all.item()) < 0.5  # same model, one position fewer: a sanity check on the data
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-4, msg=n)
+    torch.testing.assert_close(model(input_ids=inputs).logits, logits)  # without targets: the plain logits
+    remove_fused_loss(model, head)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
