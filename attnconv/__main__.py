@@ -1,3 +1,3 @@
-from attnconv.cli import main
+from attnconv.cli import run
 
-main()
+run()

@@ -6,7 +6,10 @@ assembles them and turns `AttnconvError` into a one-line message and a non-zero 
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
+import threading
 
 import typer
 
@@ -44,7 +47,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+def _click_exception_types() -> tuple[type, type, type]:
+    """(usage/parameter errors, Exit, Abort) in the click that typer uses: its own copy in typer >= 0.24."""
+    try:
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort, Exit
+    except ImportError:
+        from click.exceptions import Abort, ClickException, Exit
+    return ClickException, Exit, Abort
+
+
 def main() -> None:
+    click_error, click_exit, click_abort = _click_exception_types()
     try:
         app(standalone_mode=False)
     except AttnconvError as e:
@@ -53,18 +67,40 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except click_exit as e:
+        sys.exit(e.exit_code)
+    except click_abort:
+        sys.exit(1)
+    except click_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `attnconv convert` alone: show its help
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+            sys.exit(0)
+        commands = {c.name for c in app.registered_commands}
+        command = next((a + " " for a in sys.argv[1:2] if a in commands), "")
+        print(f"error: {e.format_message().rstrip('.')} (see attnconv {command}--help)", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def run() -> None:
+    """The console entry point: `main()`, then exit without the interpreter's teardown.
+
+    Unloading torch at exit takes over half a second, after the command's work is complete and on disk;
+    exit handlers still run and the output streams are flushed. A crash exits normally, with its traceback.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if not isinstance(e.code, int | None):
+            raise
+        code = e.code or 0
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # a thread still working: let the interpreter wait for it
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    main()
+    run()

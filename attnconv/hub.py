@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from attnconv.errors import AttnconvError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 # What a conversion or an evaluation needs from a hub repo: never the pickles or other frameworks' weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.md", "*.py"]
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'auto'/None -> None (keep the checkpoint's dtype); otherwise a torch dtype."""
+def canonical_dtype(name: str | torch.dtype | None) -> str | None:
+    """'auto'/None -> None (keep the checkpoint's dtype); otherwise torch's name for it ('bfloat16', ...)."""
     if name is None or name == "auto":
         return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise AttnconvError(f"unknown dtype {name!r}; use one of auto, {', '.join(sorted(DTYPES))}") from None
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise AttnconvError(f"unknown dtype {key!r}; use one of auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'auto'/None -> None (keep the checkpoint's dtype); otherwise a torch dtype."""
+    canonical = canonical_dtype(name)
+    if canonical is None:
+        return None
+    import torch
+
+    return getattr(torch, canonical)
 
 
 def resolve_source(src: str | Path, allow_pickle: bool = False) -> Path:

@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from attnconv.convert.tensor_io import ShardWriter
+from safetensors.torch import save_file
 
 CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26, num_attention_heads=16,
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -62,11 +61,10 @@ def build_checkpoint(folder: Path) -> None:
     weight_map = {}
     for k, entries in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        w = ShardWriter(folder / fname, [(n, torch.bfloat16, s) for n, s in entries])
-        for n, s in entries:
-            w.write(n, (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16))
-            weight_map[n] = fname
-        w.close()
+        tensors = {n: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for n, s in entries}
+        save_file(tensors, folder / fname, metadata={"format": "pt"})  # as save_pretrained writes them
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 

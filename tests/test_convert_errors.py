@@ -137,3 +137,15 @@ def test_sigkill_at_any_moment_leaves_no_output(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.is_dir() and not list(tmp_path.glob(".out.attnconv-tmp-*"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["convert", "a", "b", "--kv-heads", "x"], "--kv-heads"),
+    (["convert", "a", "b", "--bogus"], "--bogus"),
+    (["nosuchcommand"], "nosuchcommand"),
+    (["eval", "--batch-size", "2"], "MODEL"),
+])
+def test_usage_errors_are_one_line(cli, args, needle):
+    code, _, err = cli(*args)
+    assert_one_line_error(code, err, needle, "--help")
+    assert code == 2

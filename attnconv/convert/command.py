@@ -56,10 +56,11 @@ def convert_command(
       attnconv convert ./llama ./x --to gqa --kv-heads 2 --dry-run
     """
     from attnconv.convert.api import convert
-    from attnconv.convert.report import print_plan, print_result
 
     plan = convert(src, out, to=to.value, kv_heads=kv_heads, method=method.value, seed=seed, dtype=dtype.value,
                    dry_run=dry_run, overwrite=overwrite, allow_pickle=allow_pickle)
+    from attnconv.convert.report import print_plan, print_result  # imports torch: only once the work is done
+
     if dry_run:
         print_plan(plan)
     else:

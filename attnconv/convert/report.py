@@ -8,7 +8,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from attnconv.convert.api import kv_bytes_per_token
 from attnconv.convert.info import human_bytes
 from attnconv.convert.plan import Plan
 
@@ -23,8 +22,8 @@ def plan_summary(plan: Plan) -> dict:
         "kv_heads_after": plan.layout_out.n_kv_heads, "tensors_read": len(plan.reader.tensors),
         "tensors_written": len(plan.steps), "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written,
         "shards": len(plan.shards()), "files_copied": plan.files_to_copy,
-        "kv_bytes_per_token_before": kv_bytes_per_token(plan, "before"),
-        "kv_bytes_per_token_after": kv_bytes_per_token(plan, "after"),
+        "kv_bytes_per_token_before": plan.kv_bytes_per_token("before"),
+        "kv_bytes_per_token_after": plan.kv_bytes_per_token("after"),
         "ops": dict(Counter(s.op for s in plan.steps)),
     }
 
