@@ -4,13 +4,15 @@ Same random Llama-like GQA model, same packed Tiny Shakespeare blocks (GPT-2 tok
 AdamW (fused, Trainer's default), cosine schedule, clipping at 1.0, logging every step, in fp32 and
 bf16 autocast. Each run is a fresh subprocess so its peak memory is its own: on CPU the peak resident
 set (VmHWM, reset after the model is loaded) minus the resident set at that moment; on CUDA
-torch.cuda.max_memory_allocated. Runs alternate (ours, Trainer, ours, ...) so that load from other
-processes hits both alike. Speed is the median step-end to step-end time after the warm-up steps, taken once
-the device has finished (Trainer's own per-step callbacks fire before its per-step sync). attnconv runs as
+torch.cuda.max_memory_allocated. Runs come in pairs of alternating order (ours, Trainer; Trainer, ours; ...)
+so that load from other processes hits both alike; the speedup is the median of the pairs' ratios. Speed is
+the median step-end to step-end time after the warm-up steps, taken once the device has finished (Trainer's
+own per-step callbacks fire before its per-step sync). attnconv runs as
 `attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed, `--loss-kernel` (default auto).
 Target: >= 1.2x Trainer's tokens/s at equal or lower memory.
 
     python benchmarks/uptrain.py [--steps 6] [--warmup-steps 2] [--batch 4] [--seq-len 256] [--threads 1]
+                             [--dtypes fp32,bf16] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2, help="a converted (GQA) model")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on shared, busy cores)")
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--repeat", type=int, default=3, help="run pairs; the speedup is the median of the pairs' ratios")
     p.add_argument("--loss-kernel", default="auto", help="attnconv's loss kernel (auto, torch, liger, reference)")
     p.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
@@ -151,23 +154,26 @@ def main() -> None:
     common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "dtype", "dtypes")]
     rows = []
     for dtype in args.dtypes.split(","):
-        res = {}
-        for who in ("ours", "trainer"):
-            cmd = [sys.executable, __file__, *common, f"--worker={who}", f"--dtype={dtype}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{who} {dtype} failed:\n{proc.stderr[-3000:]}")
-            res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
+        res: dict[str, list[dict]] = {"ours": [], "trainer": []}
+        for r in range(args.repeat):  # pairs in alternating order: load from other processes hits both alike
+            for who in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
+                cmd = [sys.executable, __file__, *common, f"--worker={who}", f"--dtype={dtype}"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{who} {dtype} failed:\n{proc.stderr[-3000:]}")
+                res[who].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         o, t = res["ours"], res["trainer"]
-        rows.append({"dtype": dtype, "params_M": round(o["params"] / 1e6, 1),
-                     "ours_tok_s": round(o["tokens_per_s"], 1), "trainer_tok_s": round(t["tokens_per_s"], 1),
-                     "speedup": round(o["tokens_per_s"] / t["tokens_per_s"], 3),
-                     "ours_peak_MiB": round(o["peak_bytes"] / 2**20),
-                     "trainer_peak_MiB": round(t["peak_bytes"] / 2**20),
-                     "memory_ratio": round(o["peak_bytes"] / max(t["peak_bytes"], 1), 3)})
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(o, t, strict=True)]
+        rows.append({"dtype": dtype, "params_M": round(o[0]["params"] / 1e6, 1),
+                     "ours_tok_s": round(statistics.median(x["tokens_per_s"] for x in o), 1),
+                     "trainer_tok_s": round(statistics.median(x["tokens_per_s"] for x in t), 1),
+                     "speedup": round(statistics.median(ratios), 3), "speedups": [round(x, 3) for x in ratios],
+                     "ours_peak_MiB": round(max(x["peak_bytes"] for x in o) / 2**20),
+                     "trainer_peak_MiB": round(max(x["peak_bytes"] for x in t) / 2**20)})
+        rows[-1]["memory_ratio"] = round(rows[-1]["ours_peak_MiB"] / max(rows[-1]["trainer_peak_MiB"], 1), 3)
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
-    print(f"\nbatch {args.batch} x {args.seq_len}, {device}")
+    print(f"\nbatch {args.batch} x {args.seq_len}, {device}, median of {args.repeat} pairs")
     print(f"{'dtype':6} {'ours tok/s':>11} {'Trainer tok/s':>14} {'speedup':>8} {'ours MiB':>9} {'Trainer MiB':>12}")
     for r in rows:
         print(f"{r['dtype']:6} {r['ours_tok_s']:>11} {r['trainer_tok_s']:>14} {r['speedup']:>8} "
