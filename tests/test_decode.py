@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from attnconv.errors import AttnconvError
 from attnconv.eval.decode import decode_benchmark, greedy_generate
-from attnconv.eval.static_cache import PreallocatedKVCache
+from attnconv.eval.static_cache import PreallocatedKVCache, PreallocatedLayer, sdpa_gqa_attention
 from attnconv.hub import load_causal_lm
 from attnconv.kv import cache_shape
 from attnconv.testing import build_tiny_model
@@ -88,7 +89,27 @@ def test_cache_is_preallocated_unrepeated_and_measured_bytes_match_theory(tiny, 
     assert run.kv_bytes == shape.bytes(3, PROMPT + NEW, dtype_bytes=4)
     assert run.kv_bytes == 2 * 2 * 3 * n_kv * 16 * (PROMPT + NEW) * 4  # layers x K,V x b x n_kv x d x tokens x fp32
     cache = PreallocatedKVCache(model.config, 3, 40, torch.float32, "cpu")
-    assert all(layer.keys.shape == (3, n_kv, 40, 16) for layer in cache.layers)
+    assert all(layer.keys.shape == (3, n_kv, 16, 40) for layer in cache.layers)  # CPU: stored transposed
+    assert all(layer.filled(40)[1].shape == (3, n_kv, 40, 16) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_decode_attention_over_transposed_cache_equals_sdpa(n_kv):
+    """The CPU decode step's two matmuls give SDPA's output, with and without a padding keep-mask."""
+    b, h, d, k = 3, 4, 16, 37
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, 1, d, generator=gen)
+    layer = PreallocatedLayer(b, n_kv, 50, d, torch.float32, "cpu")
+    layer.update(torch.randn(b, n_kv, k - 1, d, generator=gen), torch.randn(b, n_kv, k - 1, d, generator=gen))
+    key, value = layer.update(torch.randn(b, n_kv, 1, d, generator=gen), torch.randn(b, n_kv, 1, d, generator=gen))
+    assert key.shape == (b, n_kv, k, d) and key.stride(-1) != 1
+    keep = torch.rand(b, 1, 1, k, generator=gen) > 0.3
+    keep[..., -1] = True
+    for mask in (None, keep):
+        out, _ = sdpa_gqa_attention(None, q, key, value, mask)  # [b, 1, h, d]
+        want = F.scaled_dot_product_attention(q, key.contiguous(), value.contiguous(), attn_mask=mask,
+                                              enable_gqa=True)  # [b, h, 1, d]
+        torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
 def test_sliding_window_prefill_and_decode_match_eager():
