@@ -149,3 +149,13 @@ def test_usage_errors_are_one_line(cli, args, needle):
     code, _, err = cli(*args)
     assert_one_line_error(code, err, needle, "--help")
     assert code == 2
+
+
+def test_console_entry_keeps_exit_codes_and_flushes_output(tmp_path):
+    # `python -m attnconv` skips the interpreter's teardown (cli.run): the exit code and stderr must survive it.
+    cmd = [sys.executable, "-m", "attnconv", "convert", str(tmp_path / "missing"), str(tmp_path / "o"),
+           "--kv-heads", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(done.returncode, done.stderr, "no such folder")
+    ok = subprocess.run([sys.executable, "-m", "attnconv", "--version"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip().startswith("attnconv ")
