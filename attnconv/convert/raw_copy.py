@@ -7,25 +7,13 @@ in; the caller appends the converted tensors and closes it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from pathlib import Path
 
 from attnconv.convert.layout import Source, raw_runs
-from attnconv.convert.tensor_io import ShardWriter, TensorMeta
-
-
-def _read_ahead(metas: list[TensorMeta]) -> None:
-    """Ask the kernel to read the tensors to be converted in the background, beside the sequential copy,
-    so the compute thread finds them in the page cache instead of seeking for them on a busy disk."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for m in metas:
-        if m.start >= 0:
-            with open(m.file, "rb", buffering=0) as f:
-                os.posix_fadvise(f.fileno(), m.start, m.nbytes, os.POSIX_FADV_WILLNEED)
+from attnconv.convert.tensor_io import ShardWriter
 
 
 class RawCopier:
@@ -74,7 +62,6 @@ class RawCopier:
                 fut.cancel()
                 continue
             try:
-                _read_ahead([e.meta for e in entries if not e.raw])
                 writer = ShardWriter(self.out_dir / shard, self.source.reserve(shard))
                 for run in raw_runs(entries):
                     if self._stop.is_set():
