@@ -7,6 +7,7 @@ assembles them and turns `AttnconvError` into a one-line message and a non-zero 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import sys
 import threading
@@ -47,6 +48,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+_USER_OS_ERRORS = {
+    errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+    errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+    errno.EROFS: "write to a writable file system",
+}
+
+
 def _click_exception_types() -> tuple[type, type, type]:
     """(usage/parameter errors, Exit, Abort) in the click that typer uses: its own copy in typer >= 0.24."""
     try:
@@ -67,6 +75,13 @@ def main() -> None:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the file system said no: a user's problem to fix, not a bug to trace
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}; {_USER_OS_ERRORS[e.errno]}; the output folder was not created "
+              "or left as it was", file=sys.stderr)
+        sys.exit(1)
     except click_exit as e:
         sys.exit(e.exit_code)
     except click_abort:

@@ -159,3 +159,17 @@ def test_console_entry_keeps_exit_codes_and_flushes_output(tmp_path):
     assert_one_line_error(done.returncode, done.stderr, "no such folder")
     ok = subprocess.run([sys.executable, "-m", "attnconv", "--version"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.strip().startswith("attnconv ")
+
+
+def test_disk_full_mid_conversion_is_one_line_and_leaves_nothing(cli, llama, tmp_path, monkeypatch):
+    import errno
+
+    from attnconv.convert import tensor_io
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tensor_io.ShardWriter, "write", full)  # the first converted tensor hits a full disk
+    code, _, err = cli("convert", llama, tmp_path / "out", "--kv-heads", "2")
+    assert_one_line_error(code, err, "No space left on device", "free some space")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.attnconv-tmp-*"))
