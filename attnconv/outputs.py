@@ -49,6 +49,33 @@ def clean_stale_tmp(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under ROOT, and its folders, to disk: a rename that publishes them must not be
+    able to survive a power cut that their contents did not."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside OUT; on success it replaces OUT in one rename.
@@ -63,6 +90,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -70,6 +98,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         old = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
         os.rename(tmp, out)
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
+        fsync_dir(out.parent)

@@ -10,6 +10,8 @@ SPEC forms:
 
 from __future__ import annotations
 
+import codecs
+import re
 from pathlib import Path
 
 from attnconv.errors import AttnconvError
@@ -96,3 +98,102 @@ def _load_hub(spec: str) -> list[str]:
     if col not in ds.column_names:
         raise AttnconvError(f"dataset {name} has no column {col!r} (columns: {', '.join(ds.column_names)})")
     return [t for t in ds[col] if isinstance(t, str)]
+
+
+BIG_TEXT_FILE = 8 << 20  # text files larger than this are read (and tokenised) in pieces
+PIECE_BYTES = 1 << 20  # read size for those pieces (a piece is cut at a line start in its second half)
+
+
+class Corpus:
+    """The documents of a --data SPEC, read lazily, for training on corpora larger than memory.
+
+    Iterating yields (text, ends_document) pieces, afresh each time (tokenising reads it twice: once to
+    fingerprint it for the token cache, once to tokenise). Text files up to BIG_TEXT_FILE are one piece,
+    as `load_texts` reads them; larger ones are cut into pieces of about PIECE_BYTES after a lone line
+    break between two words, where byte-level BPE tokenizers (GPT-2, Llama 3) split anyway, so the ids
+    are those of the whole file (SentencePiece tokenizers may differ by a token at a cut). Rows of
+    .jsonl/.parquet/.csv files and hub datasets are read through `datasets` (memory-mapped Arrow) a batch
+    at a time.
+    """
+
+    def __init__(self, spec: str | None = None, default_split: str = "train"):
+        self.spec, self.default_split = spec or DEFAULT_SPEC, default_split
+        self._pieces = self._resolve()
+
+    def _resolve(self):
+        spec = self.spec
+        if spec == DEFAULT_SPEC or spec.split(":")[0] == "tinyshakespeare":
+            texts = load_texts(spec)
+            return lambda: ((t, True) for t in texts)
+        path_part, _, column = spec.partition("::")
+        path = Path(path_part).expanduser()
+        if path.is_file() or path.is_dir():
+            files = [path] if path.is_file() else sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix in _FILE_BUILDERS)
+            if not files:
+                raise AttnconvError(f"{path} holds no {'/'.join(_FILE_BUILDERS)} files")
+            if any(f.suffix not in _FILE_BUILDERS for f in files):
+                raise AttnconvError(f"{path}: unsupported file type; use {', '.join(_FILE_BUILDERS)}")
+            if len({f.suffix for f in files}) != 1:
+                raise AttnconvError(f"mixed file types {sorted({f.suffix for f in files})}; "
+                                    "put one kind of file in the folder")
+            if _FILE_BUILDERS[files[0].suffix] == "text":
+                return lambda: (piece for f in files for piece in _text_file_pieces(f))
+            from datasets import load_dataset
+
+            ds = load_dataset(_FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+            return _rows(ds, column or "text", f"{files[0]} has no column {{col!r}} (columns: {{cols}}); "
+                                              "name one with PATH::COLUMN")
+        if "/" in spec and not spec.startswith((".", "/", "~")) or ":" in spec:
+            parts = spec.split(":")
+            name, config, split, column = (parts + [None] * 4)[:4]
+            try:
+                from datasets import load_dataset
+
+                ds = load_dataset(name, config or None, split=split or self.default_split)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise AttnconvError(f"dataset {spec!r} could not be loaded ({first})") from None
+            default = "text" if "text" in ds.column_names else ds.column_names[0]
+            return _rows(ds, column or default, f"dataset {name} has no column {{col!r}} (columns: {{cols}})")
+        raise AttnconvError(f"{spec}: no such file or folder, and not a dataset spec name[:config][:split][:column]")
+
+    def __iter__(self):
+        return self._pieces()
+
+
+def _rows(ds, col: str, missing: str):
+    if col not in ds.column_names:
+        raise AttnconvError(missing.format(col=col, cols=", ".join(ds.column_names)))
+
+    def pieces():
+        for batch in ds.iter(batch_size=1024):  # a batch at a time out of the memory-mapped Arrow table
+            for t in batch[col]:
+                if isinstance(t, str) and t:
+                    yield t, True
+
+    return pieces
+
+
+_PIECE_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a lone line break between words
+
+
+def _text_file_pieces(path: Path):
+    """(text, ends_document) pieces of one text file; the whole file at once when it is small."""
+    if path.stat().st_size <= BIG_TEXT_FILE:
+        text = path.read_text(encoding="utf-8")
+        if text:
+            yield text, True
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending = ""
+    with open(path, "rb") as f:
+        while block := f.read(PIECE_BYTES):
+            pending += decoder.decode(block)
+            cut = max((m.end() for m in _PIECE_CUT.finditer(pending, len(pending) // 2)), default=0)
+            if cut:
+                yield pending[:cut], False
+                pending = pending[cut:]
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending, True

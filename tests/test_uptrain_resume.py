@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,32 @@ def test_cli_prints_one_line_error(env, tmp_path, monkeypatch, capsys):
         cli.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--overwrite" in err[0]
+
+
+def test_checkpoints_reach_the_disk_before_they_are_published(tmp_path, monkeypatch):
+    # Every file of a checkpoint is fsynced before the rename that makes it the latest one (a power cut
+    # must not leave a published checkpoint with unwritten contents, and the previous one already deleted).
+    from accelerate import Accelerator
+
+    synced, order = set(), []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        files = {os.path.realpath(p) for p in Path(src).rglob("*")}
+        order.append((Path(dst).name, files <= synced and os.path.realpath(src) in synced))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(ckpt_mod.os, "rename", rename)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    acc = Accelerator(cpu=True)
+    for step in (1, 2):
+        ckpt_mod.save_checkpoint(acc, tmp_path / "ckpt", model, opt, sched, {"step": step})
+    assert order == [("step-0000001", True), ("step-0000002", True)]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-0000002"]

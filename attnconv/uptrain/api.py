@@ -114,7 +114,7 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
     from accelerate.utils import set_seed
 
     from attnconv.hub import load_causal_lm, load_tokenizer, resolve_source
-    from attnconv.textdata import load_texts
+    from attnconv.textdata import Corpus
 
     _check_settings(steps, tokens, seq_len, batch_size, grad_accum, lr, warmup, schedule, dtype, eval_data,
                     eval_every, save_every)
@@ -146,8 +146,8 @@ def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens
     teacher_net = _load_teacher(teacher, tok, net.config, dtype, allow_pickle) if teacher is not None else None
 
     with accelerator.main_process_first():  # tokenise once; the other processes read the cache
-        stream, data_key = tokenize_cached(load_texts(data), tok, cache_dir)
-        eval_stream = tokenize_cached(load_texts(eval_data), tok, cache_dir)[0] if eval_data else None
+        stream, data_key = tokenize_cached(Corpus(data), tok, cache_dir)
+        eval_stream = tokenize_cached(Corpus(eval_data, default_split="test"), tok, cache_dir)[0] if eval_data else None
     blocks = pack_blocks(stream, seq_len + 1)  # [n_blocks, seq_len + 1]
     plan = BlockSchedule(len(blocks), batch_size, grad_accum, accelerator.num_processes, seed)
     plan.check(f"--data {data} ({len(stream)} tokens)")

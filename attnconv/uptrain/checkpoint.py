@@ -1,8 +1,9 @@
 """Atomic training checkpoints: model, optimizer, scheduler, RNG states (per process) and data position.
 
-A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `checkpoints/step-N/` only when
-every process has finished writing; the previous checkpoint is deleted after that rename. A crash or a
-full disk while saving therefore leaves the previous checkpoint intact. Everything loads with
+A checkpoint is written into `checkpoints/.tmp-step-N/`, flushed to disk (fsync) and renamed to
+`checkpoints/step-N/` only when every process has finished writing; the previous checkpoint is deleted
+after that rename. A crash, a power cut or a full disk while saving therefore leaves the previous
+checkpoint intact. Everything loads with
 `torch.load(weights_only=True)` or safetensors: no pickled code.
 """
 
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from attnconv.errors import AttnconvError
+from attnconv.outputs import fsync_dir, fsync_tree
 
 # Test hook: SIGKILL this process right after the checkpoint of this step is complete (simulates a crash).
 KILL_AFTER_ENV = "ATTNCONV_TEST_KILL_AFTER_CHECKPOINT"
@@ -87,7 +89,9 @@ def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, s
     if not failed and accelerator.is_main_process:
         try:
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            fsync_tree(tmp)  # on disk before the rename publishes it and the previous checkpoint goes
             os.rename(tmp, final)
+            fsync_dir(ckpt_root)
         except OSError as e:
             error = e
     failed = _any_process(accelerator, error is not None) or failed

@@ -11,7 +11,9 @@ def uptrain_command(
     model: str = typer.Argument(..., help="Model to train: a local folder (e.g. a converted model) or a hub id."),
     out: str = typer.Argument(..., help="Output folder for the trained model (written when training ends)."),
     data: str = typer.Option(..., "--data", help="Training text: .txt/.jsonl/.parquet file or folder, a datasets "
-                             "spec name[:config][:split][:column], wikitext-2-test or tinyshakespeare[:train]."),
+                             "spec name[:config][:split][:column] (split: train by default), wikitext-2-test or "
+                             "tinyshakespeare[:train]. Read lazily and tokenised once into a memory-mapped cache, "
+                             "so corpora larger than memory work."),
     steps: int = typer.Option(None, "--steps", help="Optimizer steps (default: one pass over the data)."),
     tokens: int = typer.Option(None, "--tokens", help="Train on this many tokens instead of --steps."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training sequence."),

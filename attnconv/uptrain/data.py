@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 
 from attnconv.errors import AttnconvError
+from attnconv.textdata import Corpus
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: raw int32 files, memory-mapped
+BATCH_CHARS = 1 << 20  # characters per tokenizer call: bounded memory, and fast tokenizers use every core
 
 
 def default_cache_dir() -> Path:
@@ -37,58 +40,125 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def texts_fingerprint(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
+def _pieces(texts) -> Iterable[tuple[str, bool]]:
+    """A Corpus yields (text, ends_document) pieces; a list of strings is one document per string."""
+    return texts if isinstance(texts, Corpus) else [(t, True) for t in texts if t]
+
+
+def texts_fingerprint(texts) -> str:
+    """sha256 of the pieces and where documents end; raises AttnconvError when there is no text at all."""
+    h, any_text = hashlib.sha256(), False
+    for text, ends in _pieces(texts):
+        b = text.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little") + (b"\1" if ends else b"\0"))
         h.update(b)
+        any_text = any_text or not text.isspace()
+    if not any_text:
+        what = texts.spec if isinstance(texts, Corpus) else "the data"
+        raise AttnconvError(f"{what}: the data is empty; point --data at a file or dataset with text")
     return h.hexdigest()
 
 
-def tokenize_cached(texts: list[str], tokenizer, cache_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
-    """All documents as one int32 stream of token ids, EOS between documents; cached by tokenizer+data hash.
+def _batches(pieces: Iterable[tuple[str, bool]]):
+    batch, size, max_chars = [], 0, BATCH_CHARS
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
-    Returns (ids, key). The cache file is written to a temporary name and renamed, so a killed run
-    never leaves a truncated cache behind.
+
+def _token_chunks(texts, tokenizer) -> Iterator[np.ndarray]:
+    """int32 token ids piece by piece (EOS after each document), tokenised a few MB at a time."""
+    eos = tokenizer.eos_token_id
+    eos_ids = np.asarray([eos] if eos is not None else [], dtype=np.int32)
+    limit = tokenizer.model_max_length
+    tokenizer.model_max_length = sys.maxsize  # whole documents are meant: silence the too-long warning
+    try:
+        for batch in _batches(_pieces(texts)):
+            ids = tokenizer([t for t, _ in batch], add_special_tokens=False)["input_ids"]
+            for (_, ends), piece_ids in zip(batch, ids, strict=True):
+                yield np.asarray(piece_ids, dtype=np.int32)
+                if ends:
+                    yield eos_ids
+    finally:
+        tokenizer.model_max_length = limit
+
+
+def _open_tokens(path: Path) -> np.ndarray:
+    """The cached stream, memory-mapped: pages are read as training reaches them."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.int32)
+    return np.memmap(path, dtype="<i4", mode="r")
+
+
+def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
+    """All documents as one int32 stream of token ids, EOS after each document; cached by tokenizer+data hash.
+
+    texts: a list of documents or a `Corpus` (read lazily). Returns (ids, key); the ids are memory-mapped
+    from the cache file, so a corpus larger than memory trains from disk. Tokens are written to the cache
+    as they are produced, under a temporary name renamed when complete, so a killed run never leaves a
+    truncated cache behind; where the cache cannot be written, the stream is built in memory instead.
     """
     key = hashlib.sha256(
         f"v{_CACHE_VERSION}:{tokenizer_fingerprint(tokenizer)}:{texts_fingerprint(texts)}".encode()
     ).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"tokens-{key}.npy"
+    path = cache / f"tokens-{key}.i32"
     if path.is_file():
         try:
-            return np.load(path, allow_pickle=False), key
+            return _open_tokens(path), key
         except (OSError, ValueError):
             pass  # unreadable cache: tokenise again and replace it
-    eos = tokenizer.eos_token_id
-    parts = []
-    limit = tokenizer.model_max_length
-    tokenizer.model_max_length = sys.maxsize  # whole documents are meant: silence the too-long warning
-    try:
-        for doc in texts:
-            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
-            parts.append(np.asarray(ids, dtype=np.int32))
-            if eos is not None:
-                parts.append(np.asarray([eos], dtype=np.int32))
-    finally:
-        tokenizer.model_max_length = limit
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    tmp = cache / f".tokens-{key}.{os.getpid()}.tmp"
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".tokens-{key}.{os.getpid()}.npy"
-        np.save(tmp, stream, allow_pickle=False)
+        out = open(tmp, "wb")
+    except OSError:  # a read-only cache only costs a re-tokenisation next time
+        parts = list(_token_chunks(texts, tokenizer))
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), key
+    try:
+        with out:
+            for chunk in _token_chunks(texts, tokenizer):
+                out.write(chunk.astype("<i4", copy=False).tobytes())
         os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only or full cache only costs a re-tokenisation next time
-    return stream, key
+    except OSError:  # a full disk: tokenise in memory instead (the cache stays as it was)
+        tmp.unlink(missing_ok=True)
+        parts = list(_token_chunks(texts, tokenizer))
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), key
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return _open_tokens(path), key
 
 
-def pack_blocks(stream: np.ndarray, block_len: int) -> torch.Tensor:
-    """[n_blocks, block_len] int64 view of the stream; the tail shorter than a block is dropped."""
-    n = len(stream) // block_len
-    return torch.from_numpy(stream[: n * block_len].astype(np.int64)).view(n, block_len)
+class TokenBlocks:
+    """[n_blocks, block_len] blocks of a token stream, gathered (as int64) only when indexed.
+
+    The stream may be memory-mapped: only the blocks of a batch are read, so memory does not grow with
+    the corpus. Indexing with an int, a slice, a list or an index tensor returns an int64 tensor.
+    """
+
+    def __init__(self, stream: np.ndarray, block_len: int):
+        n = len(stream) // block_len  # the tail shorter than a block is dropped
+        self._rows = stream[: n * block_len].reshape(n, block_len)
+        self.shape = (n, block_len)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        return torch.from_numpy(np.asarray(self._rows[idx], dtype=np.int64))
+
+
+def pack_blocks(stream: np.ndarray, block_len: int) -> TokenBlocks:
+    """Blocks of block_len tokens over the stream (see TokenBlocks); the tail shorter than a block is dropped."""
+    return TokenBlocks(stream, block_len)
 
 
 @dataclass
@@ -137,6 +207,5 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int) -> torch.Te
     """Disjoint held-out windows of seq_len + 1 tokens (at most max_windows, evenly spread over the data)."""
     blocks = pack_blocks(stream, seq_len + 1)
     if len(blocks) > max_windows:
-        idx = torch.linspace(0, len(blocks) - 1, max_windows).round().long()
-        blocks = blocks[idx]
-    return blocks
+        return blocks[torch.linspace(0, len(blocks) - 1, max_windows).round().long()]
+    return blocks[:]
