@@ -46,6 +46,7 @@ def test_big_text_file_is_tokenised_in_pieces_to_the_whole_file_tokens(tok, tmp_
     pieces = list(textdata.Corpus(str(path)))
     assert len(pieces) > 10 and [e for _, e in pieces] == [False] * (len(pieces) - 1) + [True]
     assert "".join(t for t, _ in pieces) == text
+    assert textdata.load_texts(str(path)) == [text]  # eval's whole documents: the pieces joined back
     stream, key = tokenize_cached(textdata.Corpus(str(path)), tok, tmp_path / "cache")
     # cut only where the tokenizer splits anyway: the same ids as tokenising the file whole
     assert stream.tolist() == _whole(tok, text)
