@@ -51,7 +51,7 @@ def load_texts(spec: str | None = None) -> list[str]:
 
 
 BIG_TEXT_FILE = 8 << 20  # text files larger than this are read (and tokenised) in pieces
-PIECE_BYTES = 1 << 20  # read size for those pieces (a piece is cut at a line start in its second half)
+PIECE_BYTES = 1 << 20  # read size for those pieces (each cut at the last lone line break of its second half)
 
 
 class Corpus:
@@ -91,27 +91,30 @@ class Corpus:
                                     "put one kind of file in the folder")
             if _FILE_BUILDERS[files[0].suffix] == "text":
                 return lambda: (piece for f in files for piece in _text_file_pieces(f))
-            from datasets import load_dataset
-
-            ds = load_dataset(_FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+            ds = _load_dataset(str(path), _FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files],
+                               split="train")
             return _rows(ds, column or "text", f"{files[0]} has no column {{col!r}} (columns: {{cols}}); "
                                               "name one with PATH::COLUMN")
         if "/" in spec and not spec.startswith((".", "/", "~")) or ":" in spec:
             parts = spec.split(":")
             name, config, split, column = (parts + [None] * 4)[:4]
-            try:
-                from datasets import load_dataset
-
-                ds = load_dataset(name, config or None, split=split or self.default_split)
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise AttnconvError(f"dataset {spec!r} could not be loaded ({first})") from None
+            ds = _load_dataset(f"dataset {spec!r}", name, config or None, split=split or self.default_split)
             default = "text" if "text" in ds.column_names else ds.column_names[0]
             return _rows(ds, column or default, f"dataset {name} has no column {{col!r}} (columns: {{cols}})")
         raise AttnconvError(f"{spec}: no such file or folder, and not a dataset spec name[:config][:split][:column]")
 
     def __iter__(self):
         return self._pieces()
+
+
+def _load_dataset(what: str, *args, **kwargs):
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(*args, **kwargs)
+    except Exception as e:  # offline hub, a malformed file, ...: one line, not datasets' traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AttnconvError(f"{what} could not be loaded ({first})") from None
 
 
 def _rows(ds, col: str, missing: str):
@@ -132,6 +135,14 @@ _PIECE_CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a lone line break between words
 
 def _text_file_pieces(path: Path):
     """(text, ends_document) pieces of one text file; the whole file at once when it is small."""
+    try:
+        yield from _decoded_pieces(path)
+    except UnicodeDecodeError as e:
+        raise AttnconvError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8 "
+                            "or point --data at another file") from None
+
+
+def _decoded_pieces(path: Path):
     if path.stat().st_size <= BIG_TEXT_FILE:
         text = path.read_text(encoding="utf-8")
         if text:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import tracemalloc
 
@@ -112,3 +113,24 @@ def test_token_blocks_index_like_the_reshaped_tensor():
     idx = torch.tensor([7, 0, 7, 9])
     assert torch.equal(blocks[idx], ref[idx])
     assert torch.equal(blocks[[1, 2]], ref[[1, 2]])
+
+
+def test_full_disk_while_caching_falls_back_to_memory(tok, tmp_path, monkeypatch):
+    def no_space(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.os, "replace", no_space)
+    stream, _ = tokenize_cached(["Some text here."], tok, tmp_path)
+    assert stream.tolist() == _whole(tok, "Some text here.")
+    assert list(tmp_path.iterdir()) == []  # the partial cache file is gone
+
+
+def test_unreadable_data_is_a_one_line_error(tok, tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(AttnconvError, match="not UTF-8 text"):
+        tokenize_cached(textdata.Corpus(str(bad)), tok, tmp_path / "cache")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(AttnconvError, match="could not be loaded"):
+        textdata.Corpus(str(broken))

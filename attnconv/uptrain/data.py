@@ -88,6 +88,11 @@ def _token_chunks(texts, tokenizer) -> Iterator[np.ndarray]:
         tokenizer.model_max_length = limit
 
 
+def _in_memory(texts, tokenizer) -> np.ndarray:
+    parts = list(_token_chunks(texts, tokenizer))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+
 def _open_tokens(path: Path) -> np.ndarray:
     """The cached stream, memory-mapped: pages are read as training reaches them."""
     if path.stat().st_size == 0:
@@ -118,8 +123,7 @@ def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tu
         cache.mkdir(parents=True, exist_ok=True)
         out = open(tmp, "wb")
     except OSError:  # a read-only cache only costs a re-tokenisation next time
-        parts = list(_token_chunks(texts, tokenizer))
-        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), key
+        return _in_memory(texts, tokenizer), key
     try:
         with out:
             for chunk in _token_chunks(texts, tokenizer):
@@ -127,8 +131,7 @@ def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tu
         os.replace(tmp, path)
     except OSError:  # a full disk: tokenise in memory instead (the cache stays as it was)
         tmp.unlink(missing_ok=True)
-        parts = list(_token_chunks(texts, tokenizer))
-        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)), key
+        return _in_memory(texts, tokenizer), key
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
