@@ -68,9 +68,9 @@ def test_reference_run_writes_reports(env):
 def test_decode_rows_reach_reports(env, monkeypatch):
     calls = []
 
-    def fake_decode_benchmark(model, *, contexts, batches, new_tokens, baseline):
+    def fake_decode_benchmark(model, *, contexts, batches, new_tokens, baseline, kernel):
         # Stands in for attnconv.eval.decode (tested on its own): a grid shaped like its real output.
-        calls.append((model.config.num_key_value_heads, contexts, batches, new_tokens, baseline))
+        calls.append((model.config.num_key_value_heads, contexts, batches, new_tokens, baseline, kernel))
         rows = [{"impl": impl, "batch": b, "context": c, "prefill_s": 0.01 * c / 512, "tokens_per_s": 1e4 / c * f,
                  "ms_per_token": c / 1e4 / f * 1e3, "kv_bytes_theoretical": c * b * 256, "kv_bytes_measured": None,
                  "peak_mem_bytes": None, "roofline_tokens_per_s": None, "bandwidth_fraction": None}
@@ -81,10 +81,10 @@ def test_decode_rows_reach_reports(env, monkeypatch):
                         types.SimpleNamespace(decode_benchmark=fake_decode_benchmark))
     out = env.root / "out-decode"
     r = invoke(env.gqa, "--reference", env.mha, "--data", env.text, "-L", 32, "--decode", "--contexts", "64,128",
-               "--batches", "1,2", "--new-tokens", 8, "--out", out)
+               "--batches", "1,2", "--new-tokens", 8, "--decode-kernel", "torch", "--out", out)
     assert r.exit_code == 0, r.output
     # Every model and the reference are measured with the user's grid, once each.
-    assert sorted(calls) == [(1, (64, 128), (1, 2), 8, True), (4, (64, 128), (1, 2), 8, True)]
+    assert sorted(calls) == [(1, (64, 128), (1, 2), 8, True, "torch"), (4, (64, 128), (1, 2), 8, True, "torch")]
     assert "contexts (64, 128) seen" in r.output
     results = json.loads((out / "results.json").read_text())
     assert set(results["decode"]) == {env.mha, env.gqa}
@@ -108,17 +108,20 @@ def test_bare_model_folder_needs_tokenizer(env):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("case", ["empty", "missing", "tokenizer", "stride"])
+@pytest.mark.parametrize("case", ["empty", "missing", "tokenizer", "stride", "kernel"])
 def test_bad_input_is_refused(env, case):
     args = {"empty": [env.mha, "--data", env.empty],
             "missing": [env.mha, "--data", str(env.root / "nope.txt")],
             "tokenizer": [env.mha, "--reference", env.other, "--data", env.text],
-            "stride": [env.mha, "--data", env.text, "-L", 16, "-S", 32]}[case]
+            "stride": [env.mha, "--data", env.text, "-L", 16, "-S", 32],
+            "kernel": [env.mha, "--data", env.text, "--decode", "--decode-kernel", "fast"]}[case]
     r = invoke(*args)
     assert isinstance(r.exception, AttnconvError), r.output
     assert "\n" not in str(r.exception)
     if case == "tokenizer":
         assert "different tokenizers" in str(r.exception)
+    if case == "kernel":
+        assert "unknown CPU decode backend 'fast'" in str(r.exception)
 
 
 def test_existing_out_is_refused_and_untouched(env):
@@ -146,5 +149,5 @@ def test_help_lists_options():
     r = runner.invoke(app, ["eval", "--help"])
     assert r.exit_code == 0
     for opt in ("--data", "--max-length", "--stride", "--batch-size", "--dtype", "--reference", "--decode",
-                "--out", "--tokenizer"):
+                "--out", "--tokenizer", "--decode-kernel"):
         assert opt in r.output

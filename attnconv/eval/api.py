@@ -87,12 +87,13 @@ def evaluate(models: list[str], *, data: str | None = None, max_length: int | No
              tokenizer: str | None = None, decode: bool = False, contexts: Sequence[int] = DEFAULT_CONTEXTS,
              batches: Sequence[int] = DEFAULT_BATCHES, new_tokens: int = 32, out: str | Path | None = None,
              overwrite: bool = False, allow_pickle: bool = False, device: str | None = None,
-             console: Console | None = None, progress: bool = True) -> dict:
+             decode_kernel: str = "auto", console: Console | None = None, progress: bool = True) -> dict:
     """Evaluate MODELS on one corpus with the same windows; optionally against REFERENCE and for decode speed.
 
     Returns the results as a dict (what results.json holds); prints a table; writes results.json,
     results.md and PNG plots into OUT when given (OUT appears only when complete).
-    `tokenizer` replaces every model's (and the reference's) own tokenizer.
+    `tokenizer` replaces every model's (and the reference's) own tokenizer. `decode_kernel`: auto, native or
+    torch, the Linear layers' CPU decode path (see attnconv/eval/packed_linear.py).
     """
     if console is None:
         console = Console()
@@ -104,6 +105,10 @@ def evaluate(models: list[str], *, data: str | None = None, max_length: int | No
         raise AttnconvError(f"--batch-size {batch_size} must be at least 1")
     if decode and new_tokens < 2:
         raise AttnconvError(f"--new-tokens {new_tokens} must be at least 2 (one step after the prefill is timed)")
+    if decode:
+        from attnconv.kernels.cpu_decode import resolve_backend
+
+        resolve_backend(decode_kernel)  # an unknown name, or native where it cannot be built: fail before any work
     if out is not None:
         check_output_dir(out, overwrite)  # fail before any work
     torch_dtype = parse_dtype(dtype)
@@ -157,7 +162,7 @@ def evaluate(models: list[str], *, data: str | None = None, max_length: int | No
 
         # decode_benchmark clamps contexts beyond the model's positions itself and says so in its notes.
         results["decode"][name] = decode_benchmark(model, contexts=tuple(contexts), batches=tuple(batches),
-                                                   new_tokens=new_tokens, baseline=True)
+                                                   new_tokens=new_tokens, baseline=True, kernel=decode_kernel)
 
     with bar:
         source = load(reference) if reference is not None else None

@@ -40,6 +40,10 @@ def eval_command(
                                  "model's maximum)."),
     batches: str = typer.Option("1,8", "--batches", help="Decode batch sizes."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens generated per decode measurement."),
+    decode_kernel: str = typer.Option("auto", "--decode-kernel", help="CPU float32 decode: Linear layers for up to "
+                                      "8 rows through attnconv's AVX2 kernel (compiled on first use with $CC or "
+                                      "cc), else oneDNN. auto (the kernel where it builds), native (fail without "
+                                      "it) or torch (oneDNN only)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N."),
     out: Path = typer.Option(None, "--out", "-o", help="Write results.json, results.md and PNG plots here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
@@ -56,4 +60,5 @@ def eval_command(
     evaluate(models, data=data, max_length=max_length, stride=stride, batch_size=batch_size, dtype=dtype,
              reference=reference, tokenizer=tokenizer, decode=decode,
              contexts=_int_list(contexts, "--contexts"), batches=_int_list(batches, "--batches"),
-             new_tokens=new_tokens, out=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
+             new_tokens=new_tokens, out=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device,
+             decode_kernel=decode_kernel)

@@ -67,12 +67,13 @@ def _padding_masks(attention_mask: torch.Tensor, total: int):
 
 @torch.inference_mode()
 def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-                    keep_prefill_logits: bool = False, packed: bool = True) -> GreedyResult:
+                    keep_prefill_logits: bool = False, packed: bool = True, kernel: str = "auto") -> GreedyResult:
     """Greedy continuation of `input_ids` ([b, s]) by `new_tokens` tokens, timed.
 
     attention_mask: [b, s] with 0 on left padding, or None for same-length prompts (the fast path: no mask).
     The cache is sized once for s + new_tokens tokens. Timings synchronise the device before each clock read.
-    packed: on CPU in float32, run the Linear layers through oneDNN with weights packed once (packed_linear.py).
+    packed: on CPU in float32, run the Linear layers through the few-row kernel (`kernel`: auto, native, torch)
+    or oneDNN with weights packed once (packed_linear.py).
     """
     check_supported(model)
     if new_tokens < 1:
@@ -95,7 +96,7 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         positions = torch.arange(prompt_len, device=device)[None]
         prefill_mask = step_mask = None
         position = torch.full((1, 1), prompt_len - 1, dtype=torch.long, device=device)
-    with attnconv_attention(model), packed_linears(model, packed):
+    with attnconv_attention(model), packed_linears(model, packed, kernel):
         synchronize(device)
         t0 = time.perf_counter()
         out = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
@@ -148,7 +149,8 @@ def _row(impl, batch, ctx, new_tokens, prefill_s, decode_s, kv_theory, kv_measur
 
 
 @torch.inference_mode()
-def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_tokens=32, baseline=True) -> dict:
+def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_tokens=32, baseline=True,
+                     kernel: str = "auto") -> dict:
     """Decode speed of attnconv's loop (and transformers generate(), static and dynamic cache) over a grid.
 
     Per (batch, context): random prompt ids (seeded), one untimed warm-up with a short prompt, then one timed run.
@@ -167,6 +169,11 @@ def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_t
     weights = weight_bytes_per_step(model)
     notes.append(f"bandwidth {bandwidth / 1e9:.1f} GB/s: best of 5 torch.sum over a 256 MiB fp32 tensor on "
                  f"{device} with {torch.get_num_threads()} threads")
+    if device.type == "cpu" and dtype == torch.float32:
+        from attnconv.kernels.cpu_decode import resolve_backend
+
+        notes.append("Linear layers: attnconv's AVX2 kernel for <= 8 rows, oneDNN with packed weights above"
+                     if resolve_backend(kernel) == "native" else "Linear layers: oneDNN with packed weights")
     notes.append(f"bytes read per decode step: {weights / 1e6:.1f} MB of weights + batch x (context + new_tokens/2)"
                  f" x {shape.bytes_per_token(dtype_bytes)} KV bytes per token")
     if device.type != "cuda":
@@ -185,9 +192,9 @@ def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_t
                     progress.update(task, description=f"{impl} batch {batch} context {ctx}")
                     warm = prompt[:, :min(ctx, WARMUP_PROMPT)]
                     if cache_impl is None:
-                        greedy_generate(model, warm, min(new_tokens, 4))
+                        greedy_generate(model, warm, min(new_tokens, 4), kernel=kernel)
                         with PeakMemory(device) as peak:
-                            run = greedy_generate(model, prompt, new_tokens)
+                            run = greedy_generate(model, prompt, new_tokens, kernel=kernel)
                         timing, ours = (run.prefill_s, run.decode_s, run.kv_bytes), run.tokens
                     else:
                         time_generate(model, warm, min(new_tokens, 4), cache_impl)

@@ -1,14 +1,14 @@
-"""CPU decode: the model's Linear layers through oneDNN with weights packed once, instead of BLAS sgemm.
+"""CPU decode: the model's Linear layers through kernels built for a few rows, instead of BLAS sgemm.
 
 A decode step multiplies a few rows (the batch) by every weight matrix, so it should run at memory bandwidth.
 On an AVX2 EPYC (this project's CI machine) torch's default fp32 path (MKL sgemm) reads an [8, 768] x [768, N]
-product's weights at 4-10 GB/s; the same product through oneDNN with the weight reordered once for that batch
-reads them at 10-19 GB/s (a sum reaches 25 GB/s), and decoding a 134 M Llama at batch 8 got 1.2-1.4x faster
-(benchmarks/decode.py). This is the kernel torch.compile's CPU freezing pass picks; here it is used directly.
-
-The packed copies are made on first use and kept (per module, until its weight changes); they cost one extra
-copy of the Linear weights in memory. Anything unusual (no oneDNN build, another dtype or device) keeps the
-module's own forward.
+product's weights at 4-10 GB/s (a sum reaches 20-25 GB/s). Two faster paths, used in this order:
+- up to 8 rows: attnconv's own AVX2 kernel (kernels/cpu_decode.py), which streams each weight row once,
+  12-16 GB/s, straight from the module's weight;
+- more rows (prefill, large batches), or where that kernel cannot be built: oneDNN with the weight reordered once
+  for that batch (8-10 GB/s at 8 rows; the kernel torch.compile's CPU freezing pass picks). The packed copy is
+  made on first use and kept per module until its weight changes; it costs one extra copy of that weight.
+Anything unusual (no oneDNN build, another dtype or device) keeps the module's own forward.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from contextlib import contextmanager
 
 import torch
 
+from attnconv.kernels import cpu_decode
+
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight version key, packed)
 BATCH_HINT = 8  # oneDNN picks its blocking for this many rows; other batch sizes still compute exactly
 
 
-def available(model) -> bool:
+def onednn_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     if ops is None or not torch.backends.mkldnn.is_available():
         return False
@@ -30,6 +32,11 @@ def available(model) -> bool:
         ops._reorder_linear_weight, ops._linear_pointwise  # noqa: B018 - resolve lazily registered ops
     except (AttributeError, RuntimeError):
         return False
+    return True
+
+
+def available(model) -> bool:
+    """Whether MODEL's Linear layers can take a faster path at all (CPU, float32)."""
     p = next(model.parameters())
     return p.device.type == "cpu" and p.dtype == torch.float32
 
@@ -44,22 +51,37 @@ def _packed_weight(module: torch.nn.Linear) -> torch.Tensor:
     return hit[1]
 
 
-def _forward(module: torch.nn.Linear, packed: torch.Tensor):
+def _forward(module: torch.nn.Linear, native: bool, onednn: bool):
+    own = module.forward
+
     def forward(x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out], as nn.Linear
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, module.bias, "none", [], "")
+        rows = x.numel() // x.shape[-1]
+        if native and rows <= cpu_decode.MAX_ROWS:
+            return cpu_decode.linear_rows(x, module.weight, module.bias)
+        if onednn:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), _packed_weight(module), module.bias, "none",
+                                                      [], "")
+        return own(x)
 
     return forward
 
 
 @contextmanager
-def packed_linears(model, enabled: bool = True):
-    """Within this block every nn.Linear of MODEL (CPU, float32) runs through oneDNN with packed weights."""
+def packed_linears(model, enabled: bool = True, kernel: str = "auto"):
+    """Within this block every nn.Linear of MODEL (CPU, float32) runs through the few-row kernel or oneDNN.
+
+    kernel: "auto" (attnconv's kernel where it builds, else oneDNN), "native" (raise if it cannot be had),
+    "torch" (oneDNN only). Yields the number of modules patched.
+    """
     patched = []
     if enabled and available(model):
-        for module in model.modules():
-            if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
-                module.forward = _forward(module, _packed_weight(module))
-                patched.append(module)
+        native = cpu_decode.resolve_backend(kernel) == "native"
+        onednn = onednn_available()
+        if native or onednn:
+            for module in model.modules():
+                if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
+                    module.forward = _forward(module, native, onednn)
+                    patched.append(module)
     try:
         yield len(patched)
     finally:

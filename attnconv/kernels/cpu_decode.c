@@ -1,0 +1,52 @@
+// CPU decode kernel (AVX2 + FMA, float32): a Linear layer for a few rows. Built on first use by cpu_decode.py
+// and called through ctypes.
+//
+// A decode step multiplies a handful of rows (the batch) by every weight: it should run at memory bandwidth.
+// BLAS (MKL sgemm, oneDNN) is built for many rows and reaches about half of it here. This loop reads each weight
+// row exactly once, as a stream, and keeps all partial sums in registers. OpenMP: linked as libgomp.so.1, which
+// resolves to the runtime torch has already loaded, so the kernel shares torch's threads and thread count.
+#include <immintrin.h>
+#include <stdint.h>
+
+#define PREFETCH_FLOATS 1024  // 4 KiB ahead in a weight row: 2-4 rows of a typical hidden size
+
+// The eight lanes' sums of a0..a7, as one vector [sum(a0), ..., sum(a7)].
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                           __m256 a7) {
+  __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+  __m256 s45 = _mm256_hadd_ps(a4, a5), s67 = _mm256_hadd_ps(a6, a7);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), 1 <= M <= 8; x, w, y contiguous.
+// One pass over w: each row of w is loaded once and multiplied into all M rows of x (which stay in L1/L2).
+void attnconv_linear_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias, float *y,
+                          int64_t N) {
+  const float *xr[8];
+  for (int m = 0; m < 8; m++) xr[m] = x + (m < M ? m : 0) * K;  // missing rows repeat row 0; results dropped
+  const int64_t K8 = K & ~(int64_t)7;
+#pragma omp parallel for schedule(static) if (N * K >= 65536)
+  for (int64_t j = 0; j < N; j++) {
+    const float *wr = w + j * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t k = 0; k < K8; k += 8) {
+      _mm_prefetch((const char *)(wr + k + PREFETCH_FLOATS), _MM_HINT_T0);
+      __m256 v = _mm256_loadu_ps(wr + k);
+      a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[0] + k), a0);
+      a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[1] + k), a1);
+      a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[2] + k), a2);
+      a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[3] + k), a3);
+      a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[4] + k), a4);
+      a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[5] + k), a5);
+      a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[6] + k), a6);
+      a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[7] + k), a7);
+    }
+    float out[8];
+    _mm256_storeu_ps(out, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+    for (int64_t k = K8; k < K; k++)
+      for (int m = 0; m < 8; m++) out[m] += wr[k] * xr[m][k];
+    const float b = bias ? bias[j] : 0.0f;
+    for (int64_t m = 0; m < M; m++) y[m * N + j] = out[m] + b;
+  }
+}
