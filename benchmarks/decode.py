@@ -5,7 +5,8 @@ Random weights (speed does not depend on them), fp32, 2 threads. All figures are
 - achieved fraction of the memory-bandwidth roofline at batch 8, context 2048 (target >= 80%);
 - MQA over MHA speedup at batch 8, context 2048 vs the ratio of bytes read per step (target: within 75%).
 
-    python benchmarks/decode.py [--new-tokens 16] [--batches 1 8] [--contexts 512 2048] [--json out.json]
+    python benchmarks/decode.py [--new-tokens 16] [--batches 1 8] [--contexts 512 2048] [--decode-kernel auto]
+                                [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-kernel", default="auto", choices=("auto", "native", "torch"),
+                        help="Linear layers of the decode loop: attnconv's AVX2 kernel (auto/native) or oneDNN (torch)")
     parser.add_argument("--json", help="also write all rows and ratios to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +78,7 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         console.print(f"[bold]{name}[/]: {params / 1e6:.1f}M parameters, n_kv_heads={n_kv}")
         results[name] = decode_benchmark(model, contexts=args.contexts, batches=args.batches,
-                                         new_tokens=args.new_tokens)
+                                         new_tokens=args.new_tokens, kernel=args.decode_kernel)
         sizes[name] = {(b, c): step_bytes(model, b, c, args.new_tokens) for b in args.batches for c in args.contexts}
         print_table(console, name, results[name]["rows"])
         del model
