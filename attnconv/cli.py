@@ -18,13 +18,14 @@ from attnconv import __version__
 from attnconv.convert.command import convert_command, info_command
 from attnconv.errors import AttnconvError
 from attnconv.eval.command import eval_command
+from attnconv.push.command import push_command
 from attnconv.uptrain.command import uptrain_command
 
 app = typer.Typer(
     name="attnconv",
     help=(
         "Convert Hugging Face causal-LM checkpoints with multi-head attention into attention with a "
-        "much smaller KV cache (GQA, MQA), repair them with short uptraining, and measure the result."
+        "much smaller KV cache (GQA, MQA), repair them with short uptraining, measure the result, and publish it."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -34,6 +35,7 @@ app.command("convert", no_args_is_help=True)(convert_command)
 app.command("info", no_args_is_help=True)(info_command)
 app.command("eval", no_args_is_help=True)(eval_command)
 app.command("uptrain", no_args_is_help=True)(uptrain_command)
+app.command("push", no_args_is_help=True)(push_command)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,98 @@
+"""The model card of a converted (and possibly uptrained) model, written from its `attnconv.json` provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from attnconv import __version__
+
+
+def _kib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1024:,.1f} KiB"
+
+
+def _looks_like_hub_id(source: str | None) -> bool:
+    return bool(source) and not Path(source).expanduser().exists() and source.count("/") == 1
+
+
+def read_provenance(folder: Path) -> dict:
+    path = folder / "attnconv.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _conversion_section(prov: dict) -> list[str]:
+    conv = prov.get("conversion") or {}
+    if not conv:
+        return ["This model was not converted by attnconv (its folder has no `attnconv.json` conversion record)."]
+    before, after = conv.get("kv_heads_before"), conv.get("kv_heads_after")
+    kv_before, kv_after = conv.get("kv_bytes_per_token_before"), conv.get("kv_bytes_per_token_after")
+    ratio = f" ({kv_before / kv_after:.0f}x smaller)" if kv_before and kv_after else ""
+    method = {"mean": "mean-pooling the key/value heads of each group (Ainslie et al. 2023, GQA)",
+              "first": "keeping the first key/value head of each group (the GQA paper's ablation)",
+              "random": "random initialisation of the new key/value heads (the GQA paper's ablation)"}
+    lines = [
+        f"Converted from `{prov.get('source', '?')}` ({prov.get('source_family', '?')}) with "
+        f"attnconv {prov.get('attnconv_version', '?')}: "
+        f"{conv.get('n_heads', '?')} query heads, **{before} -> {after} key/value heads** "
+        f"({str(conv.get('to', '')).upper()}), by {method.get(conv.get('method'), conv.get('method', '?'))}.",
+        "",
+        "| | source | this model |",
+        "|---|---|---|",
+        f"| key/value heads | {before} | {after} |",
+        f"| KV cache per token | {_kib(kv_before)} | {_kib(kv_after)}{ratio} |",
+    ]
+    return lines
+
+
+def _uptrain_section(prov: dict) -> list[str]:
+    run = prov.get("uptrain")
+    if not isinstance(run, dict):
+        return []
+    settings, results = run.get("settings") or {}, run.get("results") or {}
+    lines = ["", "## Uptraining", "",
+             f"Continued training after the conversion with `attnconv uptrain`: {results.get('steps', '?')} steps, "
+             f"{results.get('tokens', 0):,} tokens of `{run.get('data', '?')}` "
+             f"(sequence length {settings.get('seq_len', '?')}, learning rate {settings.get('lr', '?')}, "
+             f"{settings.get('schedule', '?')} schedule, {settings.get('dtype', '?')})."]
+    if settings.get("teacher"):
+        lines.append(f"Distilled from `{settings['teacher']}` (weight {settings.get('distill_weight')}, "
+                     f"temperature {settings.get('temperature')}).")
+    if results.get("final_loss") is not None:
+        lines.append(f"Final training loss {results['final_loss']:.4f}"
+                     + (f"; held-out perplexity {results['eval_ppl']:.2f}." if results.get("eval_ppl") else "."))
+    return lines
+
+
+def model_card(folder: Path, repo_id: str) -> str:
+    """The README.md text (YAML metadata + markdown) for FOLDER published as REPO_ID."""
+    prov = read_provenance(folder)
+    source = prov.get("source")
+    conv = prov.get("conversion") or {}
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation",
+        base_model=source if _looks_like_hub_id(source) else None,
+        tags=["attnconv"] + ([str(conv["to"])] if conv.get("to") else []) + (["uptrained"] if "uptrain" in prov
+                                                                             else []),
+    )
+    body = [f"# {repo_id.split('/')[-1]}", "", *_conversion_section(prov), *_uptrain_section(prov), "",
+            "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
+            "It loads in plain `transformers` (no remote code): the architecture is the source's own with fewer "
+            "key/value heads.", ""]
+    hashes = prov.get("source_weight_sha256") or {}
+    if hashes or prov.get("source_revision"):
+        body += ["## Provenance", "", f"`attnconv.json` in this repository records the whole run. Source "
+                 f"revision: {prov.get('source_revision') or 'a local folder'}; source weights (sha256):", ""]
+        body += [f"- `{name}`: `{digest}`" for name, digest in sorted(hashes.items())] + [""]
+    body.append(f"Card written by attnconv {__version__}.")
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))
