@@ -91,18 +91,27 @@ def test_cache_is_preallocated_unrepeated_and_measured_bytes_match_theory(tiny, 
     cache = PreallocatedKVCache(model.config, 3, 40, torch.float32, "cpu")
     assert all(layer.keys.shape == (3, n_kv, 16, 40) for layer in cache.layers)  # CPU: stored transposed
     assert all(layer.filled(40)[1].shape == (3, n_kv, 40, 16) for layer in cache.layers)
+    rows = PreallocatedKVCache(model.config, 3, 40, torch.float32, "cpu", keys_as_rows=True)
+    assert all(layer.keys.shape == (3, n_kv, 40, 16) and layer.values.shape == (3, n_kv, 16, 40)
+               for layer in rows.layers)
 
 
+@pytest.mark.parametrize("keys_as_rows", [False, True])
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
-def test_decode_attention_over_transposed_cache_equals_sdpa(n_kv):
-    """The CPU decode step's two matmuls give SDPA's output, with and without a padding keep-mask."""
+def test_decode_attention_over_transposed_cache_equals_sdpa(n_kv, keys_as_rows):
+    """The CPU decode step's two products give SDPA's output, with and without a padding keep-mask; with keys
+    kept as rows the scores come from attnconv's kernel."""
+    from attnconv.kernels.cpu_decode import unavailable_reason
+
+    if keys_as_rows and unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
     b, h, d, k = 3, 4, 16, 37
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(b, h, 1, d, generator=gen)
-    layer = PreallocatedLayer(b, n_kv, 50, d, torch.float32, "cpu")
+    layer = PreallocatedLayer(b, n_kv, 50, d, torch.float32, "cpu", keys_as_rows=keys_as_rows)
     layer.update(torch.randn(b, n_kv, k - 1, d, generator=gen), torch.randn(b, n_kv, k - 1, d, generator=gen))
     key, value = layer.update(torch.randn(b, n_kv, 1, d, generator=gen), torch.randn(b, n_kv, 1, d, generator=gen))
-    assert key.shape == (b, n_kv, k, d) and key.stride(-1) != 1
+    assert key.shape == (b, n_kv, k, d) and (key.stride(-1) == 1) == keys_as_rows and value.stride(-1) != 1
     keep = torch.rand(b, 1, 1, k, generator=gen) > 0.3
     keep[..., -1] = True
     for mask in (None, keep):

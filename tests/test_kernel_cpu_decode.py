@@ -1,5 +1,5 @@
-"""The few-row CPU Linear kernel (attnconv/kernels/cpu_decode.c) against F.linear in float64, its build and its
-fallbacks, and the decode loop's Linear patching that routes to it."""
+"""The CPU decode kernels (attnconv/kernels/cpu_decode.c) against float64 references: the few-row Linear and the
+grouped-query attention scores; their build and fallbacks, and the decode loop's Linear patching."""
 
 from __future__ import annotations
 
@@ -93,3 +93,27 @@ def test_decode_linears_route_few_rows_to_the_kernel(monkeypatch):
         with torch.inference_mode(), packed_linears(net, kernel="torch"):
             torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
         assert not calls  # "torch" never uses the kernel
+
+
+@needs_native
+@pytest.mark.parametrize("g", [1, 2, 4, 7, 12, 13])
+@pytest.mark.parametrize("d,length", [(64, 2049), (8, 1), (16, 5), (80, 37), (24, 300)])
+def test_decode_scores_match_float64(g, d, length):
+    gen = torch.Generator().manual_seed(g * 100 + d + length)
+    b, h, max_len = 3, 2, length + 11
+    q = torch.randn(b, h, g, d, generator=gen)
+    buffer = torch.randn(b, h, max_len, d, generator=gen)  # a preallocated cache: keys as rows
+    keys = buffer[:, :, :length]  # the filled part, a strided view
+    got = cpu_decode.decode_scores(q, keys, d ** -0.5)
+    want = (q.double() @ keys.double().transpose(-1, -2)) * d ** -0.5
+    assert got.shape == (b, h, g, length)
+    torch.testing.assert_close(got.double(), want, atol=ATOL * d ** 0.5, rtol=RTOL)
+
+
+def test_decode_scores_refuses_columns_and_odd_head_sizes():
+    if cpu_decode.unavailable_reason() is not None:
+        pytest.skip(cpu_decode.unavailable_reason())
+    with pytest.raises(ValueError, match="contiguous rows"):
+        cpu_decode.decode_scores(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 16, 9).transpose(-1, -2), 1.0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu_decode.decode_scores(torch.randn(1, 1, 2, 12), torch.randn(1, 1, 9, 12), 1.0)

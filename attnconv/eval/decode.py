@@ -65,6 +65,20 @@ def _padding_masks(attention_mask: torch.Tensor, total: int):
     return positions, prefill, keep[:, None, None, :]
 
 
+def _keys_as_rows(config, dtype: torch.dtype, device: torch.device, kernel: str) -> bool:
+    """Keep the CPU cache's keys as rows for attnconv's grouped-query scores kernel: float32, 2+ query heads per
+    KV head (with one, BLAS over transposed keys streams at full speed), a head size that is a multiple of 8."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    shape = cache_shape(config)
+    n_heads = getattr(config, "num_attention_heads", shape.n_kv_heads)
+    if n_heads // shape.n_kv_heads < 2 or shape.head_dim % 8:
+        return False
+    from attnconv.kernels.cpu_decode import resolve_backend
+
+    return resolve_backend(kernel) == "native"
+
+
 @torch.inference_mode()
 def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                     keep_prefill_logits: bool = False, packed: bool = True, kernel: str = "auto") -> GreedyResult:
@@ -87,7 +101,8 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         raise AttnconvError(f"{prompt_len} prompt + {new_tokens} new tokens exceed the model's {limit} positions; "
                             "use a shorter context")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    cache = PreallocatedKVCache(model.config, batch, total, dtype, device)
+    cache = PreallocatedKVCache(model.config, batch, total, dtype, device,
+                                keys_as_rows=_keys_as_rows(model.config, dtype, device, kernel))
     tokens = torch.empty(batch, new_tokens, dtype=torch.long, device=device)
     if attention_mask is not None and not bool(attention_mask.all()):
         positions, prefill_mask, step_mask = _padding_masks(attention_mask.to(device), total)

@@ -29,13 +29,15 @@ class PreallocatedLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device,
+                 keys_as_rows: bool = False):
         super().__init__()
         self.max_len = max_len
-        self.transposed = torch.device(device).type == "cpu"
-        shape = (batch, n_kv_heads, head_dim, max_len) if self.transposed else (batch, n_kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.transposed = torch.device(device).type == "cpu"  # values (and keys, unless keys_as_rows) on CPU
+        self.keys_transposed = self.transposed and not keys_as_rows
+        rows, columns = (batch, n_kv_heads, max_len, head_dim), (batch, n_kv_heads, head_dim, max_len)
+        self.keys = torch.zeros(columns if self.keys_transposed else rows, dtype=dtype, device=device)
+        self.values = torch.zeros(columns if self.transposed else rows, dtype=dtype, device=device)
         self.length = 0  # a Python int: slicing with it costs no device sync
         self.is_initialized = True
 
@@ -44,9 +46,9 @@ class PreallocatedLayer(CacheLayerMixin):
 
     def filled(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the first `end` positions as [b, n_kv, end, d] (transposed strides on CPU)."""
-        if self.transposed:
-            return self.keys[..., :end].transpose(-1, -2), self.values[..., :end].transpose(-1, -2)
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        keys = self.keys[..., :end].transpose(-1, -2) if self.keys_transposed else self.keys[:, :, :end]
+        values = self.values[..., :end].transpose(-1, -2) if self.transposed else self.values[:, :, :end]
+        return keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         # key_states/value_states: [b, n_kv, s_new, d]
@@ -77,10 +79,10 @@ class PreallocatedLayer(CacheLayerMixin):
 class PreallocatedKVCache(Cache):
     """A `transformers.Cache` whose layers are `PreallocatedLayer`s sized for `batch x max_len` tokens."""
 
-    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device, keys_as_rows: bool = False):
         shape = cache_shape(config)
         super().__init__(layers=[
-            PreallocatedLayer(batch, shape.n_kv_heads, max_len, shape.head_dim, dtype, device)
+            PreallocatedLayer(batch, shape.n_kv_heads, max_len, shape.head_dim, dtype, device, keys_as_rows)
             for _ in range(shape.layers)
         ])
 
@@ -102,8 +104,14 @@ def _window_mask(q_len: int, k_len: int, window: int | None, device) -> torch.Te
 
 def _decode_attention(query, key, value, mask, scale: float) -> torch.Tensor:
     """softmax(q K^T * scale) V for a one-token step; query [b, n_kv, g, d], key/value [b, n_kv, k, d] views of
-    transposed buffers (stride 1 along k), mask None or keep-mask [b, 1, 1, k]. Returns [b, n_kv, g, d]."""
-    scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)  # [b, n_kv, g, k]
+    the CPU cache (value transposed: stride 1 along k; key transposed too, or rows that attnconv's scores kernel
+    reads), mask None or keep-mask [b, 1, 1, k]. Returns [b, n_kv, g, d]."""
+    if key.stride(-1) == 1:  # keys kept as rows for the native kernel (PreallocatedLayer keys_as_rows)
+        from attnconv.kernels.cpu_decode import decode_scores
+
+        scores = decode_scores(query, key, scale)  # [b, n_kv, g, k]
+    else:
+        scores = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)  # [b, n_kv, g, k]
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1).to(value.dtype), value)
@@ -128,7 +136,7 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, 
         # One new token sees every cached one. Fold the query heads of each KV group into the query-length axis
         # ([b, h, 1, d] -> [b, n_kv, g, d]) so each K/V head is read once for its whole group.
         grouped = query.reshape(b, n_kv, h // n_kv, d)
-        if key.stride(-1) != 1:  # the CPU cache's transposed buffers: two matmuls over contiguous rows
+        if value.stride(-1) != 1:  # the CPU cache's transposed buffers: two products over contiguous rows
             out = _decode_attention(grouped, key, value, mask, d ** -0.5 if scaling is None else scaling)
         else:
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling,

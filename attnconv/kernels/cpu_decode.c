@@ -1,5 +1,5 @@
-// CPU decode kernel (AVX2 + FMA, float32): a Linear layer for a few rows. Built on first use by cpu_decode.py
-// and called through ctypes.
+// CPU decode kernels (AVX2 + FMA, float32): a Linear layer for a few rows, and grouped-query attention scores.
+// Built on first use by cpu_decode.py and called through ctypes.
 //
 // A decode step multiplies a handful of rows (the batch) by every weight: it should run at memory bandwidth.
 // BLAS (MKL sgemm, oneDNN) is built for many rows and reaches about half of it here. This loop reads each weight
@@ -48,5 +48,47 @@ void attnconv_linear_rows(const float *x, int64_t M, int64_t K, const float *w, 
       for (int m = 0; m < 8; m++) out[m] += wr[k] * xr[m][k];
     const float b = bias ? bias[j] : 0.0f;
     for (int64_t m = 0; m < M; m++) y[m * N + j] = out[m] + b;
+  }
+}
+
+// Decode attention scores for grouped-query heads: s [B, H, G, L] = scale * q [B, H, G, D] . k [B, H, L, D];
+// q and s contiguous, k rows with strides (kb, kh, kl, 1); D % 8 == 0. BLAS runs these G-row products (G = query
+// heads per KV head, 2-12) at 4-7 GB/s; here eight keys at a time are dotted with each query head, the eight sums
+// ending in one hsum8, while the eight key rows (8 x D floats) stay in L1 for all G heads: 11-14 GB/s.
+void attnconv_decode_scores(const float *q, const float *k, float *s, int64_t B, int64_t H, int64_t G, int64_t D,
+                            int64_t L, int64_t kb, int64_t kh, int64_t kl, float scale) {
+  const int64_t blocks = (L + 7) / 8, per_item = 32;  // 256 keys per work item
+  const int64_t items = (blocks + per_item - 1) / per_item;
+  const __m256 sc = _mm256_set1_ps(scale);
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t bh = 0; bh < B * H; bh++) {
+    for (int64_t it = 0; it < items; it++) {
+      const float *qh = q + bh * G * D, *khd = k + (bh / H) * kb + (bh % H) * kh;
+      float *sh = s + bh * G * L;
+      const int64_t end = (it + 1) * per_item < blocks ? (it + 1) * per_item : blocks;
+      for (int64_t blk = it * per_item; blk < end; blk++) {
+        const int64_t t0 = blk * 8, n = L - t0 < 8 ? L - t0 : 8;
+        const float *r[8];
+        for (int i = 0; i < 8; i++) r[i] = khd + (t0 + (i < n ? i : 0)) * kl;  // a short last block repeats key t0
+        for (int64_t g = 0; g < G; g++) {
+          const float *qg = qh + g * D;
+          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+          for (int64_t d = 0; d < D; d += 8) {
+            __m256 qv = _mm256_loadu_ps(qg + d);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[0] + d), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[1] + d), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[2] + d), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[3] + d), a3);
+            a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[4] + d), a4);
+            a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[5] + d), a5);
+            a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[6] + d), a6);
+            a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[7] + d), a7);
+          }
+          float out[8];
+          _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), sc));
+          for (int64_t i = 0; i < n; i++) sh[g * L + t0 + i] = out[i];
+        }
+      }
+    }
   }
 }
