@@ -5,7 +5,9 @@ rotary embeddings stay the model's own; only the caching and the attention call 
 - K/V live in one buffer per layer, written in place (no torch.cat, no regrowth), and are never repeated across
   query heads. On CPU the buffers are stored transposed, `[b, n_kv, head_dim, max_len]`: a decode step's two
   products (q @ K^T, p @ V) then read long contiguous rows, 1.4x faster than SDPA's kernel over `[.., max_len,
-  head_dim]` (17 vs 12 GB/s at batch 8, 2k tokens, 12 heads); on GPUs the usual layout feeds SDPA's kernels;
+  head_dim]` (17 vs 12 GB/s at batch 8, 2k tokens, 12 heads). Where 2+ query heads share a KV head and
+  attnconv's CPU kernels load, keys stay rows (`keys_as_rows`) for its grouped scores kernel (BLAS runs those
+  few-row products at 4-7 GB/s); on GPUs the usual layout feeds SDPA's kernels;
 - attention runs over the filled prefix only, so no mask is built: prefill from position 0 is plain causal
   (SDPA, `enable_gqa=True`), and a one-token decode step attends to all it has.
 """

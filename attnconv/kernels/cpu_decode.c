@@ -19,6 +19,26 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
+// [sum_k v[k] * r[i][k] for i = 0..7] over k in [0, n), n a multiple of 8: v is loaded once per step and
+// multiplied into all eight rows, each row's partial sums in its own register. prefetch: where to fetch ahead of
+// v (NULL: no prefetch; the branch disappears where the function is inlined).
+static inline __m256 dot8(const float *v, const float *const r[8], int64_t n, const float *prefetch) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t k = 0; k < n; k += 8) {
+    if (prefetch) _mm_prefetch((const char *)(prefetch + k), _MM_HINT_T0);
+    __m256 x = _mm256_loadu_ps(v + k);
+    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[0] + k), a0);
+    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[1] + k), a1);
+    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[2] + k), a2);
+    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[3] + k), a3);
+    a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[4] + k), a4);
+    a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[5] + k), a5);
+    a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[6] + k), a6);
+    a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[7] + k), a7);
+  }
+  return hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+}
+
 // y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), 1 <= M <= 8; x, w, y contiguous.
 // One pass over w: each row of w is loaded once and multiplied into all M rows of x (which stay in L1/L2).
 void attnconv_linear_rows(const float *x, int64_t M, int64_t K, const float *w, const float *bias, float *y,
@@ -29,21 +49,8 @@ void attnconv_linear_rows(const float *x, int64_t M, int64_t K, const float *w, 
 #pragma omp parallel for schedule(static) if (N * K >= 65536)
   for (int64_t j = 0; j < N; j++) {
     const float *wr = w + j * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t k = 0; k < K8; k += 8) {
-      _mm_prefetch((const char *)(wr + k + PREFETCH_FLOATS), _MM_HINT_T0);
-      __m256 v = _mm256_loadu_ps(wr + k);
-      a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[0] + k), a0);
-      a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[1] + k), a1);
-      a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[2] + k), a2);
-      a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[3] + k), a3);
-      a4 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[4] + k), a4);
-      a5 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[5] + k), a5);
-      a6 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[6] + k), a6);
-      a7 = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr[7] + k), a7);
-    }
     float out[8];
-    _mm256_storeu_ps(out, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+    _mm256_storeu_ps(out, dot8(wr, xr, K8, wr + PREFETCH_FLOATS));
     for (int64_t k = K8; k < K; k++)
       for (int m = 0; m < 8; m++) out[m] += wr[k] * xr[m][k];
     const float b = bias ? bias[j] : 0.0f;
@@ -71,21 +78,8 @@ void attnconv_decode_scores(const float *q, const float *k, float *s, int64_t B,
         const float *r[8];
         for (int i = 0; i < 8; i++) r[i] = khd + (t0 + (i < n ? i : 0)) * kl;  // a short last block repeats key t0
         for (int64_t g = 0; g < G; g++) {
-          const float *qg = qh + g * D;
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-          for (int64_t d = 0; d < D; d += 8) {
-            __m256 qv = _mm256_loadu_ps(qg + d);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[0] + d), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[1] + d), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[2] + d), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[3] + d), a3);
-            a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[4] + d), a4);
-            a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[5] + d), a5);
-            a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[6] + d), a6);
-            a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r[7] + d), a7);
-          }
           float out[8];
-          _mm256_storeu_ps(out, _mm256_mul_ps(hsum8(a0, a1, a2, a3, a4, a5, a6, a7), sc));
+          _mm256_storeu_ps(out, _mm256_mul_ps(dot8(qh + g * D, r, D, NULL), sc));
           for (int64_t i = 0; i < n; i++) sh[g * L + t0 + i] = out[i];
         }
       }
