@@ -87,11 +87,14 @@ def test_card_describes_an_uptraining_run(converted, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((converted / name).read_bytes())
     prov = json.loads((converted / "attnconv.json").read_text())
+    prov["source"] = "some-org/llama-mha"  # converted from a hub id: the card names it as base_model
     prov["uptrain"] = {"data": "corpus.jsonl", "settings": {"seq_len": 256, "lr": 3e-4, "schedule": "cosine",
                                                             "dtype": "fp32", "teacher": "src"},
                        "results": {"steps": 40, "tokens": 81920, "final_loss": 3.21875, "eval_ppl": 25.5}}
     (folder / "attnconv.json").write_text(json.dumps(prov))
     card = push_api.plan_push(folder, "tiny-up").card
+    assert ModelCard(card).data.base_model == "some-org/llama-mha"
+    assert ModelCard(push_api.plan_push(converted, "x").card).data.base_model is None  # a local source: none
     assert "40 steps, 81,920 tokens of `corpus.jsonl`" in card and "Distilled from `src`" in card
     assert "Final training loss 3.2188; held-out perplexity 25.50." in card and "uptrained" in card
 
