@@ -19,6 +19,7 @@ from attnconv.convert.command import convert_command, info_command
 from attnconv.errors import AttnconvError
 from attnconv.eval.command import eval_command
 from attnconv.push.command import push_command
+from attnconv.runtime import prefer_huge_pages
 from attnconv.uptrain.command import uptrain_command
 
 app = typer.Typer(
@@ -68,6 +69,7 @@ def _click_exception_types() -> tuple[type, type, type]:
 
 
 def main() -> None:
+    prefer_huge_pages()  # before any command imports torch
     click_error, click_exit, click_abort = _click_exception_types()
     try:
         app(standalone_mode=False)

@@ -8,7 +8,9 @@ torch.cuda.max_memory_allocated. Runs come in pairs of alternating order (ours, 
 so that load from other processes hits both alike; the speedup is the median of the pairs' ratios. Speed is
 the median step-end to step-end time after the warm-up steps, taken once the device has finished (Trainer's
 own per-step callbacks fire before its per-step sync). attnconv runs as
-`attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed, `--loss-kernel` (default auto).
+`attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed, `--loss-kernel` (default auto),
+in the process settings the command sets (huge pages for torch's allocator; `--trainer-huge-pages` gives Trainer
+the same).
 Target: >= 1.2x Trainer's tokens/s at equal or lower memory.
 
     python benchmarks/uptrain.py [--steps 6] [--warmup-steps 2] [--batch 4] [--seq-len 256] [--threads 1]
@@ -27,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from attnconv.runtime import attnconv_env
 
 
 def _rss_kib(field: str) -> int:
@@ -146,19 +150,25 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--repeat", type=int, default=3, help="run pairs; the speedup is the median of the pairs' ratios")
     p.add_argument("--loss-kernel", default="auto", help="attnconv's loss kernel (auto, torch, liger, reference)")
+    p.add_argument("--trainer-huge-pages", action="store_true",
+                   help="run Trainer with attnconv's allocator settings too (THP_MEM_ALLOC_ENABLE=1)")
     p.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return run_worker(args)
-    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "dtype", "dtypes")]
+    skip = ("worker", "dtype", "dtypes", "trainer_huge_pages")
+    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip]
     rows = []
     for dtype in args.dtypes.split(","):
         res: dict[str, list[dict]] = {"ours": [], "trainer": []}
         for r in range(args.repeat):  # pairs in alternating order: load from other processes hits both alike
             for who in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
                 cmd = [sys.executable, __file__, *common, f"--worker={who}", f"--dtype={dtype}"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                # Ours runs in the process settings the `attnconv` command sets (huge pages for torch's
+                # allocator); Trainer as a plain script would, unless --trainer-huge-pages.
+                env = attnconv_env() if who == "ours" or args.trainer_huge_pages else None
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     sys.exit(f"{who} {dtype} failed:\n{proc.stderr[-3000:]}")
                 res[who].append(json.loads(proc.stdout.strip().splitlines()[-1]))

