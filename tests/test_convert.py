@@ -149,6 +149,25 @@ def test_sharded_checkpoint_converts_to_the_same_tensors(tmp_path):
     torch.testing.assert_close(logits(tmp_path / "o1"), logits(tmp_path / "o2"), rtol=0, atol=0)
 
 
+def test_source_hash_over_mapped_windows(tmp_path, monkeypatch):
+    """The provenance hash maps the file window by window: sizes around the window edges and an empty file."""
+    import hashlib
+    import mmap
+    import os
+
+    from attnconv.convert import api
+
+    monkeypatch.setattr(api, "HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)
+    sizes = [0, 1, mmap.ALLOCATIONGRANULARITY, 3 * mmap.ALLOCATIONGRANULARITY + 5]
+    files = []
+    for size in sizes:
+        files.append(tmp_path / f"f{size}.safetensors")
+        files[-1].write_bytes(os.urandom(size))
+    got: dict[str, str] = {}
+    api._sha256_files(files, got)
+    assert got == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
 def test_provenance_config_and_copied_files(tmp_path):
     src = build_tiny_model("llama", tmp_path / "src", with_tokenizer=True)
     convert(src, tmp_path / "out", kv_heads=2, dtype="bfloat16", progress=False)
