@@ -1,4 +1,5 @@
-"""Process settings that have to be in place before torch is imported; the `attnconv` command applies them first.
+"""Process settings for speed: huge pages for torch's allocator (before torch is imported; the `attnconv`
+command applies them first) and, for training, a malloc that keeps freed memory for reuse.
 
 Torch's CPU allocator hands large blocks back to the operating system, so every training step (and every
 chunk of the loss) faults its activations, gradients and logits in again, 4 KiB at a time: measured on the
@@ -6,16 +7,25 @@ chunk of the loss) faults its activations, gradients and logits in again, 4 KiB 
 vocabulary-sized product 10-15% slower into a fresh block than into a reused one. Torch asks the kernel for
 transparent huge pages on blocks of 2 MiB and more when THP_MEM_ALLOC_ENABLE=1, read once at its first
 allocation; Linux with THP in `madvise` or `always` mode honours it.
+
+Huge pages make a fresh block cheaper, not free: glibc still serves every block above its mmap threshold
+(at most 32 MiB) with a new mapping that the kernel zeroes, and unmaps it when freed. A training step frees
+and allocates the same large blocks again (vocabulary-sized gradients and logits, activations), so
+`keep_freed_memory` has glibc serve every block from its heap and keep what is freed: measured on the
+102 M-parameter uptrain benchmark, 398-405 tokens/s against 379-390, at 2.2-2.4 GB peak against 1.8-1.9.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def huge_pages_supported() -> bool:
@@ -43,3 +53,19 @@ def prefer_huge_pages() -> bool:
         return False
     os.environ.update(attnconv_env())
     return os.environ.get(HUGE_PAGES_ENV) == "1"
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large blocks from its heap and keep freed memory for reuse (no mmap, no
+    trimming), for the rest of this process. Returns whether it did: not off glibc, nor where the user set
+    malloc tunables of their own (MALLOC_*_ or glibc.malloc in GLIBC_TUNABLES)."""
+    if any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: its mallopt takes these parameters)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -9,8 +9,8 @@ so that load from other processes hits both alike; the speedup is the median of 
 the median step-end to step-end time after the warm-up steps, taken once the device has finished (Trainer's
 own per-step callbacks fire before its per-step sync). attnconv runs as
 `attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed, `--loss-kernel` (default auto),
-in the process settings the command sets (huge pages for torch's allocator; `--trainer-huge-pages` gives Trainer
-the same).
+in the process settings the command sets (huge pages for torch's allocator, a malloc that keeps freed memory;
+`--trainer-settings` gives Trainer the same).
 Target: >= 1.2x Trainer's tokens/s at equal or lower memory.
 
     python benchmarks/uptrain.py [--steps 6] [--warmup-steps 2] [--batch 4] [--seq-len 256] [--threads 1]
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from attnconv.runtime import attnconv_env
+from attnconv.runtime import attnconv_env, keep_freed_memory
 
 
 def _rss_kib(field: str) -> int:
@@ -128,6 +128,8 @@ def worker_trainer(args, model, blocks) -> list[float]:
 
 def run_worker(args) -> None:
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     model, blocks = _model_and_blocks(args)
     base = _reset_peak()
     rates = (worker_ours if args.worker == "ours" else worker_trainer)(args, model, blocks)
@@ -150,14 +152,15 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--repeat", type=int, default=3, help="run pairs; the speedup is the median of the pairs' ratios")
     p.add_argument("--loss-kernel", default="auto", help="attnconv's loss kernel (auto, torch, liger, reference)")
-    p.add_argument("--trainer-huge-pages", action="store_true",
-                   help="run Trainer with attnconv's allocator settings too (THP_MEM_ALLOC_ENABLE=1)")
+    p.add_argument("--trainer-settings", action="store_true",
+                   help="run Trainer in attnconv's process settings too (huge pages, kept freed memory)")
     p.add_argument("--worker", choices=["ours", "trainer"], help=argparse.SUPPRESS)
+    p.add_argument("--keep-freed-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return run_worker(args)
-    skip = ("worker", "dtype", "dtypes", "trainer_huge_pages")
+    skip = ("worker", "dtype", "dtypes", "trainer_settings", "keep_freed_memory")
     common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in skip]
     rows = []
     for dtype in args.dtypes.split(","):
@@ -166,8 +169,10 @@ def main() -> None:
             for who in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
                 cmd = [sys.executable, __file__, *common, f"--worker={who}", f"--dtype={dtype}"]
                 # Ours runs in the process settings the `attnconv` command sets (huge pages for torch's
-                # allocator); Trainer as a plain script would, unless --trainer-huge-pages.
-                env = attnconv_env() if who == "ours" or args.trainer_huge_pages else None
+                # allocator, kept freed memory); Trainer as a plain script would, unless --trainer-settings.
+                same = who == "ours" or args.trainer_settings
+                env = attnconv_env() if same else None
+                cmd += ["--keep-freed-memory"] if same else []
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     sys.exit(f"{who} {dtype} failed:\n{proc.stderr[-3000:]}")

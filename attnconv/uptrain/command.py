@@ -53,8 +53,10 @@ def uptrain_command(
     Runs on accelerate: under `accelerate launch` or `torchrun` the same command trains with DDP.
     Writes OUT/ (model, tokenizer, train_log.jsonl, attnconv.json) when training ends.
     """
+    from attnconv.runtime import keep_freed_memory
     from attnconv.uptrain.api import uptrain
 
+    keep_freed_memory()  # each step frees and allocates the same large blocks: reuse them
     result = uptrain(model, out, data=data, steps=steps, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
                      grad_accum=grad_accum, lr=lr, warmup=warmup, schedule=schedule, dtype=dtype, teacher=teacher,
                      distill_weight=distill_weight, temperature=temperature, train=train, eval_data=eval_data,
