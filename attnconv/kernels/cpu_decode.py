@@ -9,9 +9,7 @@ the whole loop). Larger batches go to oneDNN, which is built for them. `decode_s
 that share a key head with eight keys at a time, the key rows staying in L1 for all G heads: 11-14 GB/s for
 GQA-4/MQA at batch 8 and 2k tokens, where BLAS's G-row products run at 4-7.
 
-The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) into the attnconv cache
-(`$ATTNCONV_CACHE/kernels`, named by a hash of source and flags; written under a temporary name, then renamed)
-and loaded with ctypes. Its OpenMP calls resolve to the runtime torch already loaded, so it uses torch's threads.
+Built on first use by attnconv.kernels.native (system C compiler, cached; OpenMP shares torch's threads).
 Backends as for the other kernels: "auto" uses the kernels where they build and load and falls back to torch
 quietly; "native" asks for them and raises when they cannot be had; "torch" never uses them.
 """
@@ -19,64 +17,31 @@ quietly; "native" asks for them and raises when they cannot be had; "torch" neve
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
 from attnconv.errors import AttnconvError
+from attnconv.kernels import native
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 MAX_ROWS = 8  # attnconv_linear_rows keeps 8 rows' partial sums in registers
 BACKENDS = ("auto", "native", "torch")
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("ATTNCONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnconv")
-    return Path(root) / "kernels"
-
-
-def _cpu_supports_avx2() -> bool:
-    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-    return capability.upper().startswith(("AVX2", "AVX512"))
+_cpu_supports_avx2 = native.cpu_supports_avx2
 
 
 def _build() -> Path:
-    """Compile cpu_decode.c (once per source and flags) and return the shared library's path."""
-    source = SOURCE.read_bytes()
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_decode-{key}.so"
-    if target.exists():
-        return target
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler: {compiler!r} is not on PATH (set $CC)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        os.replace(built, target)  # atomic: a concurrent build or a crash never leaves half a library
-    return target
+    return native.build(SOURCE)
 
 
 @cache
 def _library() -> ctypes.CDLL | str:
     """The loaded kernels, or why they are not available (a string)."""
-    if not _cpu_supports_avx2():
-        return "this CPU has no AVX2/FMA"
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError) as e:
-        return f"could not build or load {SOURCE.name}: {e}"
+    lib = native.load(SOURCE)
+    if isinstance(lib, str):
+        return lib
     lib.attnconv_linear_rows.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64]
     lib.attnconv_decode_scores.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 8 + [ctypes.c_float]
     lib.attnconv_linear_rows.restype = lib.attnconv_decode_scores.restype = None

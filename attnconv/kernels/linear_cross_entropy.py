@@ -19,6 +19,8 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from attnconv.kernels.cpu_softmax import exp_columns_
+
 BACKENDS = ("auto", "torch", "liger", "reference")
 # float32 logits per chunk: on CPU, 256-512 rows of a 50k vocabulary keep BLAS at full speed while the chunk
 # stays small next to the model; on GPUs large chunks keep the matmuls efficient.
@@ -87,28 +89,31 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 tgt = torch.where(ok, targets[start:start + chunk_rows], 0)[None, :]  # [1, c]
                 target_logit = logits.gather(0, tgt)  # [1, c]
                 # log-sum-exp with its exponentials kept, in place: they become the softmax of the gradient.
-                peak = logits.amax(dim=0, keepdim=True)  # [1, c]
-                exps = logits.sub_(peak).exp_()  # [V, c]
-                total = exps.sum(dim=0, keepdim=True)  # [1, c]
+                peak, total = exp_columns_(logits)  # logits now exp(logits - peak) [V, c]; peak, total [1, c]
                 loss_sum += ((peak + total.log() - target_logit) * ok).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                # d loss / d logits = (softmax - one_hot) / n_valid on valid rows, 0 elsewhere; built in place.
+                # d loss / d logits = exps * col - one_hot * scale (0 on ignored rows), never formed: the column
+                # factor goes onto the [c, d] operands and the one-hot part is c rows, so the [V, c] block is
+                # only read again by the two products.
                 scale = (ok / n_valid).unsqueeze(0)  # [1, c]
-                grad = exps.mul_(scale / total)
-                grad.scatter_add_(0, tgt, -scale)
-                grad = grad.to(dtype)  # [V, c]
+                col = (scale / total).t()  # [c, 1]
+                exps = logits.to(dtype)  # [V, c]
+                h_scaled = h * col.to(dtype)  # [c, d]
                 if need_h:
-                    grad_h[start:start + chunk_rows] = grad.t() @ w
+                    picked = scale.t() * w.index_select(0, tgt[0]).float()  # [c, d]: the one-hot rows' share
+                    grad_h[start:start + chunk_rows] = (exps.t() @ w).float() * col - picked
                 if need_w:
                     if fresh_w and start == 0:
-                        torch.mm(grad, h, out=grad_w)
+                        torch.mm(exps, h_scaled, out=grad_w)
                     elif dtype == torch.float32:
-                        grad_w.addmm_(grad, h)
+                        grad_w.addmm_(exps, h_scaled)
                     else:
-                        grad_w += (grad @ h).float()
+                        grad_w += (exps @ h_scaled).float()
+                    grad_w.index_add_(0, tgt[0], -(scale.t() * h.float()))
                 if need_b:
-                    grad_b += grad.float().sum(1)
+                    grad_b += logits.float() @ col[:, 0]
+                    grad_b.index_add_(0, tgt[0], -scale[0])
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return loss_sum / n_valid

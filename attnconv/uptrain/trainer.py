@@ -16,6 +16,7 @@ import torch
 
 from attnconv.errors import AttnconvError
 from attnconv.uptrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from attnconv.uptrain.cpu_attention import cpu_training_attention
 from attnconv.uptrain.data import BlockSchedule
 from attnconv.uptrain.distill import DistillConfig, cross_entropy, training_loss
 from attnconv.uptrain.fused_loss import install_fused_loss, loss_targets, remove_fused_loss
@@ -95,8 +96,10 @@ def train(accelerator, model, blocks: torch.Tensor, cfg: TrainConfig, run_dir: P
     head = install_fused_loss(model, cfg.loss_kernel, accelerator.device,
                               cfg.batch_size * cfg.seq_len) if teacher is None else None
     try:
-        return _train(accelerator, model, blocks, cfg, run_dir, schedule, params, head, teacher=teacher,
-                      eval_windows=eval_windows, resume=resume, data_key=data_key, show_progress=show_progress)
+        # On CPU, causal attention in query blocks (the flash kernel computes the masked half below 768 tokens).
+        with cpu_training_attention(model, accelerator.device):
+            return _train(accelerator, model, blocks, cfg, run_dir, schedule, params, head, teacher=teacher,
+                          eval_windows=eval_windows, resume=resume, data_key=data_key, show_progress=show_progress)
     finally:
         remove_fused_loss(accelerator.unwrap_model(model), head)
 
