@@ -48,6 +48,32 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def clip_and_step(accelerator, optimizer, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients to max_norm (global L2) and take the optimizer step; returns the norm before clipping.
+
+    A fused AdamW divides every gradient by its `grad_scale` in the step's own pass (the attribute GradScaler sets
+    for it), so the clip factor goes there instead of into a separate pass over all gradients: on CPU at 102 M
+    parameters that pass is ~20 ms a step. Same result to rounding. Where gradients are sharded (FSDP, DeepSpeed)
+    or a GradScaler is in use, accelerate's own clipping.
+    """
+    from accelerate.utils import DistributedType
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # under AcceleratedOptimizer
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if not (max_norm > 0 and plain and accelerator.scaler is None and inner.defaults.get("fused")
+            and getattr(inner, "grad_scale", None) is None and hasattr(torch.nn.utils, "get_total_norm")):
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        return norm
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0, foreach=True)
+    inner.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s factor, inverted
+    try:
+        optimizer.step()
+    finally:
+        del inner.grad_scale
+    return norm
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, windows: torch.Tensor, batch_size: int) -> float:
     """Perplexity over held-out windows [n, seq_len + 1]; each process scores its share, sums are reduced."""
@@ -168,9 +194,8 @@ def _train(accelerator, model, blocks, cfg: TrainConfig, run_dir: Path, schedule
                             kept = f"the last good checkpoint is {prev}" if prev else "no checkpoint was saved yet"
                             raise AttnconvError(f"the loss became {means[0].item()} at step {step + 1}; training "
                                                 f"stopped and {kept}; lower --lr or check the data")
-                        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         lr_now = scheduler.get_last_lr()[0]
-                        optimizer.step()
+                        grad_norm = clip_and_step(accelerator, optimizer, params, cfg.max_grad_norm)
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
