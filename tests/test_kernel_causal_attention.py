@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnconv.kernels.causal_attention as causal_attention_module
 from attnconv.kernels.causal_attention import (
     BLOCKED_LENGTHS,
     block_rows_for,
@@ -33,10 +34,13 @@ def _inputs(b, h, h_kv, s, d, dtype, seed=0):
     return [torch.randn(b, n, s, d, generator=g).to(dtype).requires_grad_() for n in (h, h_kv, h_kv)]
 
 
+@pytest.mark.parametrize("path", ["flash-ops", "sdpa"])  # torch's CPU flash ops directly, or the public call
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,h_kv", [(4, 4), (4, 2), (6, 1)])  # MHA, GQA, MQA
 @pytest.mark.parametrize("s,rows", [(5, 2), (37, 8), (64, 16), (130, 128), (200, 64), (33, 33)])
-def test_forward_and_backward_match_float64(dtype, h, h_kv, s, rows):
+def test_forward_and_backward_match_float64(dtype, h, h_kv, s, rows, path, monkeypatch):
+    if path == "sdpa":
+        monkeypatch.setattr(causal_attention_module, "_cpu_flash_ops", lambda: None)
     q, k, v = _inputs(2, h, h_kv, s, 16, dtype, seed=s + h_kv)
     grad = torch.randn(2, h, s, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = causal_attention(q, k, v, block_rows=rows)
