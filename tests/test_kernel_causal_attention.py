@@ -128,3 +128,29 @@ def test_other_devices_and_implementations_are_left_alone():
     model.set_attn_implementation("eager")
     with cpu_training_attention(model, torch.device("cpu")) as switched:
         assert not switched and model.config._attn_implementation == "eager"
+
+
+def test_under_cpu_autocast_and_gradient_checkpointing():
+    # Rotary embeddings leave q/k in float32 and v in bf16 under autocast: the blocks cast them as SDPA would.
+    from attnconv.uptrain.cpu_attention import cpu_training_attention
+
+    model = _tiny_llama()
+    x = torch.randint(0, 97, (2, BLOCKED_LENGTHS.start + 16), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+        loss.backward()
+        return loss.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    want_loss, want_grad = run()
+    with cpu_training_attention(model, torch.device("cpu")):
+        loss, grad = run()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss_ckpt, grad_ckpt = run()
+    torch.testing.assert_close(loss, want_loss, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(grad, want_grad, atol=2e-3 * want_grad.abs().max().item(), rtol=0.05)
+    torch.testing.assert_close(loss_ckpt, loss, atol=0, rtol=0)  # recomputation repeats the same computation
+    torch.testing.assert_close(grad_ckpt, grad, atol=0, rtol=0)

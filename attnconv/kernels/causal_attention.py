@@ -109,6 +109,9 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     rows = block_rows_for(s, query.device) if block_rows is None else block_rows
     if not rows or rows >= s:
         return causal_attention_reference(query, key, value, scale)
+    if torch.is_autocast_enabled(query.device.type):  # as autocast does for SDPA; the ops below are not cast
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if query.device.type == "cpu" and _cpu_flash_ops() is not None:
         return BlockedCausalAttention.apply(query, key, value, scale, rows)
     return _blocks_through_sdpa(query, key, value, scale, rows)
