@@ -1,7 +1,8 @@
 """The `attnconv` command line: thin wrappers over typed library functions.
 
-Each subcommand lives beside its library code (`attnconv/<area>/command.py`); this file only
-assembles them and turns `AttnconvError` into a one-line message and a non-zero exit.
+Each command is built from its settings dataclass (attnconv/<area>/settings.py) and calls one library function
+(attnconv/<area>/command.py). This file assembles them and turns what can go wrong into one line and an exit code:
+AttnconvError (bad input: 2), a file system refusal (1), Ctrl-C (130) and SIGTERM (143).
 """
 
 from __future__ import annotations
@@ -9,18 +10,24 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import signal
 import sys
 import threading
 
 import typer
 
 from attnconv import __version__
-from attnconv.convert.command import convert_command, info_command
-from attnconv.errors import AttnconvError
-from attnconv.eval.command import eval_command
-from attnconv.push.command import push_command
+from attnconv.convert.command import run_convert, run_info
+from attnconv.convert.settings import ConvertSettings, InfoSettings
+from attnconv.errors import AttnconvError, Terminated
+from attnconv.eval.command import run_eval
+from attnconv.eval.settings import EvalSettings
+from attnconv.push.command import run_push
+from attnconv.push.settings import PushSettings
 from attnconv.runtime import prefer_huge_pages
-from attnconv.uptrain.command import uptrain_command
+from attnconv.settings import command
+from attnconv.uptrain.command import run_uptrain
+from attnconv.uptrain.settings import UptrainSettings
 
 app = typer.Typer(
     name="attnconv",
@@ -32,11 +39,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("convert", no_args_is_help=True)(convert_command)
-app.command("info", no_args_is_help=True)(info_command)
-app.command("eval", no_args_is_help=True)(eval_command)
-app.command("uptrain", no_args_is_help=True)(uptrain_command)
-app.command("push", no_args_is_help=True)(push_command)
+COMMANDS = {"convert": (ConvertSettings, run_convert), "info": (InfoSettings, run_info),
+            "eval": (EvalSettings, run_eval), "uptrain": (UptrainSettings, run_uptrain),
+            "push": (PushSettings, run_push)}
+for _name, (_settings, _run) in COMMANDS.items():
+    app.command(_name, no_args_is_help=True)(command(_settings, _run))
 
 
 def _version(value: bool) -> None:
@@ -54,7 +61,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 _USER_OS_ERRORS = {
     errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
     errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
-    errno.EROFS: "write to a writable file system",
+    errno.EROFS: "write to a writable file system", errno.ENAMETOOLONG: "choose a shorter name",
 }
 
 
@@ -68,36 +75,46 @@ def _click_exception_types() -> tuple[type, type, type]:
     return ClickException, Exit, Abort
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     prefer_huge_pages()  # before any command imports torch
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # clean up as for Ctrl-C, then exit 143
     click_error, click_exit, click_abort = _click_exception_types()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except AttnconvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
+    except Terminated:
+        _fail("terminated (SIGTERM); the output folder was not created or left as it was", 143)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to the output folder", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted; the output folder was not created or left as it was", 130)
     except OSError as e:  # the file system said no: a user's problem to fix, not a bug to trace
         if e.errno not in _USER_OS_ERRORS:
             raise
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}; {_USER_OS_ERRORS[e.errno]}; the output folder was not created "
-              "or left as it was", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"{e.strerror or e}{where}; {_USER_OS_ERRORS[e.errno]}; the output folder was not created or left "
+              "as it was", 1)
     except click_exit as e:
         sys.exit(e.exit_code)
     except click_abort:
-        sys.exit(1)
+        _fail("interrupted; the output folder was not created or left as it was", 130)
     except click_error as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `attnconv convert` alone: show its help
             e.show()
             sys.exit(0)
-        commands = {c.name for c in app.registered_commands}
-        command = next((a + " " for a in sys.argv[1:2] if a in commands), "")
-        print(f"error: {e.format_message().rstrip('.')} (see attnconv {command}--help)", file=sys.stderr)
-        sys.exit(e.exit_code)
+        name = next((a + " " for a in sys.argv[1:2] if a in COMMANDS), "")
+        _fail(f"{e.format_message().rstrip('.')} (see attnconv {name}--help)", e.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def run() -> None:

@@ -1,7 +1,36 @@
-"""The one error type users see: the CLI prints its message on one line and exits non-zero."""
+"""The one error type users see (the CLI prints its message on one line and exits non-zero), and small helpers
+that turn other libraries' exceptions into such a line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 class AttnconvError(Exception):
     """A problem with the user's input, with a message that says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class Interrupted(AttnconvError):
+    """Ctrl-C (SIGINT, exit 130) or SIGTERM (exit 143): what was kept is in the message."""
+
+    def __init__(self, message: str, signal_number: int = 2):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the same clean-up runs (exit 143)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (or its type's name): enough to say what went wrong."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def cache_root() -> Path:
+    """attnconv's cache folder: $ATTNCONV_CACHE, else ~/.cache/attnconv (token caches, compiled kernels)."""
+    return Path(os.environ.get("ATTNCONV_CACHE") or Path.home() / ".cache" / "attnconv")

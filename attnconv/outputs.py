@@ -1,27 +1,71 @@
-"""Output folders that appear only when complete: write to a hidden sibling, rename at the end."""
+"""Output folders that appear only when complete, never overwrite an input, and have one writer at a time.
+
+A command writes into a hidden temporary sibling of OUT and renames it into place at the end. With
+`--overwrite` the new folder and the old OUT are swapped in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere
+two renames, the old folder kept under a hidden name the next run restores), so a kill at any moment leaves the
+old or the new output, never neither. A lock file beside OUT makes a second writer fail at once, naming the
+first. Hidden siblings of killed runs are cleaned (or restored) by the next run for the same OUT.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import hashlib
 import os
 import shutil
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from attnconv.errors import AttnconvError
 
-_TMP_TAG = ".attnconv-tmp-"
+NAME_MAX = 255
+_TAG = ".attnconv-"
+_HELD: dict[Path, int] = {}  # locks this process holds, by OUT, with their file descriptors
+
+
+def _stem(out: Path) -> str:
+    """OUT's name, shortened (with a hash) so that every hidden sibling's name fits the file system's limit."""
+    name = out.name
+    if len(f".{name}{_TAG}old-4194304-12345678".encode()) <= NAME_MAX:
+        return name
+    return name.encode()[:180].decode(errors="ignore") + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def sibling(out: Path, kind: str) -> Path:
+    """A hidden sibling of OUT for this process: kind 'tmp' (being written) or 'old' (replaced, being removed)."""
+    return out.parent / f".{_stem(out)}{_TAG}{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) when OUT exists and may not be replaced."""
+    """Fail early (before any work) when OUT cannot or may not be written."""
     out = Path(out).expanduser().absolute()
+    if len(out.name.encode()) > NAME_MAX:
+        raise AttnconvError(f"the output name {out.name[:40]}... is longer than {NAME_MAX} bytes; choose a shorter one")
     if out.exists() and not overwrite:
         raise AttnconvError(f"{out} already exists; pass --overwrite to replace it or choose another folder")
     if out.exists() and not out.is_dir():
         raise AttnconvError(f"{out} exists and is not a folder; remove it or choose another output path")
     return out
+
+
+def protect_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an OUT that equals, contains or lies inside an input (with or without --overwrite)."""
+    target = Path(out).expanduser().absolute().resolve()
+    for spec in inputs:
+        if spec is None:
+            continue
+        path = Path(str(spec).split("::")[0]).expanduser()
+        if not path.exists():
+            continue  # a hub id or dataset name: nothing on disk to protect
+        src = path.resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise AttnconvError(f"{out} overlaps the input {spec}; inputs are never modified: choose another "
+                                "output folder")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -34,19 +78,61 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_tmp(out: Path) -> None:
-    """Remove temporary siblings of OUT left by runs that were killed (their process is gone)."""
-    prefix = f".{out.name}{_TMP_TAG}"
-    if not out.parent.exists():
+def clean_stale(out: Path) -> list[str]:
+    """Remove the temporary siblings of OUT left by killed runs; restore a replaced OUT a kill left hidden.
+    Returns notes on what was restored."""
+    prefix, notes = f".{_stem(out)}{_TAG}", []
+    if not out.parent.is_dir():
+        return notes
+    for p in sorted(out.parent.iterdir()):
+        if not p.name.startswith(prefix) or p.name.endswith("lock"):
+            continue
+        kind, _, rest = p.name[len(prefix):].partition("-")
+        try:
+            pid = int(rest.split("-")[0])
+        except ValueError:
+            continue
+        if _pid_alive(pid) and pid != os.getpid():
+            continue
+        if kind == "old" and not out.exists():
+            os.rename(p, out)  # a kill between the two renames of --overwrite: the previous output comes back
+            notes.append(f"restored {out} from an interrupted replacement")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    return notes
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Hold OUT's lock file (`.OUT.attnconv-lock`) for this block; a second writer fails at once, naming the
+    first. Re-entrant within a process."""
+    out = Path(out).expanduser().absolute()
+    if out in _HELD:
+        yield
         return
-    for p in out.parent.iterdir():
-        if p.name.startswith(prefix):
-            try:
-                pid = int(p.name[len(prefix):].split("-")[0])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{_stem(out)}{_TAG}lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise AttnconvError(f"{out} is being written by {holder}; wait for it to finish or choose another "
+                                "output folder") from None
+        if os.path.exists(lock) and os.fstat(fd).st_ino == os.stat(lock).st_ino:
+            break  # the file we locked is still the lock (not one a finishing writer just removed)
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"attnconv (pid {os.getpid()}: {' '.join(sys.argv[:3])})".encode(), 0)
+    _HELD[out] = fd
+    try:
+        yield
+    finally:
+        del _HELD[out]
+        os.unlink(lock)
+        os.close(fd)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -76,30 +162,58 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(dirpath)
 
 
-@contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside OUT; on success it replaces OUT in one rename.
-
-    On any error (or Ctrl-C) the temporary folder is removed and OUT is left as it was.
-    A SIGKILL leaves only a hidden `.OUT.attnconv-tmp-PID-*` sibling, cleaned by the next run.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(out)
-    tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        yield tmp
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Put the complete folder TMP in OUT's place, replacing an existing OUT without a moment with neither."""
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        fsync_dir(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous output
+    else:
+        old = sibling(out, "old")
         os.rename(out, old)
         os.rename(tmp, out)
         fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
+    fsync_dir(out.parent)
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False,
+                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; on success it replaces OUT (see the module docstring).
+
+    On any error (or Ctrl-C) the temporary folder is removed and OUT is left as it was. `inputs` are refused as
+    OUT or around it.
+    """
+    out = check_output_dir(out, overwrite)
+    protect_inputs(out, inputs)
+    with output_lock(out):
+        clean_stale(out)
+        check_output_dir(out, overwrite)  # a restored output counts as existing
+        tmp = sibling(out, "tmp")
+        tmp.mkdir()
+        try:
+            yield tmp
+            fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish(tmp, out)

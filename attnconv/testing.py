@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tests" / "assets" / "gpt2-tokenizer"
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+from attnconv.families import SOURCE_FAMILIES
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "gpt2-tokenizer"
+FAMILIES = SOURCE_FAMILIES  # every family attnconv converts has a tiny test model here
 
 
 def tiny_config(family: str, *, n_heads: int = 4, n_kv_heads: int | None = None, hidden: int = 64,

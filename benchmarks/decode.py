@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from attnconv.eval.decode import decode_benchmark
 from attnconv.eval.decode_measure import weight_bytes_per_step
-from attnconv.kv import cache_shape
+from attnconv.families import cache_shape
 
 VARIANTS = {"MHA": 12, "GQA-4": 3, "MQA": 1}  # name -> n_kv_heads for 12 query heads
 FOCUS = (8, 2048)  # (batch, context) of the roofline and MQA/MHA targets

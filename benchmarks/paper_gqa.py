@@ -19,9 +19,12 @@ from pathlib import Path
 from rich.console import Console
 
 from attnconv.convert.api import convert
+from attnconv.convert.settings import ConvertSettings
 from attnconv.eval.api import evaluate
+from attnconv.eval.settings import EvalSettings
 from attnconv.reference import REFERENCE_DIR, load_train_run
 from attnconv.uptrain.api import uptrain
+from attnconv.uptrain.settings import UptrainSettings
 
 METHODS = ("mean", "first", "random")
 KV_HEADS = (4, 2, 1)
@@ -45,14 +48,15 @@ def main() -> None:
             name = f"{'mqa' if kv == 1 else f'gqa{kv}'}-{method}"
             conv, up = work / name, work / f"{name}-up"
             if not conv.exists():
-                convert(REFERENCE_DIR, conv, kv_heads=kv, method=method, seed=0, progress=False)
+                convert(ConvertSettings(REFERENCE_DIR, conv, kv_heads=kv, method=method, seed=0), progress=False)
             if not up.exists():
-                uptrain(str(conv), str(up), data="tinyshakespeare:train", tokens=tokens, seq_len=seq_len,
-                        batch_size=8, lr=float(run["lr_schedule"]["peak_lr"]) / 3, warmup=5, seed=0, progress=False)
+                uptrain(UptrainSettings(str(conv), str(up), data="tinyshakespeare:train", tokens=tokens,
+                                        seq_len=seq_len, batch_size=8, lr=float(run["lr_schedule"]["peak_lr"]) / 3,
+                                        warmup=5, seed=0, quiet=True))
             grid[(method, kv)] = {"0": str(conv), "up": str(up)}
     models = [p for cell in grid.values() for p in cell.values()]
-    results = evaluate(models, data="tinyshakespeare:test", max_length=seq_len, stride=seq_len // 2,
-                       reference=str(REFERENCE_DIR), console=console, progress=False)
+    results = evaluate(EvalSettings(models, data="tinyshakespeare:test", max_length=seq_len, stride=seq_len // 2,
+                                    reference=str(REFERENCE_DIR), quiet=True), console=console)
     by_name = {r["name"]: r for r in results["models"]}
     source = next(r for r in results["models"] if r.get("is_reference"))
     lines = [f"Reference MHA model: held-out perplexity {source['token_perplexity']:.2f} "

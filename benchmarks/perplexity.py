@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from attnconv.eval.perplexity import perplexity, text_stats, tokenize_corpus
-from attnconv.hub import load_causal_lm, load_tokenizer
+from attnconv.loading import load_causal_lm, load_tokenizer
 from attnconv.testing import build_tiny_model
 from attnconv.textdata import load_texts
 

@@ -78,7 +78,7 @@ def _model_and_blocks(args):
 def worker_ours(args, model, blocks) -> list[float]:
     from accelerate import Accelerator
 
-    from attnconv.uptrain.model_setup import apply_liger
+    from attnconv.patches.liger import apply_liger
     from attnconv.uptrain.trainer import TrainConfig, train
 
     apply_liger(model)  # as `attnconv uptrain` does: Liger's RMSNorm/RoPE/SwiGLU on CUDA when installed

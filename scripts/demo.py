@@ -22,8 +22,11 @@ from rich.console import Console
 from rich.table import Table
 
 from attnconv.convert.api import convert
+from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
+from attnconv.eval.settings import EvalSettings
 from attnconv.reference import REFERENCE_DIR, load_train_run
+from attnconv.uptrain.settings import UptrainSettings
 
 CONVERSIONS = {"gqa2": dict(to="gqa", kv_heads=2), "mqa": dict(to="mqa")}
 TRAIN_DATA, HELD_OUT = "tinyshakespeare:train", "tinyshakespeare:test"
@@ -68,20 +71,20 @@ def main() -> None:
     models = {"mha (source)": str(REFERENCE_DIR)}
     for name, kw in CONVERSIONS.items():
         conv = stage(console, f"convert to {name}", root / name,
-                     lambda name=name, kw=kw: convert(REFERENCE_DIR, root / name, method="mean", **kw))
+                     lambda name=name, kw=kw: convert(ConvertSettings(REFERENCE_DIR, root / name, method="mean", **kw)))
         up = stage(console, f"uptrain {name}", root / f"{name}-uptrained",
-                   lambda conv=conv, name=name: uptrain(
-                       str(conv), str(root / f"{name}-uptrained"), data=TRAIN_DATA, tokens=up_tokens,
-                       seq_len=seq_len, batch_size=8, lr=float(run["lr_schedule"]["peak_lr"]) / 3, warmup=5,
-                       schedule="cosine", dtype="fp32", seed=0))
+                   lambda conv=conv, name=name: uptrain(UptrainSettings(
+                       str(conv), str(root / f"{name}-uptrained"), data=TRAIN_DATA, tokens=up_tokens, seq_len=seq_len,
+                       batch_size=8, lr=float(run["lr_schedule"]["peak_lr"]) / 3, warmup=5, schedule="cosine",
+                       dtype="float32", seed=0)))
         models[name] = str(conv)
         models[f"{name} + uptrain"] = str(up)
     report = root / "report"
     keep_previous_report(console, report)
     converted = [p for label, p in models.items() if p != str(REFERENCE_DIR)]  # --reference adds the source
-    results = evaluate(converted, data=HELD_OUT, max_length=seq_len, stride=seq_len // 2,
-                       reference=str(REFERENCE_DIR), decode=not args.no_decode, contexts=(128, 512),
-                       batches=(1, 8), new_tokens=32, out=report, console=console)
+    results = evaluate(EvalSettings(converted, data=HELD_OUT, max_length=seq_len, stride=seq_len // 2,
+                                    reference=str(REFERENCE_DIR), decode=not args.no_decode, contexts=(128, 512),
+                                    batches=(1, 8), new_tokens=32, out=str(report)), console=console)
     (report / "demo_models.json").write_text(json.dumps(models, indent=2) + "\n")
     console.print(summary_table(models, results))
     console.print(f"full report: {report}/results.md, results.json, perplexity_vs_kv.png, decode_tokens_per_s.png")

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from attnconv.convert.api import convert
 from attnconv.convert.gqa import tensor_generator
 from attnconv.convert.plan import make_plan
+from attnconv.convert.settings import ConvertSettings
 from attnconv.testing import FAMILIES, build_tiny_model
 
 IDS = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -40,7 +41,7 @@ def models(tmp_path_factory):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_kv_heads_reproduces_source_logits(models, family, tmp_path):
-    convert(models[family], tmp_path / "out", kv_heads=4, progress=False)
+    convert(ConvertSettings(models[family], tmp_path / "out", kv_heads=4), progress=False)
     ref, got = logits(models[family]), logits(tmp_path / "out")
     assert (ref - got).abs().max().item() <= 1e-5
 
@@ -77,7 +78,7 @@ def _equalise_groups(src, dst, group: int, family: str):
 def test_equal_heads_within_groups_convert_losslessly(models, family, tmp_path):
     group = 4 if family == "gpt2" else 2
     src = _equalise_groups(models[family], tmp_path / "src", group, family)
-    convert(src, tmp_path / "out", kv_heads=4 // group, progress=False)
+    convert(ConvertSettings(src, tmp_path / "out", kv_heads=4 // group), progress=False)
     assert (logits(src) - logits(tmp_path / "out")).abs().max().item() <= 1e-5
 
 
@@ -87,7 +88,7 @@ def test_mean_first_random_give_the_heads_they_claim(models, tmp_path):
     name, bias = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.k_proj.bias"
     heads = sd[name].reshape(4, 16, 64)
     for method in ("mean", "first", "random"):
-        convert(src, tmp_path / method, kv_heads=2, method=method, seed=7, progress=False)
+        convert(ConvertSettings(src, tmp_path / method, kv_heads=2, method=method, seed=7), progress=False)
         out = load_file(tmp_path / method / "model.safetensors")
         got, got_b = out[name].reshape(2, 16, 64), out[bias].reshape(2, 16)
         if method == "mean":
@@ -101,16 +102,16 @@ def test_mean_first_random_give_the_heads_they_claim(models, tmp_path):
             want_b = torch.zeros(2, 16)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(got_b, want_b, rtol=1e-6, atol=1e-7)
-    convert(src, tmp_path / "random2", kv_heads=2, method="random", seed=8, progress=False)
+    convert(ConvertSettings(src, tmp_path / "random2", kv_heads=2, method="random", seed=8), progress=False)
     assert not torch.equal(load_file(tmp_path / "random2" / "model.safetensors")[name],
                            load_file(tmp_path / "random" / "model.safetensors")[name])
 
 
 def test_gqa_source_reduced_further_equals_pooling_twice(tmp_path):
     src = build_tiny_model("mistral", tmp_path / "src", n_heads=8, n_kv_heads=4)
-    convert(src, tmp_path / "kv2", kv_heads=2, progress=False)
-    convert(tmp_path / "kv2", tmp_path / "kv1", kv_heads=1, progress=False)
-    convert(src, tmp_path / "direct", kv_heads=1, progress=False)
+    convert(ConvertSettings(src, tmp_path / "kv2", kv_heads=2), progress=False)
+    convert(ConvertSettings(tmp_path / "kv2", tmp_path / "kv1", kv_heads=1), progress=False)
+    convert(ConvertSettings(src, tmp_path / "direct", kv_heads=1), progress=False)
     a, b = all_tensors(tmp_path / "kv1"), all_tensors(tmp_path / "direct")
     assert a.keys() == b.keys()
     for k in a:
@@ -120,7 +121,7 @@ def test_gqa_source_reduced_further_equals_pooling_twice(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_output_generates_the_same_with_and_without_cache(models, family, tmp_path):
-    convert(models[family], tmp_path / "out", to="mqa", progress=False)
+    convert(ConvertSettings(models[family], tmp_path / "out", to="mqa"), progress=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg.get("num_key_value_heads", 1 if cfg.get("multi_query") else None) == 1
@@ -137,8 +138,8 @@ def test_sharded_checkpoint_converts_to_the_same_tensors(tmp_path):
     one = build_tiny_model("llama", tmp_path / "one", seed=3)
     many = build_tiny_model("llama", tmp_path / "many", seed=3, max_shard_size="60KB")
     assert len(list(many.glob("*.safetensors"))) > 2
-    convert(one, tmp_path / "o1", kv_heads=2, progress=False)
-    convert(many, tmp_path / "o2", kv_heads=2, progress=False)
+    convert(ConvertSettings(one, tmp_path / "o1", kv_heads=2), progress=False)
+    convert(ConvertSettings(many, tmp_path / "o2", kv_heads=2), progress=False)
     a, b = all_tensors(tmp_path / "o1"), all_tensors(tmp_path / "o2")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     index = json.loads((tmp_path / "o2" / "model.safetensors.index.json").read_text())
@@ -155,22 +156,22 @@ def test_source_hash_over_mapped_windows(tmp_path, monkeypatch):
     import mmap
     import os
 
-    from attnconv.convert import api
+    from attnconv import fingerprint
 
-    monkeypatch.setattr(api, "HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)
+    monkeypatch.setattr(fingerprint, "HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)
     sizes = [0, 1, mmap.ALLOCATIONGRANULARITY, 3 * mmap.ALLOCATIONGRANULARITY + 5]
     files = []
     for size in sizes:
         files.append(tmp_path / f"f{size}.safetensors")
         files[-1].write_bytes(os.urandom(size))
     got: dict[str, str] = {}
-    api._sha256_files(files, got)
+    fingerprint.sha256_files(files, got)
     assert got == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def test_provenance_config_and_copied_files(tmp_path):
     src = build_tiny_model("llama", tmp_path / "src", with_tokenizer=True)
-    convert(src, tmp_path / "out", kv_heads=2, dtype="bfloat16", progress=False)
+    convert(ConvertSettings(src, tmp_path / "out", kv_heads=2, dtype="bfloat16"), progress=False)
     out = tmp_path / "out"
     prov = json.loads((out / "attnconv.json").read_text())
     assert prov["conversion"]["groups"] == [[0, 1], [2, 3]]
@@ -191,12 +192,12 @@ def test_provenance_config_and_copied_files(tmp_path):
 
 
 def test_dry_run_plan_writes_nothing(models, tmp_path):
-    plan = convert(models["phi3"], tmp_path / "out", kv_heads=2, dry_run=True)
+    plan = convert(ConvertSettings(models["phi3"], tmp_path / "out", kv_heads=2, dry_run=True))
     assert not (tmp_path / "out").exists()
     qkv = [s for s in plan.steps if s.op == "fused_qkv"]
     assert len(qkv) == 2 and qkv[0].shape == ((4 + 2 * 2) * 16, 64)
     assert plan.bytes_written == plan.bytes_read - 2 * 2 * 2 * 16 * 64 * 4
-    gpt = make_plan(models["gpt2"], kv_heads=1)
+    gpt = make_plan(ConvertSettings(models["gpt2"], kv_heads=1, dry_run=True))
     c_attn = [s for s in gpt.steps if s.op == "gpt2_c_attn"]
     assert {s.shape for s in c_attn} == {(64 + 2 * 16, 64), (64 + 2 * 16,)}
     assert sum(s.op == "transpose" for s in gpt.steps) == 3 * 2

@@ -85,7 +85,7 @@ def test_existing_output_needs_overwrite(cli, llama, tmp_path):
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     code, _, err = cli("convert", llama, llama, "--kv-heads", "2", "--overwrite")
-    assert_one_line_error(code, err, "source is never modified")
+    assert_one_line_error(code, err, "inputs are never modified")
 
 
 def test_pickle_weights_need_allow_pickle(cli, llama, tmp_path):
@@ -140,7 +140,6 @@ def test_sigkill_at_any_moment_leaves_no_output(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["convert", "a", "b", "--kv-heads", "x"], "--kv-heads"),
     (["convert", "a", "b", "--bogus"], "--bogus"),
     (["nosuchcommand"], "nosuchcommand"),
     (["eval", "--batch-size", "2"], "MODEL"),
@@ -148,6 +147,21 @@ def test_sigkill_at_any_moment_leaves_no_output(tmp_path):
 def test_usage_errors_are_one_line(cli, args, needle):
     code, _, err = cli(*args)
     assert_one_line_error(code, err, needle, "--help")
+    assert code == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["convert", "a", "b", "--kv-heads", "x"], "--kv-heads must be an integer >= 1, not 'x'"),
+    (["convert", "a", "b", "--kv-heads", "0"], "--kv-heads must be an integer >= 1, not 0"),
+    (["convert", "a", "b", "--to", "mla2"], "--to must be one of gqa, mqa, not 'mla2'"),
+    (["convert", "a", "b", "--dtype", "int8"], "--dtype must be one of auto, float32, bfloat16, float16"),
+    (["uptrain", "a", "b", "--data", "d", "--max-grad-norm", "-1"], "--max-grad-norm must be a number >= 0"),
+    (["uptrain", "a", "b", "--data", "d", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["eval", "a", "--contexts", "512,x"], "--contexts must be an integer >= 1, not 'x'"),
+])
+def test_bad_values_are_refused_with_one_wording(cli, args, needle):
+    code, _, err = cli(*args)
+    assert_one_line_error(code, err, needle)
     assert code == 2
 
 

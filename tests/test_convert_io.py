@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from attnconv.convert.api import convert
 from attnconv.convert.layout import inspect_source, raw_runs
 from attnconv.convert.plan import make_plan
+from attnconv.convert.settings import ConvertSettings
 from attnconv.convert.tensor_io import CheckpointReader, ShardWriter, header_reserve
 from attnconv.errors import AttnconvError
 from attnconv.testing import build_tiny_model
@@ -39,8 +40,8 @@ def test_header_reserve_bounds_renamed_widened_reordered_tensors(tmp_path):
 
 def test_raw_copy_matches_source_bytes_and_keeps_tensor_order(tmp_path):
     src = build_tiny_model("llama", tmp_path / "src", seed=2, max_shard_size="60KB")
-    convert(src, tmp_path / "out", kv_heads=2, progress=False)
-    plan = make_plan(src, kv_heads=2)
+    convert(ConvertSettings(src, tmp_path / "out", kv_heads=2), progress=False)
+    plan = make_plan(ConvertSettings(src, kv_heads=2, dry_run=True))
     source = {}
     for f in sorted(src.glob("*.safetensors")):
         source.update(load_file(f))
@@ -65,7 +66,8 @@ import sys
 from pathlib import Path
 from attnconv.convert.layout import inspect_source
 from attnconv.convert.raw_copy import RawCopier
-s = inspect_source({str(src)!r}, 2)
+from attnconv.convert.settings import ConvertSettings
+s = inspect_source(ConvertSettings({str(src)!r}, kv_heads=2, dry_run=True))
 out = Path({str(tmp_path / 'copy')!r}); out.mkdir()
 with RawCopier(s, out) as c:
     names = c.writer("model.safetensors").names
@@ -75,13 +77,13 @@ print("torch" in sys.modules, ",".join(names))
     assert done.returncode == 0, done.stderr
     torch_loaded, names = done.stdout.split()
     assert torch_loaded == "False"
-    plan = make_plan(src, kv_heads=2)
+    plan = make_plan(ConvertSettings(src, kv_heads=2, dry_run=True))
     assert names.split(",") == [s.output for s in plan.steps if s.raw]
 
 
 def test_raw_runs_merge_only_adjacent_bytes(tmp_path):
     src = build_tiny_model("llama", tmp_path / "src", seed=0)
-    entries = inspect_source(src, 1).shards["model.safetensors"]
+    entries = inspect_source(ConvertSettings(src, kv_heads=1, dry_run=True)).shards["model.safetensors"]
     runs = raw_runs(entries)
     assert sum(len(r) for r in runs) == sum(e.raw for e in entries)
     for r in runs:
@@ -90,9 +92,16 @@ def test_raw_runs_merge_only_adjacent_bytes(tmp_path):
         assert a[-1].meta.end != b[0].meta.start  # a K/V tensor (not copied) lies between
 
 
-def test_error_after_copy_started_leaves_nothing(tmp_path):
-    # The method is checked with the plan, after the unchanged tensors started copying: all must go.
+def test_error_after_copy_started_leaves_nothing(tmp_path, monkeypatch):
+    # An error once the unchanged tensors started copying (here: making the plan) must leave nothing behind.
+    from attnconv.convert import plan as plan_module
+
     src = build_tiny_model("llama", tmp_path / "src", seed=0)
-    with pytest.raises(AttnconvError, match="unknown method"):
-        convert(src, tmp_path / "out", kv_heads=2, method="nope", progress=False)
+
+    def broken(source):
+        raise AttnconvError("the plan failed")
+
+    monkeypatch.setattr(plan_module, "plan_for", broken)
+    with pytest.raises(AttnconvError, match="the plan failed"):
+        convert(ConvertSettings(src, tmp_path / "out", kv_heads=2), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

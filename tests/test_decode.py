@@ -7,9 +7,10 @@ from transformers import AutoModelForCausalLM, MistralConfig
 
 from attnconv.errors import AttnconvError
 from attnconv.eval.decode import decode_benchmark, greedy_generate
-from attnconv.eval.static_cache import PreallocatedKVCache, PreallocatedLayer, sdpa_gqa_attention
-from attnconv.hub import load_causal_lm
-from attnconv.kv import cache_shape
+from attnconv.families import cache_shape
+from attnconv.loading import load_causal_lm
+from attnconv.patches.decode_attention import sdpa_gqa_attention
+from attnconv.patches.decode_cache import PreallocatedKVCache, PreallocatedLayer
 from attnconv.testing import build_tiny_model
 
 # (family, n_kv_heads) with 4 query heads: MHA, GQA and MQA; qwen2 has q/k/v biases, qwen3 q/k norms.
@@ -153,14 +154,15 @@ def test_refuses_unsupported_family_and_too_long_runs(tiny):
         greedy_generate(llama, prompts(1, length=12), 5)
 
 
-ROW_KEYS = {"impl", "batch", "context", "prefill_s", "tokens_per_s", "ms_per_token", "kv_bytes_theoretical",
-            "kv_bytes_measured", "peak_mem_bytes", "roofline_tokens_per_s", "bandwidth_fraction"}
+ROW_KEYS = {"impl", "batch", "context", "prefill_s", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "runs",
+            "ms_per_token", "kv_bytes_theoretical", "kv_bytes_measured", "peak_mem_bytes", "roofline_tokens_per_s",
+            "bandwidth_fraction"}
 
 
 def test_decode_benchmark_tiny_grid(tiny):
     model = load_causal_lm(tiny("llama", 2, max_positions=64), dtype="float32")
     new = 4
-    result = decode_benchmark(model, contexts=(8, 100), batches=(1, 2), new_tokens=new)
+    result = decode_benchmark(model, contexts=(8, 100), batches=(1, 2), new_tokens=new, repeats=3)
     assert set(result) == {"rows", "notes", "bandwidth_bytes_per_s"}
     assert any("context 100 clamped to 60" in n for n in result["notes"])
     assert "greedy tokens equal generate()'s at every grid point" in result["notes"]
@@ -174,7 +176,8 @@ def test_decode_benchmark_tiny_grid(tiny):
     for r in rows:
         assert set(r) == ROW_KEYS
         b, c = r["batch"], r["context"]
-        assert r["prefill_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["prefill_s"] > 0 and r["tokens_per_s"] > 0 and r["runs"] == 3
+        assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"]
         assert r["ms_per_token"] == pytest.approx(1000 * b / r["tokens_per_s"])
         assert r["kv_bytes_theoretical"] == b * (c + new) * per_token
         assert r["peak_mem_bytes"] > 0
@@ -192,7 +195,7 @@ def test_decode_benchmark_tiny_grid(tiny):
 
 
 def test_packed_linears_match_nn_linear_and_restore():
-    from attnconv.eval.packed_linear import available, packed_linears
+    from attnconv.patches.decode_linear import available, packed_linears
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.Linear(53, 11, bias=False))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import perplexity, text_stats, tokenize_corpus
-from attnconv.hub import load_causal_lm, load_tokenizer
+from attnconv.loading import load_causal_lm, load_tokenizer
 from attnconv.testing import build_tiny_model
 from attnconv.textdata import tinyshakespeare_split
 

@@ -68,7 +68,7 @@ def test_reference_run_writes_reports(env):
 def test_decode_rows_reach_reports(env, monkeypatch):
     calls = []
 
-    def fake_decode_benchmark(model, *, contexts, batches, new_tokens, baseline, kernel):
+    def fake_decode_benchmark(model, *, contexts, batches, new_tokens, baseline, kernel, repeats, progress):
         # Stands in for attnconv.eval.decode (tested on its own): a grid shaped like its real output.
         calls.append((model.config.num_key_value_heads, contexts, batches, new_tokens, baseline, kernel))
         rows = [{"impl": impl, "batch": b, "context": c, "prefill_s": 0.01 * c / 512, "tokens_per_s": 1e4 / c * f,
@@ -121,7 +121,7 @@ def test_bad_input_is_refused(env, case):
     if case == "tokenizer":
         assert "different tokenizers" in str(r.exception)
     if case == "kernel":
-        assert "unknown CPU decode backend 'fast'" in str(r.exception)
+        assert "--decode-kernel must be one of auto, native, torch, not 'fast'" in str(r.exception)
 
 
 def test_existing_out_is_refused_and_untouched(env):

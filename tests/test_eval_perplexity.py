@@ -10,7 +10,7 @@ import torch
 
 from attnconv.errors import AttnconvError
 from attnconv.eval.perplexity import perplexity, plan_windows, text_stats, tokenize_corpus
-from attnconv.hub import load_causal_lm, load_tokenizer
+from attnconv.loading import load_causal_lm, load_tokenizer
 from attnconv.testing import build_tiny_model
 from attnconv.textdata import WIKITEXT2_TEST
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from attnconv.convert.info import kv_table_rows, model_info
-from attnconv.hub import resolve_source
+from attnconv.loading import resolve_source
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
 
@@ -51,7 +51,7 @@ def test_hub_ids_download_only_safe_files(monkeypatch, mistral):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert resolve_source("someorg/some-model") == mistral
+    assert resolve_source("someorg/some-model").path == mistral
     assert calls["repo_id"] == "someorg/some-model"
     assert "*.safetensors" in calls["allow_patterns"] and not any("bin" in p for p in calls["allow_patterns"])
     resolve_source("gpt2", allow_pickle=True)

@@ -95,7 +95,7 @@ def _loss_and_grads(model, x, **kw):
 
 
 def test_training_models_use_blocks_and_give_sdpa_results(monkeypatch):
-    from attnconv.uptrain import cpu_attention
+    from attnconv.patches import training_attention as cpu_attention
 
     model = _tiny_llama()
     x = torch.randint(0, 97, (2, BLOCKED_LENGTHS.start + 16), generator=torch.Generator().manual_seed(0))
@@ -120,7 +120,7 @@ def test_training_models_use_blocks_and_give_sdpa_results(monkeypatch):
 
 
 def test_other_devices_and_implementations_are_left_alone():
-    from attnconv.uptrain.cpu_attention import cpu_training_attention
+    from attnconv.patches.training_attention import cpu_training_attention
 
     model = _tiny_llama()
     with cpu_training_attention(model, torch.device("cuda")) as switched:
@@ -132,7 +132,7 @@ def test_other_devices_and_implementations_are_left_alone():
 
 def test_under_cpu_autocast_and_gradient_checkpointing():
     # Rotary embeddings leave q/k in float32 and v in bf16 under autocast: the blocks cast them as SDPA would.
-    from attnconv.uptrain.cpu_attention import cpu_training_attention
+    from attnconv.patches.training_attention import cpu_training_attention
 
     model = _tiny_llama()
     x = torch.randint(0, 97, (2, BLOCKED_LENGTHS.start + 16), generator=torch.Generator().manual_seed(1))

@@ -74,7 +74,7 @@ def test_backends_fall_back_or_raise_without_a_compiler(tmp_path, monkeypatch):
 
 @needs_native
 def test_decode_linears_route_few_rows_to_the_kernel(monkeypatch):
-    from attnconv.eval.packed_linear import packed_linears
+    from attnconv.patches.decode_linear import packed_linears
 
     calls = []
     real = cpu_decode.linear_rows

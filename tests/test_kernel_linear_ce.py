@@ -112,8 +112,8 @@ def test_fused_loss_head_in_every_family(family, tmp_path):
     """The swapped output layer returns transformers' own LM loss, its gradients, and the logits when idle."""
     from transformers import AutoModelForCausalLM, GPTBigCodeConfig
 
+    from attnconv.patches.fused_loss import install_fused_loss, loss_targets, remove_fused_loss
     from attnconv.testing import build_tiny_model
-    from attnconv.uptrain.fused_loss import install_fused_loss, loss_targets, remove_fused_loss
 
     if family == "gpt_bigcode":  # what GPT-2 conversions are written as
         cfg = GPTBigCodeConfig(vocab_size=300, n_embd=32, n_layer=2, n_head=4, multi_query=True, n_positions=64)

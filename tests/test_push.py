@@ -11,7 +11,9 @@ import pytest
 from huggingface_hub import ModelCard
 
 from attnconv.convert.api import convert
+from attnconv.convert.settings import ConvertSettings
 from attnconv.push import api as push_api
+from attnconv.push.settings import PushSettings
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
 
@@ -19,7 +21,7 @@ from attnconv.testing import assert_one_line_error, build_tiny_model
 def converted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("push")
     build_tiny_model("llama", root / "src", n_heads=4, n_kv_heads=4)
-    convert(root / "src", root / "gqa", kv_heads=2, progress=False)
+    convert(ConvertSettings(root / "src", root / "gqa", kv_heads=2), progress=False)
     return root / "gqa"
 
 
@@ -67,7 +69,7 @@ def hub(monkeypatch):
 
 
 def test_card_states_the_conversion_from_provenance(converted):
-    plan = push_api.plan_push(converted, "me/tiny-gqa")
+    plan = push_api.plan_push(PushSettings(converted, "me/tiny-gqa"))
     card = ModelCard(plan.card)  # parses: YAML metadata + markdown
     assert card.data.library_name == "transformers" and {"attnconv", "gqa"} <= set(card.data.tags)
     cfg = json.loads((converted / "config.json").read_text())
@@ -92,9 +94,10 @@ def test_card_describes_an_uptraining_run(converted, tmp_path):
                                                             "dtype": "fp32", "teacher": "src"},
                        "results": {"steps": 40, "tokens": 81920, "final_loss": 3.21875, "eval_ppl": 25.5}}
     (folder / "attnconv.json").write_text(json.dumps(prov))
-    card = push_api.plan_push(folder, "tiny-up").card
+    card = push_api.plan_push(PushSettings(folder, "tiny-up")).card
     assert ModelCard(card).data.base_model == "some-org/llama-mha"
-    assert ModelCard(push_api.plan_push(converted, "x").card).data.base_model is None  # a local source: none
+    # a local source: no base_model
+    assert ModelCard(push_api.plan_push(PushSettings(converted, "x")).card).data.base_model is None
     assert "40 steps, 81,920 tokens of `corpus.jsonl`" in card and "Distilled from `src`" in card
     assert "Final training loss 3.2188; held-out perplexity 25.50." in card and "uptrained" in card
 
@@ -109,7 +112,7 @@ def test_push_uploads_one_commit_and_leaves_the_folder_alone(converted, hub, tmp
     (folder / "checkpoints" / "step-10" / "optimizer.pt").write_bytes(b"state")
     (folder / "extra.bin").write_bytes(b"pickle")
     before = _tree_digest(folder)
-    url = push_api.push(folder, "me/tiny-gqa", private=True, revision="v1", commit_message="first")
+    url = push_api.push(PushSettings(folder, "me/tiny-gqa", private=True, revision="v1", message="first"))
     assert url == "https://hub.example/me/tiny-gqa/commit/1"
     assert _tree_digest(folder) == before  # the card was uploaded from memory
     (kind, repo, kw), branch, commit = hub.calls
@@ -118,10 +121,10 @@ def test_push_uploads_one_commit_and_leaves_the_folder_alone(converted, hub, tmp
     files, kw = commit[2], commit[3]
     assert set(files) == {p.name for p in converted.iterdir()} | {"README.md"}  # no hidden, checkpoint, pickle
     assert all(files[name] == (converted / name).read_bytes() for name in files if name != "README.md")
-    assert files["README.md"].decode() == push_api.plan_push(folder, "me/tiny-gqa").card
+    assert files["README.md"].decode() == push_api.plan_push(PushSettings(folder, "me/tiny-gqa")).card
     assert kw["revision"] == "v1" and kw["commit_message"] == "first"
     hub.calls.clear()
-    push_api.push(folder, "me/tiny-gqa", allow_pickle=True)
+    push_api.push(PushSettings(folder, "me/tiny-gqa", allow_pickle=True))
     assert "extra.bin" in hub.calls[-1][2] and "checkpoints/step-10/optimizer.pt" not in hub.calls[-1][2]
 
 
@@ -131,9 +134,9 @@ def test_own_readme_is_kept(converted, hub, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((converted / name).read_bytes())
     (folder / "README.md").write_text("# mine\n")
-    plan = push_api.plan_push(folder, "me/own")
+    plan = push_api.plan_push(PushSettings(folder, "me/own"))
     assert plan.card is None
-    push_api.push(folder, "me/own")
+    push_api.push(PushSettings(folder, "me/own"))
     assert hub.calls[-1][2]["README.md"] == b"# mine\n"
 
 

@@ -15,8 +15,9 @@ from attnconv.textdata import tinyshakespeare_split
 from attnconv.uptrain.api import uptrain
 from attnconv.uptrain.data import BlockSchedule, pack_blocks, tokenize_cached
 from attnconv.uptrain.distill import DistillConfig, kl_teacher_student, training_loss
+from attnconv.uptrain.settings import UptrainSettings
 
-STEPS = dict(seq_len=32, batch_size=4, progress=False)
+STEPS = dict(seq_len=32, batch_size=4, quiet=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,7 +64,7 @@ def env(tmp_path_factory):
 
 
 def _windows(env, seq_len=32, n=8):
-    from attnconv.hub import load_tokenizer
+    from attnconv.loading import load_tokenizer
 
     stream, _ = tokenize_cached([open(env["test"]).read()], load_tokenizer(env["mha"]), env["cache"])
     return pack_blocks(stream, seq_len + 1)[:n]  # [n, seq_len + 1]
@@ -77,12 +78,12 @@ def _load(path):
 
 def test_loss_falls_after_mqa_conversion_and_output_loads(env):
     out = env["root"] / "mqa-up"
-    r = uptrain(str(env["mqa"]), str(out), data=env["train"], steps=10, lr=1e-2, warmup=2, eval_data=env["test"],
-                eval_every=5, cache_dir=env["cache"], **STEPS)
+    r = uptrain(UptrainSettings(str(env["mqa"]), str(out), data=env["train"], steps=10, lr=1e-2, warmup=2,
+                                eval_data=env["test"], eval_every=5, cache_dir=env["cache"], **STEPS))
     losses = [row["loss"] for row in r["log"]]
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.5, losses
     # Step 1's logged loss equals transformers' own LM loss of the input model on the same blocks.
-    from attnconv.hub import load_tokenizer
+    from attnconv.loading import load_tokenizer
 
     stream, _ = tokenize_cached([open(env["train"]).read()], load_tokenizer(env["mqa"]), env["cache"])
     blocks = pack_blocks(stream, 33)
@@ -127,8 +128,8 @@ def test_distillation_reaches_lower_kl_than_lm_loss(env):
         start = kl_teacher_student(_load(env["mqa"])(input_ids=w[:, :-1]).logits, teacher_logits).item()
     for name, extra in (("lm", {}), ("distill", {"teacher": str(env["mha"]), "distill_weight": 1.0})):
         out = env["root"] / f"kl-{name}"
-        uptrain(str(env["mqa"]), str(out), data=env["train"], steps=6, lr=5e-3, cache_dir=env["cache"],
-                **STEPS, **extra)
+        uptrain(UptrainSettings(str(env["mqa"]), str(out), data=env["train"], steps=6, lr=5e-3, cache_dir=env["cache"],
+                                **STEPS, **extra))
         with torch.no_grad():
             kls[name] = kl_teacher_student(_load(out)(input_ids=w[:, :-1]).logits, teacher_logits).item()
     assert kls["distill"] < 0.9 * kls["lm"] and kls["distill"] < 0.9 * start, (start, kls)
@@ -136,8 +137,8 @@ def test_distillation_reaches_lower_kl_than_lm_loss(env):
 
 def test_only_attention_changes_only_attention(env):
     out = env["root"] / "attn-only"
-    uptrain(str(env["mqa"]), str(out), data=env["train"], steps=2, lr=1e-3, train="only-attention",
-            cache_dir=env["cache"], **STEPS)
+    uptrain(UptrainSettings(str(env["mqa"]), str(out), data=env["train"], steps=2, lr=1e-3, train="only-attention",
+                            cache_dir=env["cache"], **STEPS))
     before, after = load_file(env["mqa"] / "model.safetensors"), load_file(out / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     attn = {k for k in before if ".self_attn." in k}
@@ -153,16 +154,17 @@ def test_training_attention_runs_sdpa_with_enable_gqa(env, monkeypatch):
         return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    uptrain(str(env["mqa"]), str(env["root"] / "sdpa"), data=env["train"], steps=1, lr=1e-3,
-            cache_dir=env["cache"], **STEPS)
+    uptrain(UptrainSettings(str(env["mqa"]), str(env["root"] / "sdpa"), data=env["train"], steps=1, lr=1e-3,
+                            cache_dir=env["cache"], **STEPS))
     assert calls and all(c[:3] == (4, 1, True) and c[3] is None for c in calls), calls[:2]
 
 
 def test_bf16_autocast_and_accumulation_keep_input_dtype(env, tmp_path):
     src = build_tiny_model("qwen2", tmp_path / "q", with_tokenizer=True, n_heads=4, n_kv_heads=2,
                            dtype=torch.bfloat16)
-    r = uptrain(str(src), str(tmp_path / "o"), data=env["train"], steps=3, lr=1e-3, dtype="bf16", grad_accum=2,
-                cache_dir=env["cache"], seq_len=32, batch_size=2, progress=False, gradient_checkpointing=True)
+    r = uptrain(UptrainSettings(str(src), str(tmp_path / "o"), data=env["train"], steps=3, lr=1e-3, dtype="bf16",
+                                grad_accum=2, cache_dir=env["cache"], seq_len=32, batch_size=2, quiet=True,
+                                gradient_checkpointing=True))
     assert all(math.isfinite(x["loss"]) for x in r["log"]) and r["results"]["tokens"] == 3 * 2 * 2 * 32
     saved = load_file(tmp_path / "o" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
@@ -173,8 +175,9 @@ def test_fused_loss_kernel_gives_the_reference_losses(env, tmp_path, family):
     src = build_tiny_model(family, tmp_path / family, with_tokenizer=True, n_heads=4, n_kv_heads=2)
     runs = {}
     for kernel in ("reference", "torch"):
-        r = uptrain(str(src), str(tmp_path / kernel), data=env["train"], steps=4, lr=1e-2, cache_dir=env["cache"],
-                    loss_kernel=kernel, eval_data=env["test"], eval_every=2, **STEPS)
+        r = uptrain(UptrainSettings(str(src), str(tmp_path / kernel), data=env["train"], steps=4, lr=1e-2,
+                                    cache_dir=env["cache"], loss_kernel=kernel, eval_data=env["test"], eval_every=2,
+                                    **STEPS))
         assert r["settings"]["loss_kernel"] == kernel
         runs[kernel] = r
     for key in ("loss", "grad_norm", "eval_ppl"):

@@ -12,6 +12,7 @@ import pytest
 from attnconv.testing import build_tiny_model
 from attnconv.textdata import tinyshakespeare_split
 from attnconv.uptrain.api import uptrain
+from attnconv.uptrain.settings import UptrainSettings
 
 
 @pytest.mark.slow
@@ -21,8 +22,8 @@ def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
     data.write_text(tinyshakespeare_split("train")[:20_000])
     cache = str(tmp_path / "cache")
     common = ["--steps", "4", "--seq-len", "16", "--lr", "1e-2", "--grad-accum", "2", "--quiet"]
-    one = uptrain(str(model), str(tmp_path / "one"), data=str(data), steps=4, seq_len=16, lr=1e-2, batch_size=4,
-                  grad_accum=2, cache_dir=cache, progress=False)
+    one = uptrain(UptrainSettings(str(model), str(tmp_path / "one"), data=str(data), steps=4, seq_len=16, lr=1e-2,
+                                  batch_size=4, grad_accum=2, cache_dir=cache, quiet=True))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "attnconv", "uptrain", str(model), str(tmp_path / "two"), "--data", str(data),
            "--batch-size", "2", *common]

@@ -14,14 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attnconv.errors import AttnconvError
+from attnconv.patches import fused_loss as fused_loss_mod
 from attnconv.testing import build_tiny_model
 from attnconv.textdata import tinyshakespeare_split
 from attnconv.uptrain import checkpoint as ckpt_mod
-from attnconv.uptrain import fused_loss as fused_loss_mod
 from attnconv.uptrain.api import uptrain
 from attnconv.uptrain.checkpoint import KILL_AFTER_ENV, latest_checkpoint
+from attnconv.uptrain.settings import UptrainSettings
 
-RUN = dict(seq_len=32, batch_size=4, lr=1e-2, warmup=2, progress=False)
+RUN = dict(seq_len=32, batch_size=4, lr=1e-2, warmup=2, quiet=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,8 +49,8 @@ def _losses(out):
 
 def test_resume_after_sigkill_is_exact(env):
     root = env["root"]
-    straight = uptrain(env["model"], str(root / "straight"), data=env["train"], steps=20, save_every=10,
-                       cache_dir=env["cache"], **RUN)
+    straight = uptrain(UptrainSettings(env["model"], str(root / "straight"), data=env["train"], steps=20,
+                                       save_every=10, cache_dir=env["cache"], **RUN))
     out = root / "killed"
     cmd = [sys.executable, "-m", "attnconv", "uptrain", env["model"], str(out), "--data", env["train"],
            "--steps", "20", "--save-every", "10", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
@@ -60,9 +61,9 @@ def test_resume_after_sigkill_is_exact(env):
     assert not out.exists()
     assert latest_checkpoint(root / "killed.uptrain-run" / "checkpoints").name == "step-0000010"
     with pytest.raises(AttnconvError, match="--resume"):
-        uptrain(env["model"], str(out), data=env["train"], steps=20, cache_dir=env["cache"], **RUN)
-    resumed = uptrain(env["model"], str(out), data=env["train"], steps=20, save_every=10, resume=True,
-                      cache_dir=env["cache"], **RUN)
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=20, cache_dir=env["cache"], **RUN))
+    resumed = uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=20, save_every=10, resume=True,
+                                      cache_dir=env["cache"], **RUN))
     assert resumed["results"]["resumed_from"] == 10
     a, b = [r["loss"] for r in straight["log"]], _losses(out)
     assert len(a) == len(b) == 20
@@ -83,15 +84,16 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(env, monkeypatch):
 
     monkeypatch.setattr(ckpt_mod, "save_model", failing_save)
     with pytest.raises(AttnconvError, match="disk is full.*step-0000002.*intact"):
-        uptrain(env["model"], str(out), data=env["train"], steps=4, save_every=2, cache_dir=env["cache"], **RUN)
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=4, save_every=2,
+                                cache_dir=env["cache"], **RUN))
     ckpts = env["root"] / "enospc.uptrain-run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"] and not out.exists()
     monkeypatch.setattr(ckpt_mod, "save_model", real)
-    with pytest.raises(AttnconvError, match="other settings.*lr: 0.01 -> 0.02"):
-        uptrain(env["model"], str(out), data=env["train"], steps=4, save_every=2, resume=True,
-                cache_dir=env["cache"], **{**RUN, "lr": 2e-2})
-    r = uptrain(env["model"], str(out), data=env["train"], steps=4, save_every=2, resume=True,
-                cache_dir=env["cache"], **RUN)
+    with pytest.raises(AttnconvError, match="different run.*lr: 0.01 -> 0.02"):
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=4, save_every=2, resume=True,
+                                cache_dir=env["cache"], **{**RUN, "lr": 2e-2}))
+    r = uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=4, save_every=2, resume=True,
+                                cache_dir=env["cache"], **RUN))
     assert r["results"]["resumed_from"] == 2 and [x["step"] for x in r["log"]] == list(range(1, 5))
 
 
@@ -107,7 +109,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
     monkeypatch.setattr(fused_loss_mod, "linear_cross_entropy", nan_at_step_3)
     out = env["root"] / "nan"
     with pytest.raises(AttnconvError, match="loss became nan at step 3.*step-0000002"):
-        uptrain(env["model"], str(out), data=env["train"], steps=5, save_every=1, cache_dir=env["cache"], **RUN)
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=5, save_every=1,
+                                cache_dir=env["cache"], **RUN))
     last = latest_checkpoint(env["root"] / "nan.uptrain-run" / "checkpoints")
     assert last.name == "step-0000002" and not out.exists()
     assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
@@ -119,7 +122,8 @@ def test_nan_weights_stop_at_step_1(env, tmp_path):
     w["model.norm.weight"][0] = float("inf")
     save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(AttnconvError, match="at step 1; .*no checkpoint was saved yet"):
-        uptrain(str(bad), str(tmp_path / "o"), data=env["train"], steps=2, cache_dir=env["cache"], **RUN)
+        uptrain(UptrainSettings(str(bad), str(tmp_path / "o"), data=env["train"], steps=2, cache_dir=env["cache"],
+                                **RUN))
 
 
 def test_bad_input_is_one_line_error(env, tmp_path):
@@ -146,9 +150,9 @@ def test_bad_input_is_one_line_error(env, tmp_path):
     ]
     for kwargs, msg in cases:
         with pytest.raises(AttnconvError, match=msg):
-            uptrain(m, str(tmp_path / "o"), cache_dir=c, progress=False, **{"seq_len": 32, **kwargs})
+            uptrain(UptrainSettings(m, str(tmp_path / "o"), cache_dir=c, quiet=True, **{"seq_len": 32, **kwargs}))
     with pytest.raises(AttnconvError, match="already exists.*--overwrite"):
-        uptrain(m, str(tmp_path / "exists"), data=d, cache_dir=c, progress=False)
+        uptrain(UptrainSettings(m, str(tmp_path / "exists"), data=d, cache_dir=c, quiet=True))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.uptrain-run").exists()
 
 

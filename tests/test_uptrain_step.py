@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnconv.uptrain.trainer import clip_and_step
+from attnconv.uptrain.optim import clip_and_step
 
 
 def _params_and_grads(seed, grad_size):

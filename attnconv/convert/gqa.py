@@ -15,17 +15,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnconv.convert.families import HeadLayout
+from attnconv.convert.methods import METHODS, MethodInfo
+from attnconv.families import HeadLayout
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to turn a group of KV heads into one; registered so that CLI, checks and docs agree."""
+    """A registered method (convert/methods.py) with its tensor function."""
 
-    name: str
-    help: str
-    uses_seed: bool
+    info: MethodInfo
     merge: Callable[[Tensor, torch.Generator | None, bool], Tensor]  # [n_out, g, ...] -> [n_out, ...]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def uses_seed(self) -> bool:
+        return self.info.uses_seed
 
 
 def _mean(groups: Tensor, gen: torch.Generator | None, is_bias: bool) -> Tensor:
@@ -44,15 +51,12 @@ def _random(groups: Tensor, gen: torch.Generator | None, is_bias: bool) -> Tenso
     return torch.randn(shape, generator=gen, dtype=torch.float32) * groups.float().std()
 
 
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("mean", "mean-pool the K/V heads of each group (the GQA paper's choice; best)", False, _mean),
-        Method("first", "keep the first head of each group (paper ablation)", False, _first),
-        Method("random", "random initialisation scaled to the source's std, biases zero (paper ablation)", True,
-               _random),
-    ]
-}
+MERGES = {"mean": _mean, "first": _first, "random": _random}
+
+
+def method(name: str) -> Method:
+    """The registered method NAME with its merge function."""
+    return Method(METHODS[name], MERGES[name])
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:

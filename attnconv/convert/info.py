@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from attnconv.errors import AttnconvError
-from attnconv.hub import parse_dtype, resolve_source, weight_files
-from attnconv.kv import CacheShape, cache_shape, dtype_bytes, max_positions
+from attnconv.convert.settings import InfoSettings
+from attnconv.dtypes import dtype_bytes
+from attnconv.families import CacheShape, cache_shape, max_positions
+from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
 
 
 @dataclass
@@ -34,26 +34,21 @@ def human_bytes(n: float) -> str:
 
 
 def model_info(model: str | Path) -> ModelInfo:
-    """Read config.json and the weight headers (no tensor is loaded)."""
-    from transformers import AutoConfig
-
+    """Read config.json and the weight headers (no tensor is loaded, no pickle is opened)."""
     from attnconv.convert.tensor_io import CheckpointReader
 
-    path = resolve_source(model)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise AttnconvError(f"{path}/config.json could not be read by transformers ({str(e).splitlines()[0]})") \
-            from None
-    files, fmt = weight_files(path)
+    folder = resolve_source(model, allow_pickle=True)  # pickles are only listed here, never loaded
+    raw = read_config(folder)
+    config = load_config(folder)
+    files, fmt = weight_files(folder, allow_pickle=True)
     if fmt == "safetensors":
-        tensors = CheckpointReader(files, fmt).tensors.values()
-        params = sum(m.nbytes // m.dtype.itemsize for m in tensors)
-        dtypes = sorted({str(m.dtype).removeprefix("torch.") for m in tensors})
-    else:  # never unpickle just to count: estimate from the file sizes and the config's dtype
-        params, dtypes = 0, [str(getattr(config, "dtype", "unknown")).removeprefix("torch.")]
-    raw = json.loads((path / "config.json").read_text())
-    return ModelInfo(path, ", ".join(raw.get("architectures") or ["?"]), raw.get("model_type", "?"),
+        tensors = CheckpointReader(files, fmt).tensors
+        check_layers(raw, list(tensors), folder.path)
+        params = sum(m.nbytes // m.dtype.itemsize for m in tensors.values())
+        dtypes = sorted({str(m.dtype).removeprefix("torch.") for m in tensors.values()})
+    else:  # never unpickle just to count
+        params, dtypes = 0, [str(raw.get("dtype") or raw.get("torch_dtype") or "unknown")]
+    return ModelInfo(folder.path, ", ".join(raw.get("architectures") or ["?"]), raw["model_type"],
                      cache_shape(config), params, "/".join(dtypes), max_positions(config))
 
 
@@ -69,23 +64,22 @@ def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int) -> l
     return rows
 
 
-def print_info(model: str | Path, batch: int = 1, context: int | None = None, dtype: str = "bfloat16",
-               console: Console | None = None) -> ModelInfo:
+def print_info(settings: InfoSettings, console: Console | None = None) -> ModelInfo:
     console = console or Console()
-    info = model_info(model)
-    nbytes = dtype_bytes(parse_dtype(dtype) or parse_dtype("bfloat16"))
-    context = context or info.max_positions or 4096
+    info = model_info(settings.model)
+    nbytes = dtype_bytes(settings.dtype)
+    batch, context = settings.batch, settings.context or info.max_positions or 4096
     s = info.shape
     console.print(f"[bold]{info.path}[/bold]  {info.architecture} ({info.model_type})")
     params = f"{info.parameters:,}" if info.parameters else "?"
     console.print(f"layers {s.layers}  heads {s.n_heads}  KV heads {s.n_kv_heads}  head_dim {s.head_dim}  "
                   f"parameters {params}  checkpoint dtype {info.checkpoint_dtype}")
-    table = Table(title=f"KV cache, batch {batch} x context {context}, {dtype} "
+    table = Table(title=f"KV cache, batch {batch} x context {context}, {settings.dtype} "
                         "(layers x batch x kv_heads x head_dim x context x 2 x bytes)")
     for col in ("attention", "KV heads", "per token", "total", "vs now", ""):
         table.add_column(col, justify="right" if col not in ("attention", "") else "left")
     rows = kv_table_rows(s, batch, context, nbytes)
-    now = next(r["total_bytes"] for r in rows if r["current"])
+    now = next((r["total_bytes"] for r in rows if r["current"]), s.bytes(batch, context, nbytes))
     for r in rows:
         note = "this model" if r["current"] else ("" if r["reachable"] else "needs more KV heads than it has")
         table.add_row(r["kind"], str(r["kv_heads"]), human_bytes(r["bytes_per_token"]), human_bytes(r["total_bytes"]),

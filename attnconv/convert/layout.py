@@ -7,15 +7,15 @@ Within each output shard the unchanged tensors come first, in source order, then
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnconv.convert.families import Adapter, HeadLayout, adapter_for, check_kv_heads
+from attnconv.convert.settings import ConvertSettings
 from attnconv.convert.tensor_io import CheckpointReader, TensorMeta, header_reserve, st_dtype
+from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
-from attnconv.hub import canonical_dtype, resolve_source, weight_files
+from attnconv.families import Family, HeadLayout, check_kv_heads, source_family
+from attnconv.loading import check_layers, read_config, resolve_source, weight_files
 
 # Files never copied: weights (rewritten), config (rewritten), the source's card and any remote code.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".py")
@@ -30,7 +30,7 @@ class Entry:
 
     output: str
     meta: TensorMeta  # the source tensor
-    op: str  # copy | transpose | kv_proj | fused_qkv | gpt2_c_attn
+    op: str  # a name in attnconv/convert/ops.py
     out_dtype: str  # safetensors dtype name
     raw: bool  # copied as bytes: unchanged, same dtype, from a safetensors file
 
@@ -39,9 +39,9 @@ class Entry:
 class Source:
     """A checked conversion request: the source, its heads before and after, and the output layout."""
 
-    spec: str
+    settings: ConvertSettings
     path: Path
-    adapter: Adapter
+    family: Family
     layout_in: HeadLayout
     layout_out: HeadLayout
     dtype: str | None  # output dtype name ('bfloat16', ...) or None to keep the source's
@@ -69,8 +69,8 @@ def raw_runs(entries: list[Entry]) -> list[list[Entry]]:
     return runs
 
 
-def _output_name(adapter: Adapter, name: str) -> str | None:
-    if adapter.target_model_type == "gpt_bigcode":
+def _output_name(family: Family, name: str) -> str | None:
+    if family.target_model_type == "gpt_bigcode":
         if name.endswith(_GPT2_BUFFERS):
             return None
         if not name.startswith(("transformer.", "lm_head.")):
@@ -78,21 +78,8 @@ def _output_name(adapter: Adapter, name: str) -> str | None:
     return name
 
 
-def _op_for(adapter: Adapter, name: str) -> str:
-    role = adapter.role(name)
-    if role in ("k", "v"):
-        return "kv_proj"
-    if role == "qkv":
-        return "fused_qkv"
-    if role == "qkv_conv1d":
-        return "gpt2_c_attn"
-    if any(re.search(p, name) for p in adapter.linear_conv1d):
-        return "transpose"
-    return "copy"
-
-
-def _config_out(adapter: Adapter, config: dict, kv_heads: int, dtype: str | None) -> dict:
-    if adapter.target_model_type == "gpt_bigcode":
+def _config_out(family: Family, config: dict, kv_heads: int, dtype: str | None) -> dict:
+    if family.target_model_type == "gpt_bigcode":
         for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
             if config.get(flag):
                 raise AttnconvError(f"this GPT-2 checkpoint sets {flag}, which GPTBigCode cannot express")
@@ -105,7 +92,7 @@ def _config_out(adapter: Adapter, config: dict, kv_heads: int, dtype: str | None
         out.setdefault("activation_function", "gelu_new")
     else:
         out = dict(config)
-        out[adapter.n_kv_key] = kv_heads
+        out[family.n_kv_key] = kv_heads
     if dtype is not None:
         out["dtype"] = dtype
         if "torch_dtype" in out:
@@ -113,51 +100,49 @@ def _config_out(adapter: Adapter, config: dict, kv_heads: int, dtype: str | None
     return out
 
 
-def _entry(adapter: Adapter, reader: CheckpointReader, meta: TensorMeta, dtype: str | None) -> Entry | None:
-    out_name = _output_name(adapter, meta.name)
+def _entry(family: Family, reader: CheckpointReader, meta: TensorMeta, dtype: str | None) -> Entry | None:
+    out_name = _output_name(family, meta.name)
     if out_name is None:
         return None
     floating = meta.st_dtype.startswith(("F", "BF"))
     out_dtype = st_dtype(dtype) if dtype is not None and floating else meta.st_dtype
-    op = _op_for(adapter, meta.name)
+    op = family.op_for(meta.name)
     raw = op == "copy" and reader.format == "safetensors" and out_dtype == meta.st_dtype
     return Entry(out_name, meta, op, out_dtype, raw)
 
 
-def inspect_source(source: str | Path, kv_heads: int, dtype: str | None = None,
-                   allow_pickle: bool = False) -> Source:
+def inspect_source(settings: ConvertSettings) -> Source:
     """Read config and headers, check the request, and lay out every output tensor (no tensor is read)."""
-    path = resolve_source(source, allow_pickle)
+    folder = resolve_source(settings.source, settings.allow_pickle)
+    path = folder.path
+    config = read_config(folder)
+    family = source_family(config)
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AttnconvError(f"{path / 'config.json'} is not valid JSON") from None
-    adapter = adapter_for(config)
-    try:
-        layout_in = adapter.layout(config)
-    except (KeyError, TypeError):
-        raise AttnconvError(f"{path / 'config.json'} lacks the head counts a {adapter.name} config has") from None
-    check_kv_heads(adapter, layout_in, kv_heads)
-    dtype = canonical_dtype(dtype)
-    files, fmt = weight_files(path)
-    if fmt == "pickle" and not allow_pickle:
-        raise AttnconvError(f"{path} holds pickle weights (pytorch_model*.bin), which can run code when loaded; "
-                            "pass --allow-pickle to read them with torch.load(weights_only=True)")
+        layout_in = family.layout(config)
+        if layout_in.n_heads % layout_in.n_kv_heads or layout_in.hidden < 1:
+            raise ValueError
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise AttnconvError(f"{path / 'config.json'} lacks the head counts a {family.name} config has") from None
+    kv_heads = settings.target_kv_heads
+    check_kv_heads(family, layout_in, kv_heads)
+    dtype = canonical_dtype(settings.dtype)
+    files, fmt = weight_files(folder, settings.allow_pickle)
     reader = CheckpointReader(files, fmt)
+    check_layers(config, list(reader.tensors), path)
     layout_out = HeadLayout(layout_in.n_heads, kv_heads, layout_in.head_dim, layout_in.hidden, layout_in.layers,
                             layout_in.rope)
     copy = sorted(p.name for p in path.iterdir()
                   if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(_SKIP_SUFFIXES))
-    src = Source(str(source), path, adapter, layout_in, layout_out, dtype, reader,
-                 _config_out(adapter, config, kv_heads, dtype), copy)
+    src = Source(settings, path, family, layout_in, layout_out, dtype, reader,
+                 _config_out(family, config, kv_heads, dtype), copy)
     n = len(files)
     for i, file in enumerate(files):
         shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         metas = sorted((m for m in reader.tensors.values() if m.file == file), key=lambda m: m.start)
-        entries = [e for m in metas if (e := _entry(adapter, reader, m, dtype)) is not None]
+        entries = [e for m in metas if (e := _entry(family, reader, m, dtype)) is not None]
         # Unchanged tensors first: they can be copied before the converted tensors' shapes are known.
         src.shards[shard] = [e for e in entries if e.raw] + [e for e in entries if not e.raw]
     if not any(e.op != "copy" for entries in src.shards.values() for e in entries):
         raise AttnconvError(f"no attention K/V tensors found in {path}; the weights do not match a "
-                            f"{adapter.name} checkpoint")
+                            f"{family.name} checkpoint")
     return src

@@ -12,28 +12,23 @@ from pathlib import Path
 
 import torch
 
-from attnconv.convert.families import Adapter, HeadLayout
-from attnconv.convert.gqa import (
-    METHODS,
-    Method,
-    convert_fused_qkv,
-    convert_gpt2_c_attn,
-    convert_kv_proj,
-    tensor_generator,
-)
+from attnconv.convert.gqa import Method, method, tensor_generator
 from attnconv.convert.layout import Source, inspect_source
+from attnconv.convert.ops import OPS
+from attnconv.convert.settings import ConvertSettings
 from attnconv.convert.tensor_io import CheckpointReader, torch_dtype
+from attnconv.dtypes import dtype_bytes
 from attnconv.errors import AttnconvError
-from attnconv.kv import DTYPE_BYTES
+from attnconv.families import Family, HeadLayout
 
 
 @dataclass(frozen=True)
 class Step:
-    """One output tensor: `op` applied to `inputs` (one input for GQA; MLA steps will take several)."""
+    """One output tensor: `op` (a name in ops.py) applied to `inputs` (one input for GQA; MLA steps take several)."""
 
     output: str
     inputs: tuple[str, ...]
-    op: str  # copy | transpose | kv_proj | fused_qkv | gpt2_c_attn
+    op: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     shard: str
@@ -49,13 +44,12 @@ class Step:
 
 @dataclass
 class Plan:
-    source_spec: str
+    settings: ConvertSettings
     source: Path
-    adapter: Adapter
+    family: Family
     layout_in: HeadLayout
     layout_out: HeadLayout
     method: Method
-    seed: int
     out_dtype: torch.dtype | None
     reader: CheckpointReader
     config_out: dict
@@ -68,9 +62,6 @@ class Plan:
         for s in self.steps:
             out.setdefault(s.shard, []).append(s)
         return out
-
-    def is_raw_copy(self, step: Step) -> bool:
-        return step.raw
 
     @property
     def bytes_read(self) -> int:
@@ -87,33 +78,21 @@ class Plan:
         if dtype is None:
             k_name = next(s.inputs[0] for s in self.steps if s.op != "copy")
             dtype = self.reader.tensors[k_name].dtype
-        return layout.layers * 2 * layout.n_kv_heads * layout.head_dim * DTYPE_BYTES.get(dtype, 4)
+        return layout.layers * 2 * layout.n_kv_heads * layout.head_dim * dtype_bytes(dtype)
+
+    def generator(self, step: Step, part: str) -> torch.Generator | None:
+        """A generator per output tensor (and part), so seeded methods give the same heads in any order of work."""
+        return tensor_generator(self.settings.seed, f"{step.output}{part}") if self.method.uses_seed else None
 
     def run_step(self, step: Step, inputs: list[torch.Tensor]) -> torch.Tensor:
         """The tensor function of one step (works on meta tensors too)."""
-        x, lay, n_out, m = inputs[0], self.layout_in, self.layout_out.n_kv_heads, self.method
-        gen = (lambda part: tensor_generator(self.seed, f"{step.output}{part}")) if m.uses_seed else (lambda _: None)
-        if step.op == "copy":
-            y = x
-        elif step.op == "transpose":
-            y = x.t()
-        elif step.op == "kv_proj":
-            y = convert_kv_proj(x, lay, n_out, m, gen(""))
-        elif step.op == "fused_qkv":
-            y = convert_fused_qkv(x, lay, n_out, m, (gen(":k"), gen(":v")))
-        elif step.op == "gpt2_c_attn":
-            y = convert_gpt2_c_attn(x, lay, n_out, m, (gen(":k"), gen(":v")))
-        else:
-            raise ValueError(f"unknown op {step.op}")
-        return y.to(step.dtype)
+        return OPS[step.op].run(self, step, inputs).to(step.dtype)
 
 
-def plan_for(src: Source, method: str = "mean", seed: int = 0) -> Plan:
+def plan_for(src: Source) -> Plan:
     """Every output tensor with its shape, dtype and shard, in the order of the source's layout."""
-    if method not in METHODS:
-        raise AttnconvError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    lay = src.layout_in
-    plan = Plan(src.spec, src.path, src.adapter, lay, src.layout_out, METHODS[method], seed,
+    settings, lay = src.settings, src.layout_in
+    plan = Plan(settings, src.path, src.family, lay, src.layout_out, method(settings.method),
                 getattr(torch, src.dtype) if src.dtype else None, src.reader, src.config_out, src.files_to_copy,
                 layout=src)
     for shard, entries in src.shards.items():
@@ -132,7 +111,6 @@ def plan_for(src: Source, method: str = "mean", seed: int = 0) -> Plan:
     return plan
 
 
-def make_plan(source: str | Path, kv_heads: int, method: str = "mean", seed: int = 0,
-              dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> Plan:
+def make_plan(settings: ConvertSettings) -> Plan:
     """Read config and headers, check the request, and lay out every output tensor."""
-    return plan_for(inspect_source(source, kv_heads, dtype, allow_pickle), method, seed)
+    return plan_for(inspect_source(settings))

@@ -9,15 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from attnconv.convert.info import human_bytes
+from attnconv.convert.ops import OPS
 from attnconv.convert.plan import Plan
-
-OP_HELP = {"copy": "copied unchanged", "transpose": "Conv1D -> Linear layout", "kv_proj": "K/V heads merged",
-           "fused_qkv": "fused q|k|v: K/V heads merged", "gpt2_c_attn": "GPT-2 c_attn -> GPTBigCode c_attn"}
 
 
 def plan_summary(plan: Plan) -> dict:
     return {
-        "source": str(plan.source), "family": plan.adapter.name, "method": plan.method.name,
+        "source": str(plan.source), "family": plan.family.name, "method": plan.method.name,
         "heads": plan.layout_in.n_heads, "kv_heads_before": plan.layout_in.n_kv_heads,
         "kv_heads_after": plan.layout_out.n_kv_heads, "tensors_read": len(plan.reader.tensors),
         "tensors_written": len(plan.steps), "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written,
@@ -49,7 +47,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     for step in plan.steps:
         meta = plan.reader.tensors[step.inputs[0]]
         same = step.output == step.inputs[0]
-        table.add_row(step.shard, step.output, "" if same else ", ".join(step.inputs), OP_HELP[step.op],
+        table.add_row(step.shard, step.output, "" if same else ", ".join(step.inputs), OPS[step.op].help,
                       "x".join(map(str, meta.shape)), "x".join(map(str, step.shape)),
                       str(step.dtype).removeprefix("torch."))
     console.print(table)

@@ -1,44 +1,89 @@
-"""`evaluate`: perplexity, agreement with a reference and decode speed for several models, side by side."""
+"""`evaluate`: perplexity, agreement with a reference and decode speed for several models, side by side.
+
+The work is four steps: `prepare` checks every config, tokenizer and the text and builds the token streams and
+windows before any weights load; then, model by model, `score` (perplexity, or agreement with the reference on
+the same windows) and `measure_decode`. `EvalResults` holds what they return; reports are written from it.
+"""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from attnconv.dtypes import dtype_bytes, torch_dtype
 from attnconv.errors import AttnconvError
-from attnconv.eval.agreement import agreement
-from attnconv.eval.perplexity import perplexity, plan_windows, text_stats, tokenize_corpus
+from attnconv.eval.agreement import AgreementResult, agreement
+from attnconv.eval.perplexity import PerplexityResult, TextStats, perplexity, plan_windows, text_stats, tokenize_corpus
 from attnconv.eval.report import print_table, write_reports
-from attnconv.hub import load_causal_lm, load_tokenizer, parse_dtype, resolve_source
-from attnconv.kv import DTYPE_BYTES, cache_shape, max_positions
-from attnconv.outputs import atomic_output_dir, check_output_dir
+from attnconv.eval.settings import EvalSettings
+from attnconv.families import cache_shape, max_positions
+from attnconv.loading import load_causal_lm, load_config, load_tokenizer, resolve_source
+from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.textdata import DEFAULT_SPEC, load_texts
 
 DEFAULT_MAX_LENGTH = 1024
-DEFAULT_CONTEXTS = (512, 2048, 8192)
-DEFAULT_BATCHES = (1, 8)
 
 
-def _load_config(src: str, allow_pickle: bool):
-    from transformers import AutoConfig
+@dataclass
+class Prepared:
+    """Everything checked before weights load: configs, one token stream per model, the windows."""
 
-    import attnconv.models  # noqa: F401  (registers attnconv's own architectures with the Auto classes)
+    names: list[str]
+    configs: dict[str, Any]
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)  # model (or reference) -> token ids [n]
+    stats: TextStats | None = None
+    n_documents: int = 0
+    max_length: int = 0
+    stride: int = 0
+    notes: list[str] = field(default_factory=list)
 
-    path = resolve_source(src, allow_pickle)
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AttnconvError(f"{src}: its config.json could not be read ({msg})") from None
+
+@dataclass
+class ModelResult:
+    name: str
+    description: dict[str, Any]  # architecture, heads, KV bytes per token, parameters
+    perplexity: PerplexityResult | None = None
+    agreement: AgreementResult | None = None
+    is_reference: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        row = dict(self.description)
+        if self.perplexity is not None:
+            row.update(self.perplexity.to_dict())
+        if self.agreement is not None:
+            row.update(kl=self.agreement.kl, top1_agreement=self.agreement.top1_agreement,
+                       ppl_ratio=self.agreement.ppl_ratio)
+        if self.is_reference:
+            row.update(kl=0.0, top1_agreement=1.0, ppl_ratio=1.0, is_reference=True)
+        return row
 
 
-def choose_windows(configs: dict[str, object], max_length: int | None, stride: int | None,
+@dataclass
+class EvalResults:
+    settings: EvalSettings
+    prepared: Prepared
+    device: str
+    models: list[ModelResult] = field(default_factory=list)
+    decode: dict[str, dict] = field(default_factory=dict)  # model -> decode_benchmark's rows and notes
+
+    def to_dict(self) -> dict[str, Any]:
+        p, s = self.prepared, self.settings
+        return {"data": s.data or DEFAULT_SPEC, "n_documents": p.n_documents,
+                "n_words": p.stats.n_words if p.stats else None, "n_bytes": p.stats.n_bytes if p.stats else None,
+                "max_length": p.max_length or None, "stride": p.stride or None, "batch_size": s.batch_size,
+                "dtype": s.dtype, "device": self.device, "reference": s.reference,
+                "models": [m.to_dict() for m in self.models], "decode": self.decode, "notes": p.notes,
+                "settings": s.record()}
+
+
+def choose_windows(configs: dict[str, Any], max_length: int | None, stride: int | None,
                    notes: list[str]) -> tuple[int, int]:
     """L (clamped to the smallest model maximum, with a note) and S (default L // 2)."""
     limits = {name: m for name, cfg in configs.items() if (m := max_positions(cfg)) is not None}
@@ -63,146 +108,151 @@ def _check_vocab_fit(name: str, ids: torch.Tensor, config) -> None:
                             "embeddings; pass the model's own tokenizer with --tokenizer")
 
 
-def describe_model(name: str, model) -> dict:
+def describe_model(name: str, model) -> dict[str, Any]:
     shape = cache_shape(model.config)
     archs = getattr(model.config, "architectures", None) or [type(model).__name__]
     return {"name": name, "architecture": archs[0], "layers": shape.layers, "n_heads": shape.n_heads,
             "n_kv_heads": shape.n_kv_heads, "head_dim": shape.head_dim,
             "dtype": str(model.dtype).removeprefix("torch."),
-            "kv_bytes_per_token": shape.bytes_per_token(DTYPE_BYTES.get(model.dtype, 4)),
+            "kv_bytes_per_token": shape.bytes_per_token(dtype_bytes(model.dtype)),
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def _pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise AttnconvError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttnconvError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return torch.device(device)
 
 
-def evaluate(models: list[str], *, data: str | None = None, max_length: int | None = None, stride: int | None = None,
-             batch_size: int = 4, dtype: str | None = None, reference: str | None = None,
-             tokenizer: str | None = None, decode: bool = False, contexts: Sequence[int] = DEFAULT_CONTEXTS,
-             batches: Sequence[int] = DEFAULT_BATCHES, new_tokens: int = 32, out: str | Path | None = None,
-             overwrite: bool = False, allow_pickle: bool = False, device: str | None = None,
-             decode_kernel: str = "auto", console: Console | None = None, progress: bool = True) -> dict:
-    """Evaluate MODELS on one corpus with the same windows; optionally against REFERENCE and for decode speed.
-
-    Returns the results as a dict (what results.json holds); prints a table; writes results.json,
-    results.md and PNG plots into OUT when given (OUT appears only when complete).
-    `tokenizer` replaces every model's (and the reference's) own tokenizer. `decode_kernel`: auto, native or
-    torch, the Linear layers' CPU decode path (see attnconv/eval/packed_linear.py).
-    """
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # piped or logged: no need to squeeze the table into 80 columns
-            console.width = 220
-    if not models:
-        raise AttnconvError("name at least one model to evaluate")
-    if batch_size < 1:
-        raise AttnconvError(f"--batch-size {batch_size} must be at least 1")
-    if decode and new_tokens < 2:
-        raise AttnconvError(f"--new-tokens {new_tokens} must be at least 2 (one step after the prefill is timed)")
-    if decode:
-        from attnconv.kernels.cpu_decode import resolve_backend
-
-        resolve_backend(decode_kernel)  # an unknown name, or native where it cannot be built: fail before any work
-    if out is not None:
-        check_output_dir(out, overwrite)  # fail before any work
-    torch_dtype = parse_dtype(dtype)
-    dev = _pick_device(device)
-    notes: list[str] = []
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
-
-    # Cheap checks first: configs, tokenizers and data, before any weights are loaded.
-    names = list(dict.fromkeys(models))
-    configs = {n: _load_config(n, allow_pickle) for n in names}
+def prepare(settings: EvalSettings) -> Prepared:
+    """Configs, tokenizers, the text, its token streams and the windows; no weights are loaded."""
+    names = list(dict.fromkeys(settings.models))
+    configs = {n: load_config(n, settings.allow_pickle) for n in names}
+    reference = settings.reference
     if reference is not None:
-        configs[reference] = _load_config(reference, allow_pickle)
-    tokenizers = {n: load_tokenizer(n, tokenizer) for n in configs}
+        configs[reference] = load_config(reference, settings.allow_pickle)
+    prepared = Prepared(names, configs)
+    if not settings.perplexity:
+        return prepared
+    tokenizers = {n: load_tokenizer(n, settings.tokenizer) for n in configs}
     if reference is not None:
         ref_vocab = tokenizers[reference].get_vocab()
         for n in names:
             if tokenizers[n].get_vocab() != ref_vocab:
                 raise AttnconvError(f"{n} and the reference {reference} use different tokenizers, so their "
                                     "predictions cannot be compared; pass a model converted from that reference")
-    texts = load_texts(data)
-    stats = text_stats(texts)
-    max_length, stride = choose_windows(configs, max_length, stride, notes)
-    for note in notes:
-        console.print(f"note: {note}")
-
+    texts = load_texts(settings.data)
+    prepared.stats, prepared.n_documents = text_stats(texts), len(texts)
+    prepared.max_length, prepared.stride = choose_windows(configs, settings.max_length, settings.stride,
+                                                          prepared.notes)
     # One token stream per tokenizer; with a reference every model is scored on the reference's stream.
-    streams: dict[str, torch.Tensor] = {}
+    by_tokenizer: dict[str, torch.Tensor] = {}
     for n in configs:
         src = reference if reference is not None else n
-        key = tokenizer or src
-        if key not in streams:
-            streams[key] = tokenize_corpus(tokenizers[src], texts)
-        _check_vocab_fit(n, streams[key], configs[n])
-    stream_of = {n: streams[tokenizer or (reference if reference is not None else n)] for n in configs}
+        key = settings.tokenizer or src
+        if key not in by_tokenizer:
+            by_tokenizer[key] = tokenize_corpus(tokenizers[src], texts)
+        _check_vocab_fit(n, by_tokenizer[key], configs[n])
+        prepared.streams[n] = by_tokenizer[key]
+    return prepared
 
-    results = {"data": data or DEFAULT_SPEC, "n_documents": len(texts), "n_words": stats.n_words,
-               "n_bytes": stats.n_bytes, "max_length": max_length, "stride": stride, "batch_size": batch_size,
-               "dtype": dtype or "auto", "device": str(dev), "reference": reference, "models": [], "decode": {},
-               "notes": notes}
-    bar = (Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+
+def score(settings: EvalSettings, prepared: Prepared, name: str, model, source=None,
+          on_batch=None) -> ModelResult:
+    """Perplexity of MODEL on its stream, or (with SOURCE) agreement with it on the same windows."""
+    result = ModelResult(name, describe_model(name, model))
+    if not settings.perplexity:
+        return result
+    ids, stats = prepared.streams[name], prepared.stats
+    window = dict(max_length=prepared.max_length, stride=prepared.stride, batch_size=settings.batch_size,
+                  on_batch=on_batch)
+    if source is None:
+        result.perplexity = perplexity(model, ids, stats, **window)
+    else:
+        result.agreement = agreement(model, source, ids, stats, **window)
+        result.perplexity = result.agreement.model
+    return result
+
+
+def measure_decode(settings: EvalSettings, model) -> dict:
+    from attnconv.eval.decode import decode_benchmark  # imported only when asked
+
+    # decode_benchmark clamps contexts beyond the model's positions itself and says so in its notes.
+    return decode_benchmark(model, contexts=settings.contexts, batches=settings.batches,
+                            new_tokens=settings.new_tokens, baseline=True, kernel=settings.decode_kernel,
+                            repeats=settings.repeats, progress=not settings.quiet)
+
+
+def _progress(settings: EvalSettings):
+    if settings.quiet:
+        return nullcontext()
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     console=Console(stderr=True))
-           if progress else nullcontext())
+
+
+def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalResults:
+    """Evaluate settings.models on one corpus with the same windows; optionally against a reference and for
+    decode speed. Prints a table; writes results.json, results.md and PNG plots into settings.out when given
+    (OUT appears only when complete)."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: no need to squeeze the table into 80 columns
+            console.width = 220
+    inputs = [*settings.models, settings.reference, settings.tokenizer, settings.data]
+    if settings.out is not None:  # fail before any work
+        check_output_dir(settings.out, settings.overwrite)
+        protect_inputs(settings.out, inputs)
+    if settings.decode:
+        from attnconv.kernels.cpu_decode import resolve_backend
+
+        resolve_backend(settings.decode_kernel)  # native where it cannot be built: fail before any work
+    for name in (*settings.models, *([settings.reference] if settings.reference else [])):
+        resolve_source(name, settings.allow_pickle)
+    dev = pick_device(settings.device)
+    with output_lock(settings.out) if settings.out is not None else nullcontext():
+        results = _evaluate(settings, prepare(settings), dev)
+        for note in results.prepared.notes:
+            console.print(f"note: {note}")
+        print_table(results.to_dict(), console)
+        if settings.out is not None:
+            with atomic_output_dir(settings.out, settings.overwrite, inputs) as tmp:
+                write_reports(results.to_dict(), tmp)
+            console.print(f"wrote results.json, results.md and plots to {settings.out}")
+    return results
+
+
+def _evaluate(settings: EvalSettings, prepared: Prepared, dev: torch.device) -> EvalResults:
+    results = EvalResults(settings, prepared, str(dev))
+    dtype = torch_dtype(settings.dtype)
 
     def load(name: str):
-        return load_causal_lm(name, torch_dtype, allow_pickle).to(dev)
+        return load_causal_lm(name, dtype, settings.allow_pickle).to(dev)
 
-    def run_decode(name: str, model) -> None:
-        from attnconv.eval.decode import decode_benchmark  # written separately; imported only when asked
-
-        # decode_benchmark clamps contexts beyond the model's positions itself and says so in its notes.
-        results["decode"][name] = decode_benchmark(model, contexts=tuple(contexts), batches=tuple(batches),
-                                                   new_tokens=new_tokens, baseline=True, kernel=decode_kernel)
-
-    with bar:
+    reference = settings.reference
+    with _progress(settings) as bar:
         source = load(reference) if reference is not None else None
-        if source is not None and decode:
-            run_decode(reference, source)
-        ref_row = None
-        for name in names:
+        if source is not None and settings.decode:
+            results.decode[reference] = measure_decode(settings, source)
+        for name in prepared.names:
             model = load(name)
-            ids = stream_of[name]
-            n_windows = len(plan_windows(len(ids), max_length, stride))
-            task = bar.add_task(f"perplexity {Path(name).name}", total=n_windows) if progress else None
+            step = None
+            if bar is not None and settings.perplexity:
+                n = len(plan_windows(len(prepared.streams[name]), prepared.max_length, prepared.stride))
+                task = bar.add_task(f"perplexity {Path(name).name}", total=n)
 
-            def step(k: int, task=task) -> None:
-                if progress:
+                def step(k: int, task=task) -> None:
                     bar.advance(task, k)
 
-            row = describe_model(name, model)
-            if source is None:
-                ppl = perplexity(model, ids, stats, max_length=max_length, stride=stride, batch_size=batch_size,
-                                 on_batch=step)
-                row.update(ppl.to_dict())
-            else:
-                agr = agreement(model, source, ids, stats, max_length=max_length, stride=stride,
-                                batch_size=batch_size, on_batch=step)
-                row.update(agr.model.to_dict())
-                row.update(kl=agr.kl, top1_agreement=agr.top1_agreement, ppl_ratio=agr.ppl_ratio)
-                if ref_row is None:
-                    ref_row = {**describe_model(reference, source), **agr.source.to_dict(), "kl": 0.0,
-                               "top1_agreement": 1.0, "ppl_ratio": 1.0, "is_reference": True}
-            if decode and name not in results["decode"]:  # the reference may also be listed as a model
-                run_decode(name, model)
-            results["models"].append(row)
+            results.models.append(score(settings, prepared, name, model, source, step))
+            if settings.decode and name not in results.decode:  # the reference may also be listed as a model
+                results.decode[name] = measure_decode(settings, model)
             del model
             gc.collect()
         if source is not None:
-            results["models"].insert(0, ref_row)
-            del source
-    print_table(results, console)
-    if out is not None:
-        with atomic_output_dir(out, overwrite) as tmp:
-            write_reports(results, tmp)
-        console.print(f"wrote results.json, results.md and plots to {out}")
+            ref = ModelResult(reference, describe_model(reference, source), is_reference=True)
+            agreed = next((m.agreement for m in results.models if m.agreement is not None), None)
+            ref.perplexity = agreed.source if agreed is not None else None
+            results.models.insert(0, ref)
     return results

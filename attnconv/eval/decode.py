@@ -1,12 +1,14 @@
 """attnconv's own greedy decode loop (preallocated KV cache + SDPA with enable_gqa) and its speed benchmark.
 
-`greedy_generate` runs the model's own transformers modules with `PreallocatedKVCache` and
-`sdpa_gqa_attention` (see static_cache.py): one prefill forward, then one forward per new token.
+`greedy_generate` runs the model's own transformers modules with `PreallocatedKVCache` and the decode attention
+(attnconv/patches/decode_cache.py, decode_attention.py): one prefill forward, then one forward per new token.
 `decode_benchmark` times it beside transformers' `generate()` over a grid of batch sizes and context lengths.
 """
 
 from __future__ import annotations
 
+import inspect
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +24,11 @@ from attnconv.eval.decode_measure import (
     time_generate,
     weight_bytes_per_step,
 )
-from attnconv.eval.packed_linear import packed_linears
-from attnconv.eval.static_cache import PreallocatedKVCache, attnconv_attention
-from attnconv.kv import cache_shape, max_positions
-
-# Families whose attention modules call the registered attention interface with a standard (b, h, s, d) layout.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+from attnconv.families import FAMILIES, cache_shape, family_of, max_positions
+from attnconv.kernels.cpu_decode import resolve_backend
+from attnconv.patches.decode_attention import decode_attention
+from attnconv.patches.decode_cache import PreallocatedKVCache
+from attnconv.patches.decode_linear import packed_linears
 
 
 @dataclass
@@ -40,12 +41,18 @@ class GreedyResult:
 
 
 def check_supported(model) -> None:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    family = family_of(model.config)
+    if family is None or not family.decode:
+        supported = ", ".join(f.name for f in FAMILIES.values() if f.decode)
         raise AttnconvError(
-            f"attnconv's decode loop does not support model type {model_type!r}; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}. Run eval without --decode for this model"
+            f"attnconv's decode loop does not support model type {getattr(model.config, 'model_type', None)!r}; "
+            f"supported: {supported}. Run eval without --decode for this model"
         )
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed the forward's `past_key_values` to `cache` (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def model_device(model) -> torch.device:
@@ -65,18 +72,13 @@ def _padding_masks(attention_mask: torch.Tensor, total: int):
     return positions, prefill, keep[:, None, None, :]
 
 
-def _keys_as_rows(config, dtype: torch.dtype, device: torch.device, kernel: str) -> bool:
+def _keys_as_rows(config, dtype: torch.dtype, device: torch.device, backend: str) -> bool:
     """Keep the CPU cache's keys as rows for attnconv's grouped-query scores kernel: float32, 2+ query heads per
     KV head (with one, BLAS over transposed keys streams at full speed), a head size that is a multiple of 8."""
-    if device.type != "cpu" or dtype != torch.float32:
+    if device.type != "cpu" or dtype != torch.float32 or backend != "native":
         return False
     shape = cache_shape(config)
-    n_heads = getattr(config, "num_attention_heads", shape.n_kv_heads)
-    if n_heads // shape.n_kv_heads < 2 or shape.head_dim % 8:
-        return False
-    from attnconv.kernels.cpu_decode import resolve_backend
-
-    return resolve_backend(kernel) == "native"
+    return shape.n_heads // shape.n_kv_heads >= 2 and shape.head_dim % 8 == 0
 
 
 @torch.inference_mode()
@@ -101,8 +103,10 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         raise AttnconvError(f"{prompt_len} prompt + {new_tokens} new tokens exceed the model's {limit} positions; "
                             "use a shorter context")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    backend = resolve_backend(kernel)
     cache = PreallocatedKVCache(model.config, batch, total, dtype, device,
-                                keys_as_rows=_keys_as_rows(model.config, dtype, device, kernel))
+                                keys_as_rows=_keys_as_rows(model.config, dtype, device, backend))
+    cache_kw = _cache_keyword(model)
     tokens = torch.empty(batch, new_tokens, dtype=torch.long, device=device)
     if attention_mask is not None and not bool(attention_mask.all()):
         positions, prefill_mask, step_mask = _padding_masks(attention_mask.to(device), total)
@@ -111,10 +115,10 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         positions = torch.arange(prompt_len, device=device)[None]
         prefill_mask = step_mask = None
         position = torch.full((1, 1), prompt_len - 1, dtype=torch.long, device=device)
-    with attnconv_attention(model), packed_linears(model, packed, kernel):
+    with decode_attention(model), packed_linears(model, packed, backend):
         synchronize(device)
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, **{cache_kw: cache},
                     use_cache=True, logits_to_keep=0 if keep_prefill_logits else 1)
         prefill_logits = out.logits if keep_prefill_logits else None  # [b, s, vocab]
         next_token = out.logits[:, -1].argmax(-1)  # [b]
@@ -124,7 +128,7 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         for i in range(1, new_tokens):
             position += 1
             logits = model(input_ids=next_token[:, None], attention_mask=step_mask, position_ids=position,
-                           past_key_values=cache, use_cache=True).logits  # [b, 1, vocab]
+                           **{cache_kw: cache}, use_cache=True).logits  # [b, 1, vocab]
             next_token = logits[:, -1].argmax(-1)
             tokens[:, i] = next_token
         synchronize(device)
@@ -153,28 +157,55 @@ def clamp_contexts(contexts: Sequence[int], limit: int | None, new_tokens: int, 
     return kept
 
 
-def _row(impl, batch, ctx, new_tokens, prefill_s, decode_s, kv_theory, kv_measured, peak, step_bytes, bandwidth):
+def _row(impl, batch, ctx, new_tokens, runs, kv_theory, kv_measured, peak, step_bytes, bandwidth):
+    """One grid point from its timed runs [(prefill_s, decode_s)]: the median run, with the spread of tokens/s."""
     steps = new_tokens - 1  # the first new token comes out of the prefill
-    tokens_per_s = batch * steps / decode_s
+    rates = sorted(batch * steps / decode_s for _, decode_s in runs)
+    tokens_per_s = statistics.median(rates)
+    decode_s = batch * steps / tokens_per_s
     roofline = batch * bandwidth / step_bytes  # every sequence of the batch gets a token per step
-    return {"impl": impl, "batch": batch, "context": ctx, "prefill_s": prefill_s, "tokens_per_s": tokens_per_s,
-            "ms_per_token": 1000 * decode_s / steps, "kv_bytes_theoretical": kv_theory,
+    return {"impl": impl, "batch": batch, "context": ctx, "prefill_s": statistics.median(p for p, _ in runs),
+            "tokens_per_s": tokens_per_s, "tokens_per_s_min": rates[0], "tokens_per_s_max": rates[-1],
+            "runs": len(runs), "ms_per_token": 1000 * decode_s / steps, "kv_bytes_theoretical": kv_theory,
             "kv_bytes_measured": kv_measured, "peak_mem_bytes": peak, "roofline_tokens_per_s": roofline,
             "bandwidth_fraction": tokens_per_s / roofline}
 
 
+def _timed_runs(model, prompt, new_tokens, cache_impl, backend, repeats, device):
+    """One untimed warm-up on a short prompt, then `repeats` timed runs: (tokens, [(prefill_s, decode_s)],
+    measured KV bytes, peak memory)."""
+    warm = prompt[:, :min(prompt.shape[1], WARMUP_PROMPT)]
+    runs, peak_bytes = [], 0
+    if cache_impl is None:
+        greedy_generate(model, warm, min(new_tokens, 4), kernel=backend)
+    else:
+        time_generate(model, warm, min(new_tokens, 4), cache_impl)
+    for _ in range(repeats):
+        with PeakMemory(device) as peak:
+            if cache_impl is None:
+                run = greedy_generate(model, prompt, new_tokens, kernel=backend)
+                tokens, timing = run.tokens, (run.prefill_s, run.decode_s, run.kv_bytes)
+            else:
+                tokens, *timing = time_generate(model, prompt, new_tokens, cache_impl)
+        runs.append(timing[:2])
+        peak_bytes = max(peak_bytes, peak.peak or 0)
+    return tokens, runs, timing[2], peak_bytes
+
+
 @torch.inference_mode()
 def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_tokens=32, baseline=True,
-                     kernel: str = "auto") -> dict:
+                     kernel: str = "auto", repeats: int = 1, progress: bool = True) -> dict:
     """Decode speed of attnconv's loop (and transformers generate(), static and dynamic cache) over a grid.
 
-    Per (batch, context): random prompt ids (seeded), one untimed warm-up with a short prompt, then one timed run.
-    tokens_per_s = batch x (new_tokens - 1) / time of the one-token steps after the prefill (prefill_s apart).
-    Roofline: bytes read per step (weights + the KV cache filled on average over the run) / measured bandwidth.
+    Per (batch, context): random prompt ids (seeded), one untimed warm-up with a short prompt, then `repeats` timed
+    runs; the median is reported with the fastest and slowest. tokens_per_s = batch x (new_tokens - 1) / time of
+    the one-token steps after the prefill (prefill_s apart). Roofline: bytes read per step (weights + the KV cache
+    filled on average over the run) / measured bandwidth.
     """
     check_supported(model)
     if new_tokens < 2:
         raise AttnconvError(f"the decode benchmark needs at least 2 new tokens to time a decode step, got {new_tokens}")
+    backend = resolve_backend(kernel)
     device, config = model_device(model), model.config
     notes: list[str] = []
     grid_contexts = clamp_contexts(contexts, max_positions(config), new_tokens, notes)
@@ -185,42 +216,34 @@ def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_t
     notes.append(f"bandwidth {bandwidth / 1e9:.1f} GB/s: best of 5 torch.sum over a 256 MiB fp32 tensor on "
                  f"{device} with {torch.get_num_threads()} threads")
     if device.type == "cpu" and dtype == torch.float32:
-        from attnconv.kernels.cpu_decode import resolve_backend
-
         notes.append("Linear layers: attnconv's AVX2 kernel for <= 8 rows, oneDNN with packed weights above"
-                     if resolve_backend(kernel) == "native" else "Linear layers: oneDNN with packed weights")
+                     if backend == "native" else "Linear layers: oneDNN with packed weights")
     notes.append(f"bytes read per decode step: {weights / 1e6:.1f} MB of weights + batch x (context + new_tokens/2)"
                  f" x {shape.bytes_per_token(dtype_bytes)} KV bytes per token")
+    notes.append(f"tokens/s: median of {repeats} timed run(s) after a warm-up, with the fastest and slowest")
     if device.type != "cuda":
-        notes.append("peak_mem_bytes: process resident-set peak during the timed run (VmHWM, reset per run)")
+        notes.append("peak_mem_bytes: process resident-set peak during the timed runs (VmHWM, reset per run)")
     impls = [("attnconv", None)] + (list(BASELINES) if baseline else [])
     generator = torch.Generator().manual_seed(0)
     rows, mismatches = [], []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("decode benchmark", total=len(batches) * len(grid_contexts) * len(impls))
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("decode benchmark", total=len(batches) * len(grid_contexts) * len(impls))
         for batch in batches:
             for ctx in grid_contexts:
                 prompt = torch.randint(0, config.vocab_size, (batch, ctx), generator=generator).to(device)
                 kv_theory = shape.bytes(batch, ctx + new_tokens, dtype_bytes)
                 step_bytes = weights + batch * (ctx + new_tokens / 2) * shape.bytes_per_token(dtype_bytes)
                 for impl, cache_impl in impls:
-                    progress.update(task, description=f"{impl} batch {batch} context {ctx}")
-                    warm = prompt[:, :min(ctx, WARMUP_PROMPT)]
+                    bar.update(task, description=f"{impl} batch {batch} context {ctx}")
+                    tokens, runs, kv_measured, peak = _timed_runs(model, prompt, new_tokens, cache_impl, backend,
+                                                                  repeats, device)
                     if cache_impl is None:
-                        greedy_generate(model, warm, min(new_tokens, 4), kernel=kernel)
-                        with PeakMemory(device) as peak:
-                            run = greedy_generate(model, prompt, new_tokens, kernel=kernel)
-                        timing, ours = (run.prefill_s, run.decode_s, run.kv_bytes), run.tokens
-                    else:
-                        time_generate(model, warm, min(new_tokens, 4), cache_impl)
-                        with PeakMemory(device) as peak:
-                            theirs, *timing = time_generate(model, prompt, new_tokens, cache_impl)
-                        if not torch.equal(theirs, ours):
-                            mismatches.append(f"{impl} batch {batch} context {ctx}")
-                    prefill_s, decode_s, kv_measured = timing
-                    rows.append(_row(impl, batch, ctx, new_tokens, prefill_s, decode_s, kv_theory, kv_measured,
-                                     peak.peak, step_bytes, bandwidth))
-                    progress.advance(task)
+                        ours = tokens
+                    elif not torch.equal(tokens, ours):
+                        mismatches.append(f"{impl} batch {batch} context {ctx}")
+                    rows.append(_row(impl, batch, ctx, new_tokens, runs, kv_theory, kv_measured, peak, step_bytes,
+                                     bandwidth))
+                    bar.advance(task)
     if baseline:  # random weights give near-ties where kernels' rounding may pick another token: say so
         notes.append("greedy tokens equal generate()'s at every grid point" if not mismatches else
                      f"greedy tokens differ from generate()'s at: {', '.join(mismatches)}")

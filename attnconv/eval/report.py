@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -23,32 +25,54 @@ def _mib(v) -> str:
     return "-" if v is None else f"{v / 2**20:.3g}"
 
 
+def finite_or_none(value: Any) -> Any:
+    """NaN and infinities as None, recursively: results.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def model_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the per-model table (shared by the terminal and markdown)."""
     with_ref = any("kl" in m for m in results["models"])
-    header = ["model", "architecture", "heads", "kv heads", "KV B/token", "params", "token ppl", "word ppl",
-              "byte ppl", "bits/byte"] + (["KL(src||model)", "top-1 agree", "ppl ratio"] if with_ref else [])
+    with_ppl = any("token_perplexity" in m for m in results["models"])
+    header = (["model", "architecture", "heads", "kv heads", "KV B/token", "params"]
+              + (["token ppl", "word ppl", "byte ppl", "bits/byte"] if with_ppl else [])
+              + (["KL(src||model)", "top-1 agree", "ppl ratio"] if with_ref else []))
     rows = []
     for m in results["models"]:
         name = m["name"] + (" (reference)" if m.get("is_reference") else "")
         row = [name, m["architecture"], _fmt(m["n_heads"]), _fmt(m["n_kv_heads"]), _fmt(m["kv_bytes_per_token"]),
-               f"{m['params'] / 1e6:.2f}M", _fmt(m["token_perplexity"]), _fmt(m["word_perplexity"]),
-               _fmt(m["byte_perplexity"]), _fmt(m["bits_per_byte"])]
+               f"{m['params'] / 1e6:.2f}M"]
+        if with_ppl:
+            row += [_fmt(m.get("token_perplexity")), _fmt(m.get("word_perplexity")), _fmt(m.get("byte_perplexity")),
+                    _fmt(m.get("bits_per_byte"))]
         if with_ref:
             row += [_fmt(m.get("kl")), _fmt(m.get("top1_agreement")), _fmt(m.get("ppl_ratio"))]
         rows.append(row)
     return header, rows
 
 
+def _spread(r: dict) -> str:
+    low, high = r.get("tokens_per_s_min"), r.get("tokens_per_s_max")
+    if low is None or high is None or r.get("runs", 1) < 2:
+        return "-"
+    return f"{low:.0f}-{high:.0f}"
+
+
 def decode_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "impl", "batch", "context", "prefill s", "tokens/s", "ms/token", "KV MiB (theory)",
+    header = ["model", "impl", "batch", "context", "prefill s", "tokens/s", "spread", "ms/token", "KV MiB (theory)",
               "KV MiB (measured)", "peak MiB", "roofline tok/s", "of roofline"]
     rows = []
     for name, bench in results.get("decode", {}).items():
         for r in bench.get("rows", []):
             frac = r.get("bandwidth_fraction")
             rows.append([name, str(r["impl"]), _fmt(r["batch"]), _fmt(r["context"]), _fmt(r["prefill_s"], ".3f"),
-                         _fmt(r["tokens_per_s"], ".1f"), _fmt(r["ms_per_token"], ".2f"),
+                         _fmt(r["tokens_per_s"], ".1f"), _spread(r), _fmt(r["ms_per_token"], ".2f"),
                          _mib(r.get("kv_bytes_theoretical")), _mib(r.get("kv_bytes_measured")),
                          _mib(r.get("peak_mem_bytes")), _fmt(r.get("roofline_tokens_per_s"), ".1f"),
                          "-" if frac is None else f"{frac:.0%}"])
@@ -56,7 +80,9 @@ def decode_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def summary_line(results: dict) -> str:
-    counts = sorted({m["n_tokens"] for m in results["models"]})
+    counts = sorted({m["n_tokens"] for m in results["models"] if "n_tokens" in m})
+    if not counts:
+        return "decode speed only (no perplexity)"
     tokens = f"{counts[0]:,}" if len(counts) == 1 else "/".join(f"{c:,}" for c in counts)
     return (f"data {results['data']}: {results['n_documents']} document(s), {tokens} scored tokens, "
             f"{results['n_words']:,} words, {results['n_bytes']:,} bytes; windows L={results['max_length']} "
@@ -134,7 +160,8 @@ def plot_perplexity_vs_kv(results: dict, path: Path) -> None:
 
 
 def plot_decode(results: dict, path: Path) -> None:
-    """Tokens/s vs context: one panel per batch size, a colour per model, a line style per implementation."""
+    """Decode speed vs context, one column per batch size: attnconv's loop, one line per model (top), and its
+    speed-up over the faster generate() cache at each point (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,26 +169,40 @@ def plot_decode(results: dict, path: Path) -> None:
 
     rows = [(name, r) for name, bench in results["decode"].items() for r in bench.get("rows", [])]
     batches = sorted({r["batch"] for _, r in rows})
-    impls = list(dict.fromkeys(r["impl"] for _, r in rows))
-    colors = {name: f"C{i % 10}" for i, name in enumerate(results["decode"])}
-    styles = {impl: ("-", "--", ":", "-.")[i % 4] for i, impl in enumerate(impls)}
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4.4), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=True):
-        for name in results["decode"]:
-            for impl in impls:
-                points = sorted((r["context"], r["tokens_per_s"]) for n, r in rows
-                                if n == name and r["impl"] == impl and r["batch"] == batch)
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[name],
-                            linestyle=styles[impl], label=f"{Path(name).name} · {impl}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"batch {batch}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("decode speed vs context")
-    fig.tight_layout()
+    fig, axes = plt.subplots(2, len(batches), figsize=(5.2 * len(batches), 7.2), squeeze=False, sharex="col")
+    for col, batch in enumerate(batches):
+        speed, gain = axes[0][col], axes[1][col]
+        for i, name in enumerate(results["decode"]):
+            mine = {r["context"]: r for n, r in rows if n == name and r["batch"] == batch and r["impl"] == "attnconv"}
+            best = {}
+            for n, r in rows:
+                if n == name and r["batch"] == batch and r["impl"] != "attnconv":
+                    best[r["context"]] = max(best.get(r["context"], 0.0), r["tokens_per_s"])
+            contexts = sorted(mine)
+            if not contexts:
+                continue
+            label, color = Path(name).name, f"C{i % 10}"
+            speed.errorbar(contexts, [mine[c]["tokens_per_s"] for c in contexts], marker="o", color=color, label=label,
+                           yerr=[[mine[c]["tokens_per_s"] - mine[c].get("tokens_per_s_min", mine[c]["tokens_per_s"])
+                                  for c in contexts],
+                                 [mine[c].get("tokens_per_s_max", mine[c]["tokens_per_s"]) - mine[c]["tokens_per_s"]
+                                  for c in contexts]], capsize=3)
+            shared = [c for c in contexts if best.get(c)]
+            if shared:
+                gain.plot(shared, [mine[c]["tokens_per_s"] / best[c] for c in shared], marker="o", color=color,
+                          label=label)
+        speed.set_title(f"batch {batch}")
+        speed.set_ylabel("decode tokens/s (attnconv loop)")
+        gain.set_ylabel("speed-up over best generate()")
+        gain.axhline(1.0, color="grey", linewidth=0.8)
+        gain.set_xlabel("context length (tokens)")
+        for ax in (speed, gain):
+            ax.set_xscale("log", base=2)
+            ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
+    fig.suptitle("decode speed vs context (median of the timed runs; bars: fastest and slowest)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -170,9 +211,13 @@ def write_reports(results: dict, folder: Path) -> list[Path]:
     """results.json, results.md, perplexity_vs_kv.png and, with decode rows, decode_tokens_per_s.png."""
     folder = Path(folder)
     written = [folder / "results.json", folder / "results.md", folder / "perplexity_vs_kv.png"]
-    written[0].write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    written[0].write_text(json.dumps(finite_or_none(results), indent=2, default=str, allow_nan=False) + "\n",
+                          encoding="utf-8")
     written[1].write_text(markdown(results), encoding="utf-8")
-    plot_perplexity_vs_kv(results, written[2])
+    if any("token_perplexity" in m for m in results["models"]):
+        plot_perplexity_vs_kv(results, written[2])
+    else:
+        written.pop()
     if any(b.get("rows") for b in results.get("decode", {}).values()):
         written.append(folder / "decode_tokens_per_s.png")
         plot_decode(results, written[-1])

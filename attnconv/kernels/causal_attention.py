@@ -12,7 +12,7 @@ On CPU the blocks call torch's flash ops directly and write into whole output an
 per-block SDPA calls measured the same speed but ~0.3 GB more peak memory in a 102 M training run); elsewhere, or
 where those ops are missing, they go through the public call.
 
-No transformers imports: attnconv.uptrain.cpu_attention plugs this into models.
+No transformers imports: attnconv.patches.training_attention plugs this into models.
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ def _even_chunk_rows(n: int, vocab: int, device_type: str) -> int:
 
 
 def liger_available() -> bool:
+    """Liger-Kernel needs its package (the `gpu` extra) and a CUDA device; it stays off on CPU."""
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 

@@ -8,15 +8,15 @@ the folder itself is never modified. All files land in a single commit, so the r
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnconv.errors import AttnconvError
+from attnconv.errors import AttnconvError, first_line
+from attnconv.loading import ModelFolder
+from attnconv.push.settings import PushSettings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 SKIP_DIRS = ("checkpoints",)  # uptrain's run state, when kept
-_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass
@@ -35,33 +35,34 @@ class PushPlan:
 def _skip_reason(rel: Path, allow_pickle: bool) -> str | None:
     if any(part.startswith(".") for part in rel.parts):
         return "hidden"
-    if rel.parts[0] in SKIP_DIRS or rel.parts[0].startswith(".attnconv-tmp-"):
+    if rel.parts[0] in SKIP_DIRS:
         return "training checkpoints"
     if rel.suffix in PICKLE_SUFFIXES and not allow_pickle:
         return "pickle (pass --allow-pickle to upload it)"
     return None
 
 
-def plan_push(folder: str | Path, repo_id: str, *, allow_pickle: bool = False) -> PushPlan:
+def plan_push(settings: PushSettings) -> PushPlan:
     """Which files go up and the card, checked before anything touches the network."""
     from attnconv.push.card import model_card
 
+    folder, repo_id, allow_pickle = settings.model, settings.repo_id, settings.allow_pickle
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise AttnconvError(f"{folder}: no such folder; pass the model folder that convert or uptrain wrote")
     if not (path / "config.json").is_file():
         raise AttnconvError(f"{folder} is not a model folder: it has no config.json")
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or repo_id.endswith((".git", ".")):
-        raise AttnconvError(f"{repo_id!r} is not a hub repo id; use name or namespace/name (letters, digits, -_.)")
+    model = ModelFolder(folder, path, path.resolve())
     files, skipped = [], []
     for p in sorted(path.rglob("*")):
-        if not p.is_file():
+        if not (p.is_file() or p.is_symlink()):
             continue
         rel = p.relative_to(path)
         reason = _skip_reason(rel, allow_pickle)
         if reason:
             skipped.append(f"{rel.as_posix()} ({reason})")
         else:
+            model.inside(p)  # a link out of the folder is refused, never uploaded
             files.append((rel.as_posix(), p))
     names = [name for name, _ in files]
     if not any(n.endswith(".safetensors") or n.endswith(PICKLE_SUFFIXES) for n in names):
@@ -72,7 +73,7 @@ def plan_push(folder: str | Path, repo_id: str, *, allow_pickle: bool = False) -
 
 
 def _hub_error(action: str, e: Exception) -> AttnconvError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status in (401, 403):
         return AttnconvError(f"the hub refused to {action} ({first}); log in with `hf auth login` or pass a token "
@@ -80,13 +81,14 @@ def _hub_error(action: str, e: Exception) -> AttnconvError:
     return AttnconvError(f"could not {action} ({first}); check the network and the repo id")
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         commit_message: str | None = None, token: str | None = None, allow_pickle: bool = False,
-         dry_run: bool = False) -> PushPlan | str:
-    """Upload FOLDER to REPO_ID (created if missing). Returns the plan when dry_run, else the commit's URL."""
-    plan = plan_push(folder, repo_id, allow_pickle=allow_pickle)
-    if dry_run:
+def push(settings: PushSettings) -> PushPlan | str:
+    """Upload settings.model to settings.repo_id (created if missing). Returns the plan when dry_run, else the
+    commit's URL."""
+    plan = plan_push(settings)
+    if settings.dry_run:
         return plan
+    repo_id, revision, token, private = settings.repo_id, settings.revision, settings.token, settings.private
+    commit_message = settings.message
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
     if not (token or get_token()):

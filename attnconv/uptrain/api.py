@@ -4,6 +4,7 @@ Layout on disk while training: `OUT.uptrain-run/` holds `checkpoints/step-N/` an
 `train_log.jsonl`; `--resume` continues from its last complete checkpoint. When training ends, the
 model (saved like its input, safetensors, in its input dtype), tokenizer, `train_log.jsonl` and
 `attnconv.json` appear in OUT in one rename, then the run folder is removed (unless keep_checkpoints).
+OUT is locked for the whole run; inputs (model, teacher, data, tokenizer) are never written.
 """
 
 from __future__ import annotations
@@ -12,55 +13,38 @@ import json
 import math
 import shutil
 import sys
+import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
+from attnconv.families import max_positions
+from attnconv.fingerprint import folder_fingerprint
 from attnconv.kernels.linear_cross_entropy import cpu_has_fast_bf16
-from attnconv.kv import max_positions
-from attnconv.outputs import atomic_output_dir, check_output_dir
+from attnconv.loading import ModelFolder, load_causal_lm, load_tokenizer, read_config, resolve_source, weight_files
+from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
-from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached
-from attnconv.uptrain.distill import DistillConfig
-from attnconv.uptrain.model_setup import apply_liger, enable_gradient_checkpointing, select_trainable
-from attnconv.uptrain.trainer import SCHEDULES, TrainConfig
+from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
+from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
+from attnconv.uptrain.settings import UptrainSettings
+from attnconv.uptrain.trainer import Run, identity_differences
 from attnconv.uptrain.trainer import train as run_training
-
-DTYPE_CHOICES = {"fp32": "no", "float32": "no", "bf16": "bf16", "bfloat16": "bf16"}
 
 
 def run_dir_for(out: Path) -> Path:
     return out.parent / f"{out.name}.uptrain-run"
 
 
-def _check_settings(steps, tokens, seq_len, batch_size, grad_accum, lr, warmup, schedule, dtype, eval_data,
-                    eval_every, save_every) -> None:
-    if steps is not None and tokens is not None:
-        raise AttnconvError("give --steps or --tokens, not both")
-    for name, v in (("--steps", steps), ("--tokens", tokens), ("--eval-every", eval_every),
-                    ("--save-every", save_every)):
-        if v is not None and v < 1:
-            raise AttnconvError(f"{name} must be a positive integer, not {v}")
-    for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--grad-accum", grad_accum)):
-        if v < 1:
-            raise AttnconvError(f"{name} must be a positive integer, not {v}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise AttnconvError(f"--lr must be a positive number, not {lr}")
-    if warmup < 0:
-        raise AttnconvError(f"--warmup must be >= 0, not {warmup}")
-    if schedule not in SCHEDULES:
-        raise AttnconvError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
-    if dtype not in DTYPE_CHOICES:
-        raise AttnconvError(f"--dtype must be bf16 or fp32, not {dtype!r}")
-    if eval_every is not None and eval_data is None:
-        raise AttnconvError("--eval-every needs --eval-data SPEC (held-out text to measure perplexity on)")
-
-
-def _input_dtype(path: Path) -> torch.dtype:
-    cfg = json.loads((path / "config.json").read_text())
+def _input_dtype(folder: ModelFolder) -> torch.dtype:
+    cfg = read_config(folder)
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return getattr(torch, name, torch.float32) if isinstance(name, str) else torch.float32
+    try:
+        return getattr(torch, canonical_dtype(name) or "float32")
+    except (ValueError, TypeError):
+        return torch.float32
 
 
 def _prepare_run_dir(out: Path, run_dir: Path, resume: bool, overwrite: bool) -> bool:
@@ -69,8 +53,8 @@ def _prepare_run_dir(out: Path, run_dir: Path, resume: bool, overwrite: bool) ->
     if resume and has_ckpt:
         return True
     if resume and out.exists() and not overwrite:
-        raise AttnconvError(f"{out} already holds a finished run and {run_dir} has no checkpoint to resume; "
-                            "pass --overwrite to train again from the input model")
+        raise AttnconvError(f"{out} already holds a finished run of other settings and {run_dir} has no checkpoint "
+                            "to resume; pass --overwrite to train again from the input model")
     if not resume:
         check_output_dir(out, overwrite)
         if has_ckpt and not overwrite:
@@ -79,144 +63,159 @@ def _prepare_run_dir(out: Path, run_dir: Path, resume: bool, overwrite: bool) ->
     return False
 
 
-def _load_teacher(teacher: str, student_tokenizer, student_config, dtype: str, allow_pickle: bool):
-    from attnconv.hub import load_causal_lm, load_tokenizer
+def _finished(out: Path, identity_without_fingerprints: dict) -> dict | None:
+    """The recorded summary when OUT already holds a finished run of exactly these settings."""
+    try:
+        record = json.loads((out / "attnconv.json").read_text())["uptrain"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    saved = {k: v for k, v in (record.get("identity") or {}).items() if k in identity_without_fingerprints}
+    return record if saved and not identity_differences(saved, identity_without_fingerprints) else None
 
-    t_tok = load_tokenizer(teacher)
+
+def _load_teacher(settings: UptrainSettings, student_tokenizer, student_config):
+    t_tok = load_tokenizer(settings.teacher)
     if t_tok.get_vocab() != student_tokenizer.get_vocab():
-        raise AttnconvError(f"teacher {teacher} has another tokenizer than the model (their vocabularies differ); "
-                            "distil from the model's own source")
-    model = load_causal_lm(teacher, dtype="bf16" if dtype in ("bf16", "bfloat16") else "fp32",
-                           allow_pickle=allow_pickle)
+        raise AttnconvError(f"teacher {settings.teacher} has another tokenizer than the model (their vocabularies "
+                            "differ); distil from the model's own source")
+    dtype = "bfloat16" if settings.dtype == "bfloat16" else "float32"
+    model = load_causal_lm(settings.teacher, dtype=dtype, allow_pickle=settings.allow_pickle)
     if model.config.vocab_size != student_config.vocab_size:
-        raise AttnconvError(f"teacher {teacher} has {model.config.vocab_size} logits per token but the model has "
-                            f"{student_config.vocab_size}; distil from the model's own source")
+        raise AttnconvError(f"teacher {settings.teacher} has {model.config.vocab_size} logits per token but the model "
+                            f"has {student_config.vocab_size}; distil from the model's own source")
     return model.requires_grad_(False)
-
-
-def uptrain(model: str, out: str, *, data: str, steps: int | None = None, tokens: int | None = None,
-            seq_len: int = 512, batch_size: int = 4, grad_accum: int = 1, lr: float = 1e-4, warmup: int = 0,
-            schedule: str = "cosine", dtype: str = "fp32", teacher: str | None = None,
-            distill_weight: float = 0.5, temperature: float = 1.0, train: str = "all",
-            eval_data: str | None = None, eval_every: int | None = None, save_every: int | None = None,
-            resume: bool = False, overwrite: bool = False, seed: int = 0, max_grad_norm: float = 1.0,
-            weight_decay: float = 0.0, gradient_checkpointing: bool = False, tokenizer: str | None = None,
-            allow_pickle: bool = False, cache_dir: str | None = None, max_eval_windows: int = 64,
-            keep_checkpoints: bool = False, loss_kernel: str = "auto", progress: bool = True) -> dict:
-    """Continue training MODEL on DATA and write the result to OUT; returns the run's summary.
-
-    steps: optimizer steps; or tokens: training tokens (steps = ceil(tokens / tokens per step));
-    neither: one pass over the data. batch_size is per process and micro-step; a step reads
-    batch_size x grad_accum x processes blocks of seq_len + 1 tokens.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import set_seed
-
-    from attnconv.hub import load_causal_lm, load_tokenizer, resolve_source
-    from attnconv.textdata import Corpus
-
-    _check_settings(steps, tokens, seq_len, batch_size, grad_accum, lr, warmup, schedule, dtype, eval_data,
-                    eval_every, save_every)
-    _check_loss_kernel(loss_kernel)
-    distill = DistillConfig(distill_weight, temperature) if teacher is not None else None
-    if distill is not None:
-        distill.check()
-    out_path = Path(out).expanduser().absolute()
-    run_dir = run_dir_for(out_path)
-    src = resolve_source(model, allow_pickle)
-    will_resume = _prepare_run_dir(out_path, run_dir, resume, overwrite)
-
-    # Accelerate keeps its state per process; a second uptrain() in one process (demo, tests) may change precision.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(mixed_precision=DTYPE_CHOICES[dtype], gradient_accumulation_steps=grad_accum,
-                              cpu=not torch.cuda.is_available())
-    if accelerator.is_main_process and not will_resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # --overwrite, or --resume with nothing to resume
-    accelerator.wait_for_everyone()
-    set_seed(seed)
-
-    tok = load_tokenizer(src, tokenizer)
-    net = load_causal_lm(src, dtype="fp32", allow_pickle=allow_pickle, attn_implementation="sdpa")
-    limit = max_positions(net.config)
-    if limit is not None and seq_len > limit:
-        raise AttnconvError(f"--seq-len {seq_len} is beyond the model's maximum of {limit} positions; "
-                            f"use --seq-len {limit} or less")
-    teacher_net = _load_teacher(teacher, tok, net.config, dtype, allow_pickle) if teacher is not None else None
-
-    with accelerator.main_process_first():  # tokenise once; the other processes read the cache
-        stream, data_key = tokenize_cached(Corpus(data), tok, cache_dir)
-        eval_stream = tokenize_cached(Corpus(eval_data, default_split="test"), tok, cache_dir)[0] if eval_data else None
-    blocks = pack_blocks(stream, seq_len + 1)  # [n_blocks, seq_len + 1]
-    plan = BlockSchedule(len(blocks), batch_size, grad_accum, accelerator.num_processes, seed)
-    plan.check(f"--data {data} ({len(stream)} tokens)")
-    windows = None
-    if eval_stream is not None:
-        windows = eval_windows(eval_stream, seq_len, max_eval_windows)
-        if len(windows) == 0:
-            raise AttnconvError(f"--eval-data {eval_data} has {len(eval_stream)} tokens, fewer than one window of "
-                                f"{seq_len + 1}; give more held-out text or lower --seq-len")
-    tokens_per_step = plan.global_batch * seq_len
-    if steps is None:
-        steps = math.ceil(tokens / tokens_per_step) if tokens is not None else plan.steps_per_epoch
-
-    trainable, total = select_trainable(net, train)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(net)
-    net.config.use_cache = False
-    liger = apply_liger(net)
-    cfg = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      warmup=warmup, schedule=schedule, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                      eval_every=eval_every, save_every=save_every, seed=seed, distill=distill,
-                      loss_kernel=loss_kernel)
-    slow_bf16 = dtype == "bf16" and accelerator.device.type == "cpu" and not cpu_has_fast_bf16()
-    if accelerator.is_main_process and slow_bf16:
-        print("uptrain: note: this CPU has no bf16 instructions; bf16 autocast runs several times slower here "
-              "than --dtype fp32", file=sys.stderr)
-    if accelerator.is_main_process and progress:
-        print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
-              f"on {accelerator.num_processes} process(es), {accelerator.device.type}"
-              + (", resuming" if will_resume else ""), file=sys.stderr)
-    result = run_training(accelerator, net, blocks, cfg, run_dir, teacher=teacher_net, eval_windows=windows,
-                          resume=will_resume, data_key=data_key, show_progress=progress)
-    trained = result.pop("model")
-    log = result.pop("log")
-
-    summary = {
-        "source": str(model), "data": data, "data_tokens": int(len(stream)), "eval_data": eval_data,
-        "settings": {"steps": steps, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
-                     "processes": accelerator.num_processes, "lr": lr, "warmup": warmup, "schedule": schedule,
-                     "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "dtype": dtype, "train": train,
-                     "trainable_parameters": trainable, "gradient_checkpointing": gradient_checkpointing,
-                     "liger_kernel": liger, "loss_kernel": result.pop("loss_kernel"), "seed": seed, "teacher": teacher,
-                     "distill_weight": distill_weight if teacher else None,
-                     "temperature": temperature if teacher else None},
-        "results": result,
-    }
-    if accelerator.is_main_process:
-        _write_output(src, out_path, trained, tok, log, summary, overwrite or will_resume or resume)
-        if not keep_checkpoints:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return {**summary, "out": str(out_path), "log": log}
 
 
 def _check_loss_kernel(kernel: str) -> None:
     from attnconv.kernels.linear_cross_entropy import liger_available
-    from attnconv.uptrain.fused_loss import LOSS_KERNELS
 
-    if kernel not in LOSS_KERNELS:
-        raise AttnconvError(f"--loss-kernel must be one of {', '.join(LOSS_KERNELS)}, not {kernel!r}")
     if kernel == "liger" and not liger_available():
         raise AttnconvError("--loss-kernel liger needs a CUDA GPU and liger-kernel (pip install 'attnconv[gpu]'); "
                             "use --loss-kernel auto")
 
 
-def _write_output(src: Path, out: Path, net, tok, log: list[dict], summary: dict, replace: bool) -> None:
+def _fingerprints(folders: dict[str, ModelFolder], allow_pickle: bool) -> tuple[threading.Thread, dict[str, str]]:
+    """Hash each folder's weights and config in a thread (it runs while the model loads)."""
+    out: dict[str, str] = {}
+
+    def work():
+        for key, folder in folders.items():
+            out[key] = folder_fingerprint([*weight_files(folder, allow_pickle)[0], folder.path / "config.json"])
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def uptrain(settings: UptrainSettings) -> dict:
+    """Continue training settings.model on settings.data and write the result to settings.out; returns the run's
+    summary. A step reads batch_size x grad_accum x processes blocks of seq_len + 1 tokens; steps: given, or
+    ceil(tokens / tokens per step), or one pass over the data."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    s = settings
+    out_path = Path(s.out).expanduser().absolute()
+    run_dir = run_dir_for(out_path)
+    inputs = [s.model, s.teacher, s.data, s.eval_data, s.tokenizer]
+    protect_inputs(out_path, inputs)
+    protect_inputs(run_dir, inputs)
+    folder = resolve_source(s.model, s.allow_pickle)
+    teacher_folder = resolve_source(s.teacher, s.allow_pickle) if s.teacher else None
+    _check_loss_kernel(s.loss_kernel)
+
+    # Accelerate keeps its state per process; a second uptrain() in one process (demo, tests) may change precision.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision="bf16" if s.dtype == "bfloat16" else "no",
+                              gradient_accumulation_steps=s.grad_accum, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    with output_lock(out_path) if main else nullcontext():
+        if s.resume and latest_checkpoint(run_dir / "checkpoints") is None and out_path.exists():
+            done = _finished(out_path, s.run_values())
+            if done is not None:
+                return {**done, "out": str(out_path), "log": [], "already_finished": True}
+        will_resume = _prepare_run_dir(out_path, run_dir, s.resume, s.overwrite)
+        if main and not will_resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # --overwrite, or --resume with nothing to resume
+        accelerator.wait_for_everyone()
+        return _uptrain(s, accelerator, folder, teacher_folder, out_path, run_dir, will_resume)
+
+
+def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folder: ModelFolder | None,
+             out_path: Path, run_dir: Path, will_resume: bool) -> dict:
+    from accelerate.utils import set_seed
+
+    from attnconv.textdata import Corpus
+
+    hashing, hashes = _fingerprints({"model": folder, **({"teacher": teacher_folder} if teacher_folder else {})},
+                                    s.allow_pickle)
+    set_seed(s.seed)
+    tok = load_tokenizer(folder, s.tokenizer)
+    net = load_causal_lm(folder, dtype="float32", allow_pickle=s.allow_pickle, attn_implementation="sdpa")
+    limit = max_positions(net.config)
+    if limit is not None and s.seq_len > limit:
+        raise AttnconvError(f"--seq-len {s.seq_len} is beyond the model's maximum of {limit} positions; "
+                            f"use --seq-len {limit} or less")
+    teacher_net = _load_teacher(s, tok, net.config) if s.teacher is not None else None
+
+    with accelerator.main_process_first():  # tokenise once; the other processes read the cache
+        stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir)
+        eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir)[0] \
+            if s.eval_data else None
+    blocks = pack_blocks(stream, s.seq_len + 1)  # [n_blocks, seq_len + 1]
+    plan = BlockSchedule(len(blocks), s.batch_size, s.grad_accum, accelerator.num_processes, s.seed)
+    plan.check(f"--data {s.data} ({len(stream)} tokens)")
+    windows = None
+    if eval_stream is not None:
+        windows = eval_windows(eval_stream, s.seq_len, s.max_eval_windows)
+        if len(windows) == 0:
+            raise AttnconvError(f"--eval-data {s.eval_data} has {len(eval_stream)} tokens, fewer than one window of "
+                                f"{s.seq_len + 1}; give more held-out text or lower --seq-len")
+    tokens_per_step = plan.global_batch * s.seq_len
+    steps = s.steps or (math.ceil(s.tokens / tokens_per_step) if s.tokens is not None else plan.steps_per_epoch)
+
+    trainable, total = select_trainable(net, s.train)
+    if s.gradient_checkpointing:
+        enable_gradient_checkpointing(net)
+    net.config.use_cache = False
+    from attnconv.patches.liger import apply_liger
+
+    liger = apply_liger(net)
+    if accelerator.is_main_process and s.dtype == "bfloat16" and accelerator.device.type == "cpu" \
+            and not cpu_has_fast_bf16():
+        print("uptrain: note: this CPU has no bf16 instructions; bf16 autocast runs several times slower here "
+              "than --dtype float32", file=sys.stderr)
+    hashing.join()
+    identity = {**s.run_values(), "steps": steps, "processes": accelerator.num_processes, "data_key": data_key,
+                "tokenizer_sha256": tokenizer_fingerprint(tok), "model_sha256": hashes["model"],
+                "teacher_sha256": hashes.get("teacher")}
+    if accelerator.is_main_process and not s.quiet:
+        print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
+              f"on {accelerator.num_processes} process(es), {accelerator.device.type}"
+              + (", resuming" if will_resume else ""), file=sys.stderr)
+    result = run_training(accelerator, net, blocks, Run(s, steps, identity, run_dir), teacher=teacher_net,
+                          eval_windows=windows, resume=will_resume, show_progress=not s.quiet)
+    trained = result.pop("model")
+    log = result.pop("log")
+    summary = {"source": s.model, "data": s.data, "data_tokens": int(len(stream)), "eval_data": s.eval_data,
+               "settings": {**s.record(), "steps": steps, "processes": accelerator.num_processes,
+                            "trainable_parameters": trainable, "liger_kernel": liger,
+                            "loss_kernel_used": result.pop("loss_kernel")},
+               "identity": identity, "results": result}
+    if accelerator.is_main_process:
+        _write_output(s, folder, out_path, trained, tok, log, summary, s.overwrite or will_resume or s.resume)
+        if not s.keep_checkpoints:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return {**summary, "out": str(out_path), "log": log}
+
+
+def _write_output(s: UptrainSettings, src: ModelFolder, out: Path, net, tok, log: list[dict], summary: dict,
+                  replace: bool) -> None:
     """Model + tokenizer + train_log.jsonl + attnconv.json, appearing in OUT in one rename."""
     provenance = {}
-    prev = src / "attnconv.json"
+    prev = src.path / "attnconv.json"
     if prev.is_file():
         try:
             loaded = json.loads(prev.read_text())
@@ -225,7 +224,8 @@ def _write_output(src: Path, out: Path, net, tok, log: list[dict], summary: dict
             provenance = {}
     provenance["uptrain"] = summary
     net = net.to(_input_dtype(src))
-    with atomic_output_dir(out, overwrite=replace) as tmp:
+    with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer]) \
+            as tmp:
         net.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))

@@ -1,17 +1,13 @@
-"""Getting a loaded model ready to train: which parameters learn, gradient checkpointing, fused kernels.
+"""Getting a loaded model ready to train: which parameters learn, and gradient checkpointing.
 
 Attention: models are loaded with `attn_implementation="sdpa"`. Training feeds packed blocks without
 padding and without an attention mask, so transformers' mask builder returns None and its SDPA
 integration (`use_gqa_in_sdpa`: no mask and head_dim <= 256) calls
 `scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)` with K/V at their n_kv heads:
-K/V are never repeated to n_heads. tests/test_uptrain_model.py checks this on the installed versions.
+K/V are never repeated to n_heads. tests/test_uptrain.py checks this on the installed versions.
 """
 
 from __future__ import annotations
-
-import importlib
-import importlib.util
-import inspect
 
 import torch
 
@@ -46,33 +42,3 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def liger_available() -> bool:
-    """Liger-Kernel needs its package (the `gpu` extra) and a CUDA device; it stays off on CPU."""
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-
-
-def apply_liger(model) -> bool:
-    """Patch the model's RMSNorm/RoPE/SwiGLU with Liger's fused kernels where Liger knows its model_type.
-
-    The loss is computed by attnconv from the logits (it also needs them for distillation), so Liger's
-    fused linear-cross-entropy, which replaces the logits, is not used.
-    """
-    if not liger_available():
-        return False
-    model_type = getattr(model.config, "model_type", "")
-    try:
-        patches = importlib.import_module("liger_kernel.transformers")
-    except Exception:  # a broken GPU stack must not stop training with the plain kernels
-        return False
-    fn = getattr(patches, f"apply_liger_kernel_to_{model_type}", None)
-    if fn is None:
-        return False
-    wanted = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, cross_entropy=False,
-                  fused_linear_cross_entropy=False, model=model)
-    accepted = inspect.signature(fn).parameters  # e.g. Gemma takes geglu, Llama swiglu
-    fn(**{k: v for k, v in wanted.items() if k in accepted})
-    return True
-
-

@@ -1,7 +1,7 @@
 """Training attention on CPU: transformers' SDPA path, with causal self-attention computed in query blocks.
 
-Registered in transformers' AttentionInterface as "attnconv_sdpa" (with SDPA's mask builder) and switched on for
-the training run only; the saved model keeps "sdpa". Calls the blocked kernel (attnconv.kernels.causal_attention)
+Registered with transformers as "attnconv_train_cpu" (with SDPA's mask builder) and switched on for the training
+run only; the saved model keeps "sdpa". Calls the blocked kernel (attnconv.kernels.causal_attention)
 only where it is the same computation as SDPA's `is_causal=True`: no mask (packed blocks, no padding), no
 dropout, no extra bias, as many keys as queries, a length where blocks are faster; everything else goes to
 transformers' own `sdpa_attention_forward` unchanged.
@@ -9,13 +9,15 @@ transformers' own `sdpa_attention_forward` unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 from attnconv.kernels.causal_attention import block_rows_for, causal_attention
+from attnconv.patches.attention import attention_implementation
 
-NAME = "attnconv_sdpa"
+NAME = "attnconv_train_cpu"
 # Keyword arguments that make a layer's attention more than plain causal softmax attention.
 _EXTRAS = ("position_bias", "softcap", "s_aux", "sinks", "cache", "output_attentions")
 
@@ -37,26 +39,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                   is_causal=is_causal, **kwargs)
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(NAME, attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-
-
 @contextmanager
-def cpu_training_attention(model, device: torch.device):
-    """Within this block a CPU model loaded with SDPA attention uses attention_forward; others are unchanged."""
+def cpu_training_attention(model, device: torch.device) -> Iterator[bool]:
+    """Within this block a CPU model loaded with SDPA attention uses attention_forward; others are unchanged.
+    Yields whether the model switched."""
     config = getattr(model, "config", None)
-    switch = (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
-              and hasattr(model, "set_attn_implementation"))
-    if switch:
-        _register()
-        model.set_attn_implementation(NAME)
-        switch = config._attn_implementation == NAME  # a model that cannot switch stays as it was
-    try:
-        yield switch
-    finally:
-        if switch:
-            model.set_attn_implementation("sdpa")
+    if device.type != "cpu" or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield False
+        return
+    from transformers.masking_utils import sdpa_mask
+
+    with attention_implementation(model, NAME, attention_forward, sdpa_mask) as switched:
+        yield switched

@@ -8,14 +8,15 @@ the model's own forward keeps DDP and FSDP hooks intact (the weight is used whil
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from attnconv.kernels.linear_cross_entropy import BACKENDS, linear_cross_entropy, resolve_backend
+from attnconv.uptrain.settings import LOSS_KERNELS  # reference: plain logits + cross_entropy
 
-LOSS_KERNELS = ("auto", "torch", "liger", "reference")  # reference: plain logits + cross_entropy
 # Config keys of families that transform the logits after lm_head (the fused loss would skip that).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -87,6 +88,17 @@ def remove_fused_loss(model, head: FusedLossHead | None) -> None:
     """Put the original lm_head back (its weight is the trained Parameter)."""
     if head is not None:
         model.set_output_embeddings(head.original[0])
+
+
+@contextmanager
+def fused_loss(model, kernel: str, device: torch.device, tokens: int = 0) -> Iterator[FusedLossHead | None]:
+    """Within this block MODEL's output layer is a FusedLossHead (None: nothing changed); the original is put back
+    after it."""
+    head = install_fused_loss(model, kernel, device, tokens)
+    try:
+        yield head
+    finally:
+        remove_fused_loss(model, head)
 
 
 @contextmanager

@@ -1,0 +1,53 @@
+"""The convert op vocabulary: every op a plan step can name, what the plan report says of it, and its tensor
+function. Families (attnconv/families.py) name the op for each attention tensor; the plan runs it; the report
+prints its help. A new conversion is a new entry here, not a new branch elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from attnconv.convert.gqa import convert_fused_qkv, convert_gpt2_c_attn, convert_kv_proj
+
+if TYPE_CHECKING:
+    from attnconv.convert.plan import Plan, Step
+
+
+@dataclass(frozen=True)
+class Op:
+    """A named tensor function: (plan, step, input tensors) -> the step's output; it also runs on meta tensors,
+    which is how a plan learns every output shape before reading a byte."""
+
+    name: str
+    help: str
+    run: Callable[[Plan, Step, list[Tensor]], Tensor]
+
+
+def _kv_proj(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
+    return convert_kv_proj(x[0], plan.layout_in, plan.layout_out.n_kv_heads, plan.method, plan.generator(step, ""))
+
+
+def _fused_qkv(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
+    gens = (plan.generator(step, ":k"), plan.generator(step, ":v"))
+    return convert_fused_qkv(x[0], plan.layout_in, plan.layout_out.n_kv_heads, plan.method, gens)
+
+
+def _gpt2_c_attn(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
+    gens = (plan.generator(step, ":k"), plan.generator(step, ":v"))
+    return convert_gpt2_c_attn(x[0], plan.layout_in, plan.layout_out.n_kv_heads, plan.method, gens)
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in [
+        Op("copy", "copied unchanged", lambda plan, step, x: x[0]),
+        Op("transpose", "Conv1D -> Linear layout", lambda plan, step, x: x[0].t()),
+        Op("kv_proj", "K/V heads merged", _kv_proj),
+        Op("fused_qkv", "fused q|k|v: K/V heads merged", _fused_qkv),
+        Op("gpt2_c_attn", "GPT-2 c_attn -> GPTBigCode c_attn", _gpt2_c_attn),
+    ]
+}

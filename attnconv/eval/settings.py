@@ -1,0 +1,63 @@
+"""The settings of `attnconv eval` (see attnconv/settings.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attnconv.dtypes import ALIASES, DTYPES
+from attnconv.errors import AttnconvError
+from attnconv.settings import Settings, option
+
+DECODE_KERNELS = ("auto", "native", "torch")
+
+
+@dataclass(frozen=True)
+class EvalSettings(Settings):
+    command_name = "eval"
+
+    models: tuple[str, ...] = option(help="Model folders or hub ids to evaluate, side by side.", argument=True,
+                                     metavar="MODEL")
+    data: str | None = option(None, help="Text to score: a .txt/.jsonl/.parquet/.csv file, a folder, a datasets spec "
+                              "name[:config][:split][:column], or tinyshakespeare[:test]. Default: the WikiText-2 "
+                              "raw test split shipped with attnconv.")
+    max_length: int | None = option(None, help="Window length L in tokens. Default: min(1024, the models' maximum "
+                                    "positions); clamped to that maximum.", flag="--max-length", short="-L",
+                                    minimum=2)
+    stride: int | None = option(None, help="Window stride S; each window scores only the tokens no earlier window "
+                                "scored. Default: L // 2.", short="-S", minimum=1)
+    batch_size: int = option(4, help="Windows per forward pass.", short="-b", minimum=1)
+    dtype: str = option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16.",
+                        choices=("auto", *DTYPES), aliases=ALIASES)
+    reference: str | None = option(None, help="Source model: report KL(source || model), top-1 agreement and the "
+                                   "perplexity ratio on the same windows (same tokenizer).")
+    tokenizer: str | None = option(None, help="Tokenizer folder or hub id for all models, for model folders that "
+                                   "have none.")
+    perplexity: bool = option(True, help="Score perplexity (and agreement with --reference); --no-perplexity with "
+                              "--decode measures decode speed alone.")
+    decode: bool = option(False, help="Also measure decode speed and KV-cache memory.")
+    contexts: tuple[int, ...] = option((512, 2048, 8192), help="Decode context lengths, comma-separated (capped by "
+                                       "each model's maximum).", minimum=1)
+    batches: tuple[int, ...] = option((1, 8), help="Decode batch sizes, comma-separated.", minimum=1)
+    new_tokens: int = option(32, help="Tokens generated per decode measurement.", minimum=2)
+    repeats: int = option(3, help="Timed decode runs per grid point; the median is reported with the spread.",
+                          minimum=1)
+    decode_kernel: str = option("auto", help="CPU float32 decode: Linear layers for up to 8 rows through attnconv's "
+                                "AVX2 kernel (compiled on first use with $CC or cc), else oneDNN. auto (the kernel "
+                                "where it builds), native (fail without it) or torch (oneDNN only).",
+                                choices=DECODE_KERNELS)
+    device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+    out: str | None = option(None, help="Write results.json, results.md and PNG plots here.", short="-o", run=False)
+    overwrite: bool = option(False, help="Replace --out if it exists.", run=False)
+    allow_pickle: bool = option(False, help="Allow pytorch_model*.bin weights (loaded with "
+                                "torch.load(weights_only=True)).")
+    quiet: bool = option(False, help="No progress bars.", run=False, recorded=False)
+
+    def check(self) -> None:
+        if not self.perplexity and not self.decode:
+            raise AttnconvError("--no-perplexity leaves nothing to measure; add --decode")
+        if self.stride is not None and self.max_length is not None and self.stride > self.max_length:
+            raise AttnconvError(f"{self.label('stride')} {self.stride} must not exceed {self.label('max_length')} "
+                                f"({self.max_length}), or tokens go unscored")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                              and self.device[5:].isdigit()):
+            raise self.error("device", "auto, cpu, cuda or cuda:N", self.device)

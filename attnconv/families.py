@@ -1,0 +1,192 @@
+"""One declarative record per model family: where its attention tensors live, which config keys hold its head
+counts, what a token costs in its KV cache, and which of attnconv's paths support it.
+
+Everything family-specific is here; conversions, the KV arithmetic, the decode loop and the test helpers read it.
+Torch-free and transformers-free: a record reads a config.json dict and a transformers config object alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnconv.errors import AttnconvError
+
+
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` set in a config dict or object."""
+    for n in names:
+        v = config.get(n) if isinstance(config, dict) else getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """The attention shape of a model, family-free."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden: int
+    layers: int
+    rope: str = "rotate_half"  # HF Llama-style rotary on halves; "none" for learned positions (GPT-2)
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one token costs in the KV cache: `layers x values_per_layer` values, stored once per token."""
+
+    layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    values_per_layer: int  # K and V together (2 x n_kv x head_dim for MHA/GQA/MQA; the latent + RoPE key for MLA)
+
+    def bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return self.layers * self.values_per_layer * dtype_bytes
+
+    def bytes(self, batch: int, context: int, dtype_bytes: int = 2) -> int:
+        """layers x batch x context x values_per_layer x bytes."""
+        return batch * context * self.bytes_per_token(dtype_bytes)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one family keeps its attention tensors, and what attnconv does with it.
+
+    `ops` maps a regex over tensor names to the convert op (attnconv/convert/ops.py) that writes that tensor;
+    every other tensor is copied. `kv_heads` and `kv_values` give the KV heads and the values a token caches per
+    layer where the config does not say them the usual way (n_kv_key; 2 x n_kv x head_dim).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    example: str
+    ops: dict[str, str] = field(default_factory=dict)
+    n_heads_key: str = "num_attention_heads"
+    n_kv_key: str | None = "num_key_value_heads"
+    layers_key: str = "num_hidden_layers"
+    hidden_key: str = "hidden_size"
+    head_dim_key: str | None = "head_dim"
+    rope: str = "rotate_half"
+    source: bool = True  # attnconv converts checkpoints of this family
+    decode: bool = False  # attnconv's decode loop runs it (its attention calls transformers' attention interface)
+    target_model_type: str | None = None  # written as another family (GPT-2 -> GPTBigCode)
+    allowed_kv_heads: str = "divisors"  # or "mqa_or_mha"
+    kv_heads: Callable[[Any], int] | None = None
+    kv_values: Callable[[Any], int] | None = None
+
+    def layout(self, config: Any) -> HeadLayout:
+        n_heads = config_value(config, self.n_heads_key)
+        n_kv = config_value(config, self.n_kv_key) if self.n_kv_key else None
+        n_kv = self.kv_heads(config) if self.kv_heads else n_heads if n_kv is None else n_kv
+        hidden = config_value(config, self.hidden_key)
+        head_dim = (config_value(config, self.head_dim_key) if self.head_dim_key else None) or hidden // n_heads
+        return HeadLayout(n_heads, n_kv, head_dim, hidden, config_value(config, self.layers_key), self.rope)
+
+    def cache_shape(self, config: Any) -> CacheShape:
+        lay = self.layout(config)
+        values = self.kv_values(config) if self.kv_values else 2 * lay.n_kv_heads * lay.head_dim
+        return CacheShape(lay.layers, lay.n_heads, lay.n_kv_heads, lay.head_dim, values)
+
+    def op_for(self, tensor_name: str) -> str:
+        for pattern, op in self.ops.items():
+            if re.search(pattern, tensor_name):
+                return op
+        return "copy"
+
+
+_LLAMA_LIKE = {r"\.self_attn\.[kv]_proj\.(weight|bias)$": "kv_proj"}
+_GPT2_CONV1D = {r"\.attn\.c_attn\.(weight|bias)$": "gpt2_c_attn", r"\.attn\.c_proj\.weight$": "transpose",
+                r"\.mlp\.c_fc\.weight$": "transpose", r"\.mlp\.c_proj\.weight$": "transpose"}
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("llama", ("llama",), "meta-llama/Llama-3.2-1B", _LLAMA_LIKE, decode=True),
+        Family("mistral", ("mistral",), "mistralai/Mistral-7B-v0.1", _LLAMA_LIKE, decode=True),
+        Family("qwen2", ("qwen2",), "Qwen/Qwen2.5-0.5B", _LLAMA_LIKE, decode=True),  # q/k/v biases
+        Family("qwen3", ("qwen3",), "Qwen/Qwen3-0.6B", _LLAMA_LIKE, decode=True),  # per-head q/k norms
+        Family("gemma", ("gemma",), "google/gemma-2b", _LLAMA_LIKE, decode=True),
+        Family("phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct", {r"\.self_attn\.qkv_proj\.weight$": "fused_qkv"},
+               decode=True),
+        Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
+               layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
+               target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha"),
+        # Outputs only: what GPT-2 conversions are written as.
+        Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
+               n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
+               source=False, kv_heads=lambda c: 1 if config_value(c, "multi_query") else config_value(c, "n_head")),
+    ]
+}
+SOURCE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.source)
+
+
+def supported_families() -> str:
+    return ", ".join(f"{f.name} (e.g. {f.example})" for f in FAMILIES.values() if f.source)
+
+
+def family_of(config: Any) -> Family | None:
+    """The record for a config (dict or object), or None for a family attnconv does not know."""
+    model_type = config_value(config, "model_type")
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+def source_family(config: dict) -> Family:
+    """The family of a checkpoint to convert, or a refusal that lists what is supported."""
+    family = family_of(config)
+    if family is None or not family.source:
+        archs = ", ".join(config.get("architectures") or []) or "unknown architecture"
+        raise AttnconvError(f"model_type {config.get('model_type')!r} ({archs}) is not supported; supported "
+                            f"families: {supported_families()}")
+    return family
+
+
+def cache_shape(config: Any) -> CacheShape:
+    """KV-cache shape of any causal-LM config: a known family's own rule, else the usual Llama-style keys."""
+    family = family_of(config)
+    if family is not None:
+        return family.cache_shape(config)
+    layers = config_value(config, "num_hidden_layers", "n_layer")
+    n_heads = config_value(config, "num_attention_heads", "n_head")
+    hidden = config_value(config, "hidden_size", "n_embd")
+    head_dim = config_value(config, "head_dim", default=hidden // n_heads)
+    n_kv = config_value(config, "num_key_value_heads", default=n_heads)
+    return CacheShape(layers, n_heads, n_kv, head_dim, 2 * n_kv * head_dim)
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence a config allows, whatever the family calls it (None when it says nothing)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = config_value(config, name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_kv_heads(family: Family, layout: HeadLayout, kv_heads: int) -> None:
+    """--kv-heads must divide the query heads and the source's KV heads (pooling only merges heads)."""
+    if kv_heads > layout.n_kv_heads:
+        raise AttnconvError(
+            f"--kv-heads {kv_heads} exceeds the source's {layout.n_kv_heads} KV heads; pooling can only merge "
+            f"heads: choose a divisor of {layout.n_kv_heads}"
+        )
+    if layout.n_heads % kv_heads or layout.n_kv_heads % kv_heads:
+        divisors = [d for d in range(1, layout.n_kv_heads + 1) if layout.n_kv_heads % d == 0]
+        raise AttnconvError(
+            f"--kv-heads {kv_heads} does not divide the {layout.n_heads} query heads and {layout.n_kv_heads} KV "
+            f"heads; choose one of {divisors}"
+        )
+    if family.allowed_kv_heads == "mqa_or_mha" and kv_heads not in (1, layout.n_heads):
+        raise AttnconvError(
+            f"{family.name} is written as {family.target_model_type}, which has only MQA (1 KV head) or MHA "
+            f"({layout.n_heads}); use --to mqa or --kv-heads {layout.n_heads}"
+        )

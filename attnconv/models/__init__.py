@@ -1,1 +1,0 @@
-"""attnconv's own model classes (registered with transformers' Auto classes on import)."""
