@@ -148,3 +148,31 @@ def test_runner_replays_each_layers_own_mask(tmp_path):
     expected = hooked_attention_inputs(tmp_path / "m", tokens)
     for i, x_ref in enumerate(expected):
         assert (torch.cat(got[i][0].xs) - x_ref).abs().max().item() <= 1e-5, i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_runner_reads_sharded_bf16_checkpoints(tmp_path, dtype):
+    """A bf16 checkpoint in several shards, computed in DTYPE: the inputs transformers computes in that dtype."""
+    path = build_tiny_model("qwen2", tmp_path / "m", dtype=torch.bfloat16, max_shard_size="20KB", n_kv_heads=2)
+    assert len(list(path.glob("*.safetensors"))) > 2
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    got = dict(calibrate_layers(path, tokens, lambda i: [StoreInputs()], dtype=dtype, progress=False))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    expected = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, args, kwargs: expected.append(kwargs["hidden_states"].reshape(-1, 64).float()), with_kwargs=True)
+    with torch.no_grad():
+        model(tokens)
+    for i, x_ref in enumerate(expected):
+        x = torch.cat(got[i][0].xs)
+        assert x.dtype == torch.float32
+        assert (x - x_ref).abs().max().item() <= (1e-5 if dtype == torch.float32 else 0.0), i
+
+
+def test_runner_refuses_a_broken_config_in_one_line(tmp_path):
+    path = build_tiny_model("llama", tmp_path / "m")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(AttnconvError, match="config.json is not a valid JSON") as e:
+        calibrate_layers(path, torch.zeros(1, 4, dtype=torch.long), lambda i: [])
+    assert "\n" not in str(e.value)

@@ -46,7 +46,10 @@ class LayerwiseModel:
         self.path = resolve_source(source, allow_pickle)
         check_weights_allowed(self.path, allow_pickle)
         self.device, self.dtype = torch.device(device), dtype
-        model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
+        try:
+            model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise AttnconvError(f"{self.path / 'config.json'} is not a valid JSON object") from None
         try:
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
             # include_buffers=False: buffers computed at init (RoPE frequencies, Gemma's embedding scale) are real.
