@@ -13,7 +13,6 @@ last layer. Each real layer is then called with the arguments its catcher record
 
 from __future__ import annotations
 
-import ctypes
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -22,11 +21,11 @@ from pathlib import Path
 import torch
 
 from attnconv.calibration.collectors import Collector
+from attnconv.calibration.memory import BATCH_TOKENS, release_freed_memory
 from attnconv.convert.tensor_io import CheckpointReader
 from attnconv.errors import AttnconvError
 from attnconv.hub import check_weights_allowed, resolve_source, weight_files
 
-BATCH_TOKENS = 4096  # tokens per layer call: activations stay small next to the hidden states
 PROGRESS_AFTER_S = 2.0  # a progress bar appears once a run has taken this long
 SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, phi3"
 
@@ -116,7 +115,7 @@ class LayerwiseModel:
     @staticmethod
     def free(module: torch.nn.Module) -> None:
         module.to("meta")
-        _release_freed_memory()
+        release_freed_memory()
 
     @torch.no_grad()
     def layer_inputs(self, tokens: torch.Tensor, batch: int, tick: Callable[[], None]):
@@ -203,25 +202,12 @@ class LayerwiseModel:
             self.free(layer)
 
 
-def _release_freed_memory() -> None:
-    """Hand memory freed inside glibc's heap back to the system.
-
-    glibc raises its mmap threshold to the size of every large block freed (up to 32 MiB), so after the
-    first layer, weights and activations come from the heap, where freed blocks between live ones stay in
-    the resident set: measured +10 MiB per layer of a 24 MiB layer. malloc_trim returns those pages.
-    """
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 class _Progress:
     """A rich progress bar that appears only once the run has taken PROGRESS_AFTER_S."""
 
     def __init__(self, enabled: bool, total: int, n_layers: int):
         self.enabled, self.total, self.n_layers = enabled, total, n_layers
-        self.t0, self.done, self.layer, self.bar, self.task = time.perf_counter(), 0, 0, None, None
+        self.t0, self.done, self.layer, self.bar, self.task = time.perf_counter(), 0, -1, None, None
 
     def tick(self) -> None:
         self.done += 1
@@ -262,7 +248,6 @@ def _run(model: LayerwiseModel, tokens: torch.Tensor, make_collectors, batch: in
     n_batches = -(-tokens.shape[0] // batch)
     bar = _Progress(progress, (model.n_layers + 1) * n_batches, model.n_layers)
     try:
-        bar.layer = -1
         states, kwargs_by_size = model.layer_inputs(tokens, batch, bar.tick)
         for index in range(model.n_layers):
             bar.layer = index
@@ -271,29 +256,3 @@ def _run(model: LayerwiseModel, tokens: torch.Tensor, make_collectors, batch: in
             yield index, collectors
     finally:
         bar.close()
-
-
-def estimate_memory(config, n_tokens: int, collector_bytes: int, *, seq_len: int = 2048,
-                    batch_tokens: int = BATCH_TOKENS, dtype_bytes: int = 4) -> int:
-    """Peak bytes a calibration run adds to the process (torch and transformers already imported), for --dry-run.
-
-    config: a config.json dict or a transformers config. collector_bytes: the statistics alive at once (one
-    layer's collectors when the consumer drops them before the next layer, all layers' when it keeps them).
-    Assumes attention without a materialised score matrix (SDPA's flash or memory-efficient kernels, which
-    causal masks without padding get).
-    """
-    c = config if isinstance(config, dict) else config.to_dict()
-    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    n_heads = c["num_attention_heads"]
-    n_kv = c.get("num_key_value_heads") or n_heads
-    head_dim = c.get("head_dim") or hidden // n_heads
-    q_kv = (n_heads + 2 * n_kv) * head_dim
-    states = n_tokens * hidden * 4
-    layer = (hidden * (q_kv + n_heads * head_dim) + 3 * hidden * inter + 4 * hidden) * dtype_bytes
-    rows = max(1, batch_tokens // seq_len) * min(seq_len, n_tokens)
-    # One batch through a layer: norms, residuals, attention output and its transposed copy, q/k/v and their
-    # rotated copies, the MLP's three intermediate tensors, the float32 output copy and a collector's float64
-    # copy of x; plus BLAS/OpenMP buffers and allocator slack. Measured within 20% of this on CPU.
-    work = rows * ((8 * hidden + 3 * q_kv + 3 * inter) * dtype_bytes + hidden * (4 + 8 + 8)) + (8 << 20)
-    embedding_phase = vocab * hidden * dtype_bytes + rows * hidden * (dtype_bytes + 4)
-    return states + max(embedding_phase, layer + work + collector_bytes)
