@@ -1,14 +1,16 @@
 """A local stand-in for the Hugging Face hub: the HTTP calls `huggingface_hub`'s upload path makes, answered on
 127.0.0.1 from an in-memory store, so `attnconv push` can be tested end to end with the real client.
 
-Covered (huggingface_hub 1.x/2.x wire format): repo creation, branch creation, README metadata validation,
-pre-upload (the server decides regular vs LFS per file, as the hub does), the git-LFS batch API with basic
-(one PUT) or multipart transfers plus verify, and the NDJSON commit. Not covered: the Xet storage protocol —
+Covered (huggingface_hub 1.x/2.x wire format): repo creation, repo info (asked when creation is refused),
+branch creation, README metadata validation, pre-upload (the server decides regular vs LFS per file, as the hub
+does, and returns the stored oids the client uses to skip unchanged files), the git-LFS batch API with basic (one
+PUT) or multipart transfers plus verify, the NDJSON commit, and the agent-harness registry the client fetches once
+per process for its user agent. Unserved calls are recorded in `unhandled`. Not covered: the Xet storage protocol —
 tests turn it off (`HF_HUB_DISABLE_XET`), so large files take the LFS path; the commit payload is the same.
 
 State: `repos[repo_id].branches[name] -> commit id`, `commits[id] = Commit(parent, message, files)`; LFS objects
 live in `lfs` until a commit references them, as on the hub. `fail[endpoint] = status` makes that endpoint answer
-with an error instead (endpoints: create, branch, preupload, batch, upload, verify, commit).
+with an error instead (the handler names in ROUTES: create, branch, preupload, batch, upload, commit ...).
 """
 
 from __future__ import annotations
