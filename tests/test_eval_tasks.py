@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 from attnconv.errors import AttnconvError  # noqa: E402
-from attnconv.eval.tasks import parse_limit, run_tasks, task_rows, tasks_markdown  # noqa: E402
+from attnconv.eval.tasks import check_tasks, parse_limit, run_tasks, task_rows, tasks_markdown  # noqa: E402
 from attnconv.testing import build_tiny_model  # noqa: E402
 
 TASK = "attnconv_tiny_mc"
@@ -151,6 +151,20 @@ def test_unknown_task_names_close_matches(tiny, task_dir, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(AttnconvError, match="--task-include .*no such folder"):
         run_tasks(model, tokenizer, [TASK], limit=2, batch_size=1, include_path=str(tmp_path / "nope"), device=None)
+    # The same checks before any model is loaded: what `attnconv eval` runs first.
+    with pytest.raises(AttnconvError, match=r"unknown task 'hellaswagg' \(did you mean hellaswag"):
+        check_tasks(["hellaswagg"], include_path=str(task_dir))
+    with pytest.raises(AttnconvError, match="no task given"):
+        check_tasks([" "])
+    check_tasks([TASK], include_path=str(task_dir))
+
+    broken = tmp_path / "broken"  # a task whose data file is not there: one line, not the datasets traceback
+    broken.mkdir()
+    (broken / "t.yaml").write_text((task_dir / "tiny_mc.yaml").read_text().replace(str(task_dir / "data.jsonl"),
+                                                                                   str(broken / "missing.jsonl")))
+    with pytest.raises(AttnconvError, match=f"could not load task.s. {TASK}: ") as e:
+        run_tasks(model, tokenizer, [TASK], limit=2, batch_size=1, include_path=str(broken), device=None)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "1.5", "abc", "nan"])
@@ -168,6 +182,8 @@ def test_limit_forms():
 def test_missing_harness_names_the_install(tiny, task_dir, monkeypatch):
     model, tokenizer = tiny
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
-    with pytest.raises(AttnconvError, match=r"pip install 'attnconv\[tasks\]'") as e:
-        run_tasks(model, tokenizer, [TASK], limit=None, batch_size=1, include_path=str(task_dir), device=None)
-    assert "\n" not in str(e.value)
+    for call in (lambda: run_tasks(model, tokenizer, [TASK], limit=None, batch_size=1, include_path=str(task_dir),
+                                   device=None), lambda: check_tasks([TASK], include_path=str(task_dir))):
+        with pytest.raises(AttnconvError, match=r"pip install 'attnconv\[tasks\]'") as e:
+            call()
+        assert "\n" not in str(e.value)

@@ -13,7 +13,9 @@ that attnconv records itself.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import logging
 import math
 import warnings
@@ -56,11 +58,11 @@ def _import_harness():
         import lm_eval  # noqa: F401
         from lm_eval.evaluator import evaluate
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # noqa: F401
     except ImportError as e:
         raise AttnconvError(f"task scores need lm-evaluation-harness, which is not installed ({e}); install it "
                             f"with `{INSTALL_HINT}`") from None
-    return evaluate, HFLM, TaskManager
+    return evaluate, HFLM
 
 
 @contextmanager
@@ -86,18 +88,41 @@ def _quiet():
             datasets.enable_progress_bars()
 
 
-def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
-    """The index of task names; with include_path alone first (building the harness's full index of ~14k YAML
-    files takes seconds), the full one when a name is not there."""
+def _clean_names(tasks) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in ([tasks] if isinstance(tasks, str) else tasks or []) if t.strip()))
+    if not names:
+        raise AttnconvError("no task given; pass --tasks name[,name...] (e.g. hellaswag,arc_easy)")
+    return names
+
+
+def check_tasks(tasks: list[str], include_path: str | None = None) -> None:
+    """Fail early (before any model is loaded) on a missing harness, an unknown task or a bad --task-include.
+    The task index it builds is kept for run_tasks."""
+    _import_harness()
+    with _quiet():
+        _task_manager(_clean_names(tasks), include_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _index(include_path: str | None, include_defaults: bool):
+    """The harness's index of task names (cached: building the full one reads ~14k YAML files, seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _task_manager(tasks: tuple[str, ...], include_path: str | None):
+    """The index to load TASKS from: include_path's own first, the harness's full one when a name is not there."""
     if include_path is not None:
         path = Path(include_path).expanduser()
         if not path.exists():
             raise AttnconvError(f"--task-include {include_path}: no such folder or file; pass the folder of your "
                                 "task YAML files")
-        local = TaskManager(include_path=str(path), include_defaults=False)
+        include_path = str(path.resolve())
+        local = _index(include_path, False)
         if all(_known(local, t) for t in tasks):
             return local
-    manager = TaskManager(include_path=None if include_path is None else str(Path(include_path).expanduser()))
+    manager = _index(include_path, True)
     unknown = [t for t in tasks if not _known(manager, t)]
     if unknown:
         hints = []
@@ -153,9 +178,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None =
     Returns {"harness": ..., "limit": ..., "tasks": {task: {"acc": ..., "acc_stderr": ..., "samples": n, ...}}},
     ready for results.json.
     """
-    tasks = [t.strip() for t in (tasks or []) if t and t.strip()]
-    if not tasks:
-        raise AttnconvError("no task given; pass --tasks name[,name...] (e.g. hellaswag,arc_easy)")
+    names = _clean_names(tasks)
     limit = check_limit(limit)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AttnconvError(f"batch size {batch_size} must be a whole number >= 1")
@@ -164,21 +187,19 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None =
     if tokenizer is None:
         raise AttnconvError("task scores need the model's tokenizer; this model folder has none (copy the source's "
                             "tokenizer files beside its weights)")
-    evaluate, HFLM, TaskManager = _import_harness()
-    import copy
-
+    evaluate, HFLM = _import_harness()
     import lm_eval
     import torch
 
     if device is not None and model.device != torch.device(device):
         model.to(device)
     with _quiet():
-        manager = _task_manager(TaskManager, tasks, include_path)
+        manager = _task_manager(names, include_path)
         try:
-            loaded = manager.load(tasks)  # builds each task: reads its dataset
+            loaded = manager.load(list(names))  # builds each task: reads its dataset
         except Exception as e:  # a dataset missing offline, a broken local YAML: one line to the user
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise AttnconvError(f"could not load task(s) {', '.join(tasks)}: {first}") from None
+            raise AttnconvError(f"could not load task(s) {', '.join(names)}: {first}") from None
         for task in loaded["tasks"].values():  # what simple_evaluate does before evaluating
             if num_fewshot is not None and task.get_config("num_fewshot") != 0:
                 task.set_config(key="num_fewshot", value=num_fewshot)
