@@ -24,7 +24,7 @@ from attnconv.calibration import (
     estimate_memory,
 )
 from attnconv.eval.decode_measure import PeakMemory
-from attnconv.hub import load_tokenizer
+from attnconv.loading import load_tokenizer
 from attnconv.reference import REFERENCE_DIR
 
 

@@ -173,6 +173,6 @@ def test_runner_reads_sharded_bf16_checkpoints(tmp_path, dtype):
 def test_runner_refuses_a_broken_config_in_one_line(tmp_path):
     path = build_tiny_model("llama", tmp_path / "m")
     (path / "config.json").write_text("{not json")
-    with pytest.raises(AttnconvError, match="config.json is not a valid JSON") as e:
+    with pytest.raises(AttnconvError, match="config.json is not valid JSON") as e:
         calibrate_layers(path, torch.zeros(1, 4, dtype=torch.long), lambda i: [])
     assert "\n" not in str(e.value)

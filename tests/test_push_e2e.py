@@ -13,7 +13,9 @@ import pytest
 from hub_double import HubDouble  # tests/ is on sys.path (no __init__.py)
 
 from attnconv.convert.api import convert
+from attnconv.convert.settings import ConvertSettings
 from attnconv.push import api as push_api
+from attnconv.push.settings import PushSettings
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
 TOKEN = "hf_double_token"
@@ -24,7 +26,7 @@ REPO = "me/tiny-gqa"
 def converted(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("push-e2e")
     build_tiny_model("llama", root / "src", n_heads=4, n_kv_heads=4)
-    convert(root / "src", root / "gqa", kv_heads=2, progress=False)
+    convert(ConvertSettings(root / "src", root / "gqa", kv_heads=2), progress=False)
     return root / "gqa"
 
 
@@ -68,7 +70,7 @@ def _sha(data: bytes) -> str:
 def _expected(folder: Path, repo_id: str) -> dict[str, str]:
     """sha256 of every file that should arrive: the folder's own and the generated card."""
     digests = {p.relative_to(folder).as_posix(): _sha(p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
-    card = push_api.plan_push(folder, repo_id).card
+    card = push_api.plan_push(PushSettings(folder, repo_id)).card
     return digests | ({"README.md": _sha(card.encode())} if card is not None else {})
 
 
@@ -83,7 +85,7 @@ def test_every_file_and_the_card_arrive_byte_for_byte(folder, hub, transfer):
     weights = (folder / "model.safetensors").read_bytes()
     if transfer == "multipart":
         hub.state.multipart_chunk = 128 * 1024  # the double asks for parts, as the hub does for big files
-    url = push_api.push(folder, REPO, private=True)
+    url = push_api.push(PushSettings(folder, REPO, private=True))
 
     repo = hub.state.repos[REPO]
     head = repo.branches["main"]
@@ -103,7 +105,7 @@ def test_every_file_and_the_card_arrive_byte_for_byte(folder, hub, transfer):
 
 
 def test_push_to_a_branch_leaves_main_alone(folder, hub):
-    push_api.push(folder, REPO, revision="v1", commit_message="first")
+    push_api.push(PushSettings(folder, REPO, revision="v1", message="first"))
     repo = hub.state.repos[REPO]
     assert hub.state.files(REPO).keys() == {".gitattributes"}  # main: only the repo's first commit
     assert _arrived(hub, REPO, "v1") == _expected(folder, REPO)
@@ -115,7 +117,7 @@ def test_push_to_a_branch_leaves_main_alone(folder, hub):
     # match) and the weights already stored are not uploaded twice.
     (folder / "README.md").write_text("# mine\n")
     n_puts = sum(method == "PUT" for method, _ in hub.state.requests)
-    push_api.push(folder, REPO, revision="v1")
+    push_api.push(PushSettings(folder, REPO, revision="v1"))
     second = hub.state.commits[repo.branches["v1"]]
     assert second.parent == first_id
     assert second.files["README.md"] == b"# mine\n" and _arrived(hub, REPO, "v1") == _expected(folder, REPO)
@@ -124,7 +126,7 @@ def test_push_to_a_branch_leaves_main_alone(folder, hub):
 
 @pytest.mark.parametrize("failure", ["commit-500", "commit-403", "wrong-token"])
 def test_a_failed_push_changes_nothing_and_says_one_line(folder, hub, cli, monkeypatch, failure):
-    push_api.push(folder, REPO)
+    push_api.push(PushSettings(folder, REPO))
     before, files_before = hub.state.snapshot(), hub.state.files(REPO)
     (folder / "notes.txt").write_text("changed\n")
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[::-1])

@@ -13,7 +13,6 @@ last layer. Each real layer is then called with the arguments its catcher record
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch
 from attnconv.calibration.collectors import Collector
 from attnconv.calibration.memory import BATCH_TOKENS, release_freed_memory
 from attnconv.convert.tensor_io import CheckpointReader
-from attnconv.errors import AttnconvError
-from attnconv.hub import check_weights_allowed, resolve_source, weight_files
+from attnconv.errors import AttnconvError, first_line
+from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
 
 PROGRESS_AFTER_S = 2.0  # a progress bar appears once a run has taken this long
 SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, phi3"
@@ -40,24 +39,21 @@ class LayerwiseModel:
     def __init__(self, source: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  allow_pickle: bool = False):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        self.path = resolve_source(source, allow_pickle)
-        check_weights_allowed(self.path, allow_pickle)
-        self.device, self.dtype = torch.device(device), dtype
+        folder = resolve_source(source, allow_pickle)
+        self.path = folder.path
+        files, fmt = weight_files(folder, allow_pickle)
+        model_type = read_config(folder)["model_type"]
+        config = load_config(folder)
         try:
-            model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            raise AttnconvError(f"{self.path / 'config.json'} is not a valid JSON object") from None
-        try:
-            config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
             # include_buffers=False: buffers computed at init (RoPE frequencies, Gemma's embedding scale) are real.
             with init_empty_weights(include_buffers=False):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         except (ValueError, KeyError, OSError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise AttnconvError(f"{source}: transformers cannot build a {model_type} model from its config ({msg}); "
-                                f"calibration supports {SUPPORTED}") from None
+            raise AttnconvError(f"{source}: transformers cannot build a {model_type} model from its config "
+                                f"({first_line(e)}); calibration supports {SUPPORTED}") from None
+        self.device, self.dtype = torch.device(device), dtype
         self.config = config
         self.base = self.model.base_model
         self.layers = getattr(self.base, "layers", None)
@@ -68,8 +64,8 @@ class LayerwiseModel:
         self.layer_prefix = [names[id(layer)] + "." for layer in self.layers]
         self.embedding = self.model.get_input_embeddings()
         self.embedding_prefix = names[id(self.embedding)] + "."
-        files, fmt = weight_files(self.path)
         self.reader = CheckpointReader(files, fmt)
+        check_layers(read_config(folder), list(self.reader.tensors), self.path)
         for module in self.model.modules():  # the real buffers go where the layers run
             for key, buf in module._buffers.items():
                 if buf is not None and not buf.is_meta:
