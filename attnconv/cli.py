@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ import typer
 from attnconv import __version__
 from attnconv.convert.command import run_convert, run_info
 from attnconv.convert.settings import ConvertSettings, InfoSettings
-from attnconv.errors import AttnconvError, Terminated
+from attnconv.errors import AttnconvError, Interrupted, Terminated, disk_full
 from attnconv.eval.command import run_eval
 from attnconv.eval.settings import EvalSettings
 from attnconv.push.command import run_push
@@ -42,8 +43,26 @@ app = typer.Typer(
 COMMANDS = {"convert": (ConvertSettings, run_convert), "info": (InfoSettings, run_info),
             "eval": (EvalSettings, run_eval), "uptrain": (UptrainSettings, run_uptrain),
             "push": (PushSettings, run_push)}
+KEPT = "the output folder was not created or left as it was"
+
+
+def _interruptible(run):
+    """RUN with Ctrl-C and SIGTERM turned into one-line errors (exit 130 / 143) before typer sees them."""
+
+    @functools.wraps(run)
+    def guarded(settings):
+        try:
+            return run(settings)
+        except Terminated:
+            raise Interrupted(f"terminated (SIGTERM); {KEPT}", signal.SIGTERM) from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {KEPT}", signal.SIGINT) from None
+
+    return guarded
+
+
 for _name, (_settings, _run) in COMMANDS.items():
-    app.command(_name, no_args_is_help=True)(command(_settings, _run))
+    app.command(_name, no_args_is_help=True)(command(_settings, _interruptible(_run)))
 
 
 def _version(value: bool) -> None:
@@ -94,25 +113,30 @@ def main() -> None:
     except AttnconvError as e:
         _fail(str(e), e.exit_code)
     except Terminated:
-        _fail("terminated (SIGTERM); the output folder was not created or left as it was", 143)
+        _fail(f"terminated (SIGTERM); {KEPT}", 143)
     except KeyboardInterrupt:
-        _fail("interrupted; the output folder was not created or left as it was", 130)
+        _fail(f"interrupted; {KEPT}", 130)
     except OSError as e:  # the file system said no: a user's problem to fix, not a bug to trace
         if e.errno not in _USER_OS_ERRORS:
             raise
         where = f" ({e.filename})" if e.filename else ""
-        _fail(f"{e.strerror or e}{where}; {_USER_OS_ERRORS[e.errno]}; the output folder was not created or left "
-              "as it was", 1)
+        _fail(f"{e.strerror or e}{where}; {_USER_OS_ERRORS[e.errno]}; {KEPT}", 1)
     except click_exit as e:
         sys.exit(e.exit_code)
-    except click_abort:
-        _fail("interrupted; the output folder was not created or left as it was", 130)
+    except click_abort as e:  # click turns a KeyboardInterrupt (and so SIGTERM's Terminated) into Abort
+        if isinstance(e.__cause__ or e.__context__, Terminated):
+            _fail(f"terminated (SIGTERM); {KEPT}", 143)
+        _fail(f"interrupted; {KEPT}", 130)
     except click_error as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `attnconv convert` alone: show its help
             e.show()
             sys.exit(0)
         name = next((a + " " for a in sys.argv[1:2] if a in COMMANDS), "")
         _fail(f"{e.format_message().rstrip('.')} (see attnconv {name}--help)", e.exit_code)
+    except Exception as e:  # torch and safetensors report a full disk in their own words; anything else is a bug
+        if not disk_full(e):
+            raise
+        _fail(f"no space left on the disk; free some space or write elsewhere; {KEPT}", 1)
     if isinstance(code, int) and code:
         sys.exit(code)
 

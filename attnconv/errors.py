@@ -31,6 +31,16 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def disk_full(e: BaseException) -> bool:
+    """Whether an exception from the OS, torch or safetensors means the disk (or quota) is full."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return "No space left" in text or "Disk quota" in text or "failed writing file" in text
+
+
 def cache_root() -> Path:
     """attnconv's cache folder: $ATTNCONV_CACHE, else ~/.cache/attnconv (token caches, compiled kernels)."""
     return Path(os.environ.get("ATTNCONV_CACHE") or Path.home() / ".cache" / "attnconv")

@@ -86,6 +86,7 @@ def resolve_source(src: str | Path, allow_pickle: bool = False) -> ModelFolder:
     for p in folder.path.iterdir():
         if p.is_symlink() or p.is_file():
             folder.inside(p)
+    read_config(folder)  # its sizes checked before anything else reads the folder
     return folder
 
 
@@ -148,12 +149,24 @@ def _index_files(folder: ModelFolder, index: Path, suffix: str) -> list[Path]:
 
 
 def check_layers(config: dict, tensor_names: list[str], where: Path) -> None:
-    """The config's layer count against the layers the weights hold (when the names show them)."""
+    """The config's layer count against the layers the weights hold, and every layer holding the same tensors
+    (when the names show layers). Torch-free: convert and info check this from the headers alone."""
     layers = config.get("num_hidden_layers") or config.get("n_layer")
-    found = {int(m.group(1)) for n in tensor_names if (m := _LAYER_INDEX.search(n))}
-    if layers and found and max(found) + 1 != layers:
-        raise AttnconvError(f"{where}/config.json says {layers} layers but the weights hold {max(found) + 1}; the "
+    per_layer: dict[int, set[str]] = {}
+    for name in tensor_names:
+        if m := _LAYER_INDEX.search(name):
+            per_layer.setdefault(int(m.group(1)), set()).add(name[m.end():])
+    if not per_layer:
+        return
+    if layers and (max(per_layer) + 1 != layers or len(per_layer) != layers):
+        raise AttnconvError(f"{where}/config.json says {layers} layers but the weights hold {len(per_layer)}; the "
                             "config does not belong to these weights")
+    every = set.union(*per_layer.values())
+    for index, names in sorted(per_layer.items()):
+        if names != every:
+            missing = sorted(every - names)[:3]
+            raise AttnconvError(f"{where}: layer {index} lacks {', '.join(missing)} that other layers hold; the "
+                                "weights are incomplete: download or convert the model again")
 
 
 def load_config(src: str | Path | ModelFolder, allow_pickle: bool = False):
@@ -174,14 +187,25 @@ def _checkpoint_tensors(files: list[Path], fmt: str) -> dict[str, tuple[int, ...
     return {name: meta.shape for name, meta in CheckpointReader(files, fmt).tensors.items()}
 
 
-def _expected_parameters(config) -> int:
-    """Parameters (tied ones once) the architecture builds from this config, counted on the meta device."""
+def _expected_parameters(config) -> tuple[int, set[str], str]:
+    """Parameters (tied ones once) the architecture builds from this config, counted on the meta device: their
+    number, their names, and the base model's prefix (checkpoints may omit it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    return sum(p.numel() for p in model.parameters())
+    named = dict(model.named_parameters())
+    return sum(p.numel() for p in named.values()), set(named), getattr(model, "base_model_prefix", "") or ""
+
+
+def _missing_names(expected: set[str], held: set[str], prefix: str) -> list[str]:
+    """Expected parameter names the checkpoint lacks, with or without the base model's prefix."""
+    def present(name: str) -> bool:
+        bare = name.removeprefix(prefix + ".") if prefix else name
+        return name in held or bare in held or (f"{prefix}.{name}" in held if prefix else False)
+
+    return sorted(n for n in expected if not present(n))
 
 
 @contextmanager
@@ -216,12 +240,14 @@ def load_causal_lm(src: str | Path | ModelFolder, dtype: str | torch.dtype | Non
     config = load_config(folder)
     held = sum(_numel(s) for s in tensors.values())
     try:
-        expected = _expected_parameters(config)
+        expected, names, prefix = _expected_parameters(config)
     except Exception as e:
         raise AttnconvError(f"{folder.spec}: transformers cannot build its architecture ({first_line(e)})") from None
     if expected > held:
-        raise AttnconvError(f"{folder.spec}: its config describes {expected:,} parameters but the weights hold "
-                            f"{held:,}; the config does not belong to these weights")
+        missing = _missing_names(names, set(tensors), prefix)
+        what = f"missing {', '.join(missing[:3])}" if missing else f"{held:,} of {expected:,} parameters"
+        raise AttnconvError(f"{folder.spec}: its weights do not match its architecture ({what}); the config does "
+                            "not belong to these weights, or the weights are incomplete")
     try:
         with quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(

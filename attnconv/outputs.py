@@ -68,7 +68,7 @@ def protect_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> None
                                 "output folder")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +92,7 @@ def clean_stale(out: Path) -> list[str]:
             pid = int(rest.split("-")[0])
         except ValueError:
             continue
-        if _pid_alive(pid) and pid != os.getpid():
+        if pid_alive(pid) and pid != os.getpid():
             continue
         if kind == "old" and not out.exists():
             os.rename(p, out)  # a kill between the two renames of --overwrite: the previous output comes back

@@ -195,3 +195,55 @@ def test_checkpoints_reach_the_disk_before_they_are_published(tmp_path, monkeypa
         ckpt_mod.save_checkpoint(acc, tmp_path / "ckpt", model, opt, sched, {"step": step})
     assert order == [("step-0000001", True), ("step-0000002", True)]
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-0000002"]
+
+
+def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path):
+    """A checkpoint resumes only the run that wrote it: each setting that changes the run's mathematics, and each
+    input's content, is compared, and a difference is refused with what differs."""
+    out = tmp_path / "run"
+    child_env = {**os.environ, KILL_AFTER_ENV: "2", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "attnconv", "uptrain", env["model"], str(out), "--data", env["train"], "--steps",
+           "4", "--save-every", "2", "--seq-len", "32", "--batch-size", "4", "--quiet"]
+    assert subprocess.run(cmd, env=child_env, capture_output=True, timeout=300).returncode == -9
+    other_data = tmp_path / "other.txt"
+    other_data.write_text(tinyshakespeare_split("train")[30_000:60_000])
+    changed_model = tmp_path / "changed"
+    import shutil
+
+    shutil.copytree(env["model"], changed_model)
+    weights = load_file(changed_model / "model.safetensors")
+    weights["model.norm.weight"] += 1.0
+    save_file(weights, changed_model / "model.safetensors", metadata={"format": "pt"})
+    base = dict(data=env["train"], steps=4, save_every=2, seq_len=32, batch_size=4, resume=True,
+                cache_dir=env["cache"], quiet=True)
+    cases = [({"dtype": "bf16"}, "dtype: 'float32' -> 'bfloat16'"),
+             ({"teacher": env["model"]}, "teacher: None -> "),
+             ({"loss_kernel": "reference"}, "loss_kernel: 'auto' -> 'reference'"),
+             ({"train": "only-attention"}, "train: 'all' -> 'only-attention'"),
+             ({"data": str(other_data)}, "data_key: "),
+             ({"seed": 3}, "seed: 0 -> 3"),
+             ({"max_grad_norm": 0.5}, "max_grad_norm: 1.0 -> 0.5")]
+    for change, needle in cases:
+        with pytest.raises(AttnconvError, match="written by a different run") as e:
+            uptrain(UptrainSettings(env["model"], str(out), **{**base, **change}))
+        assert needle in str(e.value), str(e.value)
+    with pytest.raises(AttnconvError, match="model_sha256: "):
+        uptrain(UptrainSettings(str(changed_model), str(out), **base))
+    # Display-only settings may change; the run then finishes from its checkpoint.
+    r = uptrain(UptrainSettings(env["model"], str(out), **{**base, "save_every": 3, "keep_checkpoints": True}))
+    assert r["results"]["resumed_from"] == 2 and r["results"]["steps_this_run"] == 2
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    from attnconv.uptrain.trainer import read_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_log(log, upto=3)] == [1, 2]
+
+
+def test_teacher_settings_count_only_with_a_teacher(env):
+    plain = UptrainSettings(env["model"], "o", data="d").run_values()
+    assert "distill_weight" not in plain and "temperature" not in plain
+    taught = UptrainSettings(env["model"], "o", data="d", teacher="t", temperature=2.0).run_values()
+    assert taught["temperature"] == 2.0 and "quiet" not in taught and "save_every" not in taught

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from attnconv.errors import cache_root
+
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ATTNCONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnconv")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def cpu_supports_avx2() -> bool:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from attnconv.errors import AttnconvError
+from attnconv.errors import AttnconvError, first_line
 from attnconv.outputs import fsync_dir, fsync_tree
 
 # Test hook: SIGKILL this process right after the checkpoint of this step is complete (simulates a crash).
@@ -67,7 +68,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, s
     step = state["step"]
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
     final = ckpt_root / step_dir_name(step)
-    error: OSError | None = None
+    error: Exception | None = None
     if accelerator.is_main_process:
         try:
             ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, s
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if error is None:
             torch.save(_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors report a full disk their way
         error = e
     failed = _any_process(accelerator, error is not None)
     if not failed and accelerator.is_main_process:
@@ -100,8 +101,9 @@ def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, s
             shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(ckpt_root)
         keep = f"the previous checkpoint ({prev}) is intact" if prev else "no earlier checkpoint exists"
-        full = error is not None and error.errno == errno.ENOSPC
-        why = "the disk is full" if full else f"{error or 'a process failed'}"
+        full = error is not None and (getattr(error, "errno", None) == errno.ENOSPC
+                                      or "No space left" in str(error) or "failed writing" in str(error))
+        why = "the disk is full" if full else first_line(error) if error else "a process failed"
         raise AttnconvError(f"could not save the checkpoint of step {step} ({why}); {keep}; "
                             "free space and run again with --resume")
     if accelerator.is_main_process:
@@ -133,8 +135,7 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AttnconvError(f"checkpoint {path} could not be loaded ({first}); remove it to fall back to "
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+        raise AttnconvError(f"checkpoint {path} could not be loaded ({first_line(e)}); remove it to fall back to "
                             "an earlier one, or start over with --overwrite") from None
     return state

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnconv.errors import AttnconvError
+from attnconv.errors import AttnconvError, cache_root
 from attnconv.textdata import Corpus
 
 _CACHE_VERSION = 2  # 2: raw int32 files, memory-mapped
@@ -27,8 +27,7 @@ BATCH_CHARS = 1 << 20  # characters per tokenizer call: bounded memory, and fast
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("ATTNCONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnconv")
-    return Path(root) / "tokens"
+    return cache_root() / "tokens"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -100,6 +99,21 @@ def _open_tokens(path: Path) -> np.ndarray:
     return np.memmap(path, dtype="<i4", mode="r")
 
 
+def _clean_stale_tmp(cache: Path) -> None:
+    """Remove the half-written caches of tokenisations that were killed (their process is gone)."""
+    from attnconv.outputs import pid_alive
+
+    if not cache.is_dir():
+        return
+    for p in cache.glob(".tokens-*.tmp"):
+        try:
+            pid = int(p.name.split(".")[-2])
+        except ValueError:
+            continue
+        if not pid_alive(pid):
+            p.unlink(missing_ok=True)
+
+
 def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
     """All documents as one int32 stream of token ids, EOS after each document; cached by tokenizer+data hash.
 
@@ -113,6 +127,7 @@ def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tu
     ).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"tokens-{key}.i32"
+    _clean_stale_tmp(cache)
     if path.is_file():
         try:
             return _open_tokens(path), key

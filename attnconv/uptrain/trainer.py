@@ -97,7 +97,11 @@ def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, li
     last = latest_checkpoint(run.ckpt_root)
     if last is None:
         return 0, []
-    state = load_checkpoint(accelerator, last, model, optimizer, scheduler)
+    try:  # compared before any tensor is loaded: another run's optimizer state may not even fit
+        state = json.loads((last / "state.json").read_text())
+    except (OSError, ValueError):
+        raise AttnconvError(f"{last}/state.json is unreadable; remove {last} to fall back to an earlier "
+                            "checkpoint, or start over with --overwrite") from None
     if state.get("world") != accelerator.num_processes:
         raise AttnconvError(f"{last} was written by {state.get('world')} process(es) and this run has "
                             f"{accelerator.num_processes}; resume with the same number of processes")
@@ -105,6 +109,7 @@ def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, li
     if changed:
         raise AttnconvError(f"{last} was written by a different run ({'; '.join(changed)}); resume with the "
                             "settings and inputs of the interrupted run, or start over with --overwrite")
+    state = load_checkpoint(accelerator, last, model, optimizer, scheduler)
     return state["step"], read_log(run.log_path, state["step"])
 
 

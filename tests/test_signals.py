@@ -1,0 +1,89 @@
+"""Ctrl-C and SIGTERM through a real `attnconv` process: exit 130/143, one line saying what was kept, nothing
+half-written; an interrupted uptrain checkpoints, and --resume finishes it (and succeeds again once finished)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from attnconv.testing import build_tiny_model
+from attnconv.textdata import tinyshakespeare_split
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("signals")
+    model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=32, n_heads=4, n_kv_heads=1)
+    (root / "train.txt").write_text(tinyshakespeare_split("train")[:20_000])
+    return root, model
+
+
+def _start(args, root):
+    env = {**os.environ, "ATTNCONV_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "attnconv", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=120):
+    t0 = time.perf_counter()
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.perf_counter() - t0 < timeout
+        time.sleep(0.05)
+
+
+def _uptrain_args(model, out, train, steps):
+    return ["uptrain", model, out, "--data", train, "--steps", steps, "--seq-len", 16, "--batch-size", 2,
+            "--lr", "1e-3", "--quiet"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_uptrain_stops_after_the_step_with_a_checkpoint_and_resumes(env, signum, code):
+    root, model = env
+    out = root / f"up-{code}"
+    args = _uptrain_args(model, out, root / "train.txt", 400)
+    proc = _start(args, root)
+    log = root / f"up-{code}.uptrain-run" / "train_log.jsonl"
+    _wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted after step "), err
+    assert "checkpoint saved in" in lines[0] and "--resume" in lines[0] and "Traceback" not in err
+    assert not out.exists()
+    step = int(lines[0].split("after step ")[1].split()[0])
+    assert 2 <= step < 400
+    done = subprocess.run([sys.executable, "-m", "attnconv", *map(str, args[:5]), "--steps", str(step + 3),
+                           *map(str, args[7:]), "--resume"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ATTNCONV_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "steps: 400 -> " in done.stderr  # another length is another run
+    done = subprocess.run([sys.executable, "-m", "attnconv", *map(str, args), "--resume", "--save-every", "1000"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ATTNCONV_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 401))
+    again = subprocess.run([sys.executable, "-m", "attnconv", *map(str, args), "--resume"], capture_output=True,
+                           text=True, timeout=300,
+                           env={**os.environ, "ATTNCONV_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "already holds this finished run" in again.stderr, again.stderr
+
+
+def test_eval_terminated_leaves_no_output(env):
+    root, model = env
+    out = root / "report"
+    proc = _start(["eval", model, "--no-perplexity", "--decode", "--contexts", "8,16,32,48", "--batches", "1,2,3",
+                   "--new-tokens", 32, "--repeats", 50, "--out", out], root)
+    time.sleep(6)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("error: terminated") and "Traceback" not in err
+    assert not out.exists() and not [p for p in root.iterdir() if "attnconv-" in p.name]
