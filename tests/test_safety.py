@@ -171,7 +171,8 @@ def test_a_kill_between_the_renames_of_overwrite_loses_neither_output(tiny, tmp_
     # Where the one-step exchange is unavailable, two renames; a SIGKILL after the first leaves OUT missing.
     script = ("import os\nfrom attnconv import outputs\noutputs._exchange = lambda a, b: False\n"
               "real = os.rename\ncalls = []\n"
-              "def rename(a, b):\n    calls.append(a)\n    real(a, b)\n    if len(calls) == 1: os.kill(os.getpid(), 9)\n"
+              "def rename(a, b):\n    calls.append(a)\n    real(a, b)\n"
+              "    if len(calls) == 1: os.kill(os.getpid(), 9)\n"
               "os.rename = rename\n"
               f"with outputs.atomic_output_dir({str(out)!r}, overwrite=True) as tmp:\n"
               "    (tmp / 'new.txt').write_text('the new output')\n")
@@ -270,9 +271,9 @@ def test_fuzzed_headers_and_configs_end_in_one_line_or_a_correct_load(tiny, tmp_
         folder = _copy(model, tmp_path / f"case{case}")
         (_mutate_header if case % 2 == 0 else _mutate_config)(
             folder / ("model.safetensors" if case % 2 == 0 else "config.json"), rng)
-        gates = [lambda: inspect_source(ConvertSettings(str(folder), to="mqa", dry_run=True)),
-                 lambda: model_info(folder), lambda: plan_push(PushSettings(str(folder), "me/x", dry_run=True)),
-                 lambda: load_causal_lm(folder)]
+        gates = [lambda f=folder: inspect_source(ConvertSettings(str(f), to="mqa", dry_run=True)),
+                 lambda f=folder: model_info(f), lambda f=folder: plan_push(PushSettings(str(f), "me/x", dry_run=True)),
+                 lambda f=folder: load_causal_lm(f)]
         for gate in gates:
             try:
                 result = gate()
