@@ -147,7 +147,9 @@ def test_under_cpu_autocast_and_gradient_checkpointing():
     want_loss, want_grad = run()
     with cpu_training_attention(model, torch.device("cpu")):
         loss, grad = run()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from attnconv.uptrain.model_setup import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
         model.train()
         loss_ckpt, grad_ckpt = run()
     torch.testing.assert_close(loss, want_loss, atol=1e-3, rtol=1e-3)

@@ -95,12 +95,18 @@ def _check_loss_kernel(kernel: str) -> None:
 
 
 def _fingerprints(folders: dict[str, ModelFolder], allow_pickle: bool) -> tuple[threading.Thread, dict[str, str]]:
-    """Hash each folder's weights and config in a thread (it runs while the model loads)."""
+    """Hash each folder's weights and config in a thread (it runs while the model loads); a file that cannot be
+    read leaves its key out (loading the model reports why)."""
+    files = {key: [*weight_files(folder, allow_pickle)[0], folder.path / "config.json"]
+             for key, folder in folders.items()}
     out: dict[str, str] = {}
 
     def work():
-        for key, folder in folders.items():
-            out[key] = folder_fingerprint([*weight_files(folder, allow_pickle)[0], folder.path / "config.json"])
+        for key, paths in files.items():
+            try:
+                out[key] = folder_fingerprint(paths)
+            except OSError:
+                return
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -188,7 +194,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
               "than --dtype float32", file=sys.stderr)
     hashing.join()
     identity = {**s.run_values(), "steps": steps, "processes": accelerator.num_processes, "data_key": data_key,
-                "tokenizer_sha256": tokenizer_fingerprint(tok), "model_sha256": hashes["model"],
+                "tokenizer_sha256": tokenizer_fingerprint(tok), "model_sha256": hashes.get("model"),
                 "teacher_sha256": hashes.get("teacher")}
     if accelerator.is_main_process and not s.quiet:
         print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
