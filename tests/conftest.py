@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -27,3 +29,25 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread: on shared, oversubscribed cores two OpenMP threads run ~10x slower (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A tiny Llama converted to GQA-2 (with its provenance), for the push tests."""
+    from attnconv.convert.api import convert
+    from attnconv.convert.settings import ConvertSettings
+    from attnconv.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("converted")
+    build_tiny_model("llama", root / "src", n_heads=4, n_kv_heads=4)
+    convert(ConvertSettings(root / "src", root / "gqa", kv_heads=2), progress=False)
+    return root / "gqa"

@@ -10,19 +10,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from attnconv.convert.api import convert
-from attnconv.convert.settings import ConvertSettings
 from attnconv.push import api as push_api
 from attnconv.push.settings import PushSettings
-from attnconv.testing import assert_one_line_error, build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("push")
-    build_tiny_model("llama", root / "src", n_heads=4, n_kv_heads=4)
-    convert(ConvertSettings(root / "src", root / "gqa", kv_heads=2), progress=False)
-    return root / "gqa"
+from attnconv.testing import assert_one_line_error
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:

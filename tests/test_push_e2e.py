@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 from hub_double import HubDouble  # tests/ is on sys.path (no __init__.py)
 
-from attnconv.convert.api import convert
-from attnconv.convert.settings import ConvertSettings
 from attnconv.push import api as push_api
 from attnconv.push.settings import PushSettings
-from attnconv.testing import assert_one_line_error, build_tiny_model
+from attnconv.testing import assert_one_line_error
 
 TOKEN = "hf_double_token"
 REPO = "me/tiny-gqa"
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("push-e2e")
-    build_tiny_model("llama", root / "src", n_heads=4, n_kv_heads=4)
-    convert(ConvertSettings(root / "src", root / "gqa", kv_heads=2), progress=False)
-    return root / "gqa"
 
 
 @pytest.fixture

@@ -17,16 +17,8 @@ from attnconv.uptrain.data import BlockSchedule, pack_blocks, tokenize_cached
 from attnconv.uptrain.distill import DistillConfig, kl_teacher_student, training_loss
 from attnconv.uptrain.settings import UptrainSettings
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = dict(seq_len=32, batch_size=4, quiet=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared, oversubscribed cores two OpenMP threads run ~10x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def mqa_copy(src, dst):

@@ -22,16 +22,8 @@ from attnconv.uptrain.api import uptrain
 from attnconv.uptrain.checkpoint import KILL_AFTER_ENV, latest_checkpoint
 from attnconv.uptrain.settings import UptrainSettings
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RUN = dict(seq_len=32, batch_size=4, lr=1e-2, warmup=2, quiet=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on shared, oversubscribed cores two OpenMP threads run ~10x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
