@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
-
-from attnconv.errors import AttnconvError  # noqa: E402
-from attnconv.eval.tasks import check_tasks, parse_limit, run_tasks, task_rows, tasks_markdown  # noqa: E402
-from attnconv.testing import build_tiny_model  # noqa: E402
+from attnconv.errors import AttnconvError
+from attnconv.eval.tasks import check_tasks, parse_limit, run_tasks, task_rows, tasks_markdown
+from attnconv.testing import assert_one_line_error, build_tiny_model
 
 TASK = "attnconv_tiny_mc"
 PROMPT = "Question: {q}\nAnswer:"
@@ -187,3 +185,24 @@ def test_missing_harness_names_the_install(tiny, task_dir, monkeypatch):
         with pytest.raises(AttnconvError, match=r"pip install 'attnconv\[tasks\]'") as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_eval_command_scores_tasks_beside_perplexity(tiny, task_dir, reference, tmp_path, cli):
+    """`attnconv eval --tasks` runs the harness on the models it loaded: results.json holds the same accuracy as
+    the independent scoring, next to the perplexity; the task flags without --tasks are refused."""
+    model, tokenizer = tiny
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    code, out, err = cli("eval", folder, "--data", text, "-L", 32, "--tasks", TASK, "--task-include", task_dir,
+                         "--out", tmp_path / "report", "--batch-size", 3)
+    assert code == 0, err
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    scores = results["models"][0]["tasks"][TASK]
+    assert (scores["acc"], scores["acc_norm"]) == _accuracy(reference)
+    assert results["models"][0]["token_perplexity"] > 1 and results["tasks_harness"].startswith("lm-evaluation")
+    assert f"| {TASK} | acc ↑ |" in (tmp_path / "report" / "results.md").read_text()
+    code, _, err = cli("eval", folder, "--limit", "4")
+    assert_one_line_error(code, err, "go with --tasks")

@@ -38,6 +38,7 @@ class Prepared:
     names: list[str]
     configs: dict[str, Any]
     streams: dict[str, torch.Tensor] = field(default_factory=dict)  # model (or reference) -> token ids [n]
+    tokenizers: dict[str, Any] = field(default_factory=dict)
     stats: TextStats | None = None
     n_documents: int = 0
     max_length: int = 0
@@ -51,6 +52,7 @@ class ModelResult:
     description: dict[str, Any]  # architecture, heads, KV bytes per token, parameters
     perplexity: PerplexityResult | None = None
     agreement: AgreementResult | None = None
+    tasks: dict | None = None  # lm-evaluation-harness scores per task
     is_reference: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +64,8 @@ class ModelResult:
                        ppl_ratio=self.agreement.ppl_ratio)
         if self.is_reference:
             row.update(kl=0.0, top1_agreement=1.0, ppl_ratio=1.0, is_reference=True)
+        if self.tasks is not None:
+            row["tasks"] = self.tasks["tasks"]
         return row
 
 
@@ -80,7 +84,14 @@ class EvalResults:
                 "max_length": p.max_length or None, "stride": p.stride or None, "batch_size": s.batch_size,
                 "dtype": s.dtype, "device": self.device, "reference": s.reference,
                 "models": [m.to_dict() for m in self.models], "decode": self.decode, "notes": p.notes,
-                "settings": s.record()}
+                "settings": s.record(), **self.tasks_header()}
+
+    def tasks_header(self) -> dict[str, Any]:
+        scored = next((m.tasks for m in self.models if m.tasks is not None), None)
+        if scored is None:
+            return {}
+        return {"tasks_harness": scored["harness"], "tasks_limit": scored["limit"],
+                "tasks_num_fewshot": scored["num_fewshot"]}
 
 
 def choose_windows(configs: dict[str, Any], max_length: int | None, stride: int | None,
@@ -134,9 +145,15 @@ def prepare(settings: EvalSettings) -> Prepared:
     if reference is not None:
         configs[reference] = load_config(reference, settings.allow_pickle)
     prepared = Prepared(names, configs)
+    if settings.tasks:
+        from attnconv.eval.tasks import check_tasks
+
+        check_tasks(list(settings.tasks), settings.task_include)
+    if not settings.perplexity and not settings.tasks:
+        return prepared
+    tokenizers = prepared.tokenizers = {n: load_tokenizer(n, settings.tokenizer) for n in configs}
     if not settings.perplexity:
         return prepared
-    tokenizers = {n: load_tokenizer(n, settings.tokenizer) for n in configs}
     if reference is not None:
         ref_vocab = tokenizers[reference].get_vocab()
         for n in names:
@@ -174,6 +191,15 @@ def score(settings: EvalSettings, prepared: Prepared, name: str, model, source=N
         result.agreement = agreement(model, source, ids, stats, **window)
         result.perplexity = result.agreement.model
     return result
+
+
+def score_tasks(settings: EvalSettings, prepared: Prepared, name: str, model) -> dict:
+    """lm-evaluation-harness scores of MODEL on settings.tasks."""
+    from attnconv.eval.tasks import parse_limit, run_tasks
+
+    return run_tasks(model, prepared.tokenizers[name], list(settings.tasks), limit=parse_limit(settings.limit),
+                     batch_size=settings.batch_size, include_path=settings.task_include,
+                     num_fewshot=settings.num_fewshot)
 
 
 def measure_decode(settings: EvalSettings, model) -> dict:
@@ -246,12 +272,16 @@ def _evaluate(settings: EvalSettings, prepared: Prepared, dev: torch.device) -> 
                     bar.advance(task, k)
 
             results.models.append(score(settings, prepared, name, model, source, step))
+            if settings.tasks:
+                results.models[-1].tasks = score_tasks(settings, prepared, name, model)
             if settings.decode and name not in results.decode:  # the reference may also be listed as a model
                 results.decode[name] = measure_decode(settings, model)
             del model
             gc.collect()
         if source is not None:
             ref = ModelResult(reference, describe_model(reference, source), is_reference=True)
+            if settings.tasks:
+                ref.tasks = score_tasks(settings, prepared, reference, source)
             agreed = next((m.agreement for m in results.models if m.agreement is not None), None)
             ref.perplexity = agreed.source if agreed is not None else None
             results.models.insert(0, ref)

@@ -89,6 +89,12 @@ def summary_line(results: dict) -> str:
             f"S={results['stride']}")
 
 
+def _task_scores(results: dict) -> dict[str, dict]:
+    return {m["name"]: {"harness": results.get("tasks_harness"), "limit": results.get("tasks_limit"),
+                        "num_fewshot": results.get("tasks_num_fewshot"), "tasks": m["tasks"]}
+            for m in results["models"] if "tasks" in m}
+
+
 def print_table(results: dict, console: Console) -> None:
     table = Table(title="attnconv eval", caption=summary_line(results))
     header, rows = model_rows(results)
@@ -97,6 +103,16 @@ def print_table(results: dict, console: Console) -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)
+    if any("tasks" in m for m in results["models"]):
+        from attnconv.eval.tasks import task_rows
+
+        theader, trows = task_rows(_task_scores(results))
+        ttable = Table(title="downstream tasks (lm-evaluation-harness)")
+        for i, h in enumerate(theader):
+            ttable.add_column(h, justify="left" if i < 2 else "right")
+        for r in trows:
+            ttable.add_row(*r)
+        console.print(ttable)
     dheader, drows = decode_rows(results)
     if drows:
         dtable = Table(title="decode speed")
@@ -128,6 +144,10 @@ def markdown(results: dict) -> str:
         parts += ["## Decode speed", "", _md_table(dheader, drows), ""]
         for name, bench in results["decode"].items():
             parts += [f"- {name}: {note}" for note in bench.get("notes", [])]
+    if any("tasks" in m for m in results["models"]):
+        from attnconv.eval.tasks import tasks_markdown
+
+        parts += [tasks_markdown(_task_scores(results))]
     if results.get("notes"):
         parts += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(parts).rstrip() + "\n"

@@ -45,6 +45,11 @@ class EvalSettings(Settings):
                                 "AVX2 kernel (compiled on first use with $CC or cc), else oneDNN. auto (the kernel "
                                 "where it builds), native (fail without it) or torch (oneDNN only).",
                                 choices=DECODE_KERNELS)
+    tasks: tuple[str, ...] | None = option(None, help="Downstream tasks scored through lm-evaluation-harness, "
+                                           "comma-separated (hellaswag,arc_easy,...; needs attnconv[tasks]).")
+    limit: str | None = option(None, help="Examples per task: a count, or a fraction between 0 and 1.")
+    num_fewshot: int | None = option(None, help="Few-shot examples per task (default: each task's own).", minimum=0)
+    task_include: str | None = option(None, help="A folder of extra task definitions (lm-evaluation-harness YAML).")
     device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
     out: str | None = option(None, help="Write results.json, results.md and PNG plots here.", short="-o", run=False)
     overwrite: bool = option(False, help="Replace --out if it exists.", run=False)
@@ -53,8 +58,14 @@ class EvalSettings(Settings):
     quiet: bool = option(False, help="No progress bars.", run=False, recorded=False)
 
     def check(self) -> None:
-        if not self.perplexity and not self.decode:
-            raise AttnconvError("--no-perplexity leaves nothing to measure; add --decode")
+        if not self.perplexity and not self.decode and not self.tasks:
+            raise AttnconvError("--no-perplexity leaves nothing to measure; add --decode or --tasks")
+        if self.limit is not None:
+            from attnconv.eval.tasks import parse_limit
+
+            parse_limit(self.limit)
+        if self.tasks is None and (self.limit or self.task_include or self.num_fewshot is not None):
+            raise AttnconvError("--limit, --num-fewshot and --task-include go with --tasks NAMES")
         if self.stride is not None and self.max_length is not None and self.stride > self.max_length:
             raise AttnconvError(f"{self.label('stride')} {self.stride} must not exceed {self.label('max_length')} "
                                 f"({self.max_length}), or tokens go unscored")
