@@ -2,17 +2,15 @@
 command applies them first) and, for training, a malloc that keeps freed memory for reuse.
 
 Torch's CPU allocator hands large blocks back to the operating system, so every training step (and every
-chunk of the loss) faults its activations, gradients and logits in again, 4 KiB at a time: measured on the
-102 M-parameter uptrain benchmark, 1.87 M minor faults in a run against 0.25-0.27 M with 2 MiB pages, and a
-vocabulary-sized product 10-15% slower into a fresh block than into a reused one. Torch asks the kernel for
-transparent huge pages on blocks of 2 MiB and more when THP_MEM_ALLOC_ENABLE=1, read once at its first
-allocation; Linux with THP in `madvise` or `always` mode honours it.
+chunk of the loss) faults its activations, gradients and logits in again, 4 KiB at a time. Torch asks the kernel
+for transparent huge pages on blocks of 2 MiB and more when THP_MEM_ALLOC_ENABLE=1, read once at its first
+allocation; Linux with THP in `madvise` or `always` mode honours it: far fewer faults.
 
 Huge pages make a fresh block cheaper, not free: glibc still serves every block above its mmap threshold
 (at most 32 MiB) with a new mapping that the kernel zeroes, and unmaps it when freed. A training step frees
 and allocates the same large blocks again (vocabulary-sized gradients and logits, activations), so
-`keep_freed_memory` has glibc serve every block from its heap and keep what is freed: measured on the
-102 M-parameter uptrain benchmark, 398-405 tokens/s against 379-390, at 2.2-2.4 GB peak against 1.8-1.9.
+`keep_freed_memory` has glibc serve every block from its heap and keep what is freed: faster steps for a somewhat
+higher peak. Figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ def release_freed_memory() -> None:
 
     glibc raises its mmap threshold to the size of every large block freed (up to 32 MiB), so after the
     first layer, weights and activations come from the heap, where freed blocks between live ones stay in
-    the resident set: measured +10 MiB per layer of a 24 MiB layer. malloc_trim returns those pages.
+    the resident set and grow with every layer. malloc_trim returns those pages.
     """
     try:
         ctypes.CDLL(None).malloc_trim(0)

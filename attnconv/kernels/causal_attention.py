@@ -3,14 +3,12 @@ of the score matrix is not computed.
 
 torch's CPU flash-attention kernel skips masked key blocks only in steps of 512 keys, and below 768 queries it
 splits queries into blocks of 32-64 rows that each read all keys: at 512 tokens `is_causal=True` costs what full
-attention costs (measured fwd + bwd, batch 4, 8 query / 2 key heads of 96: 86 ms causal, 85 full). Here query
-block j (128 rows) attends only keys [0, end of block j), through the same kernel with a causal mask aligned to
-its last row: 10/16 of the full work at 512 tokens, 60-65 ms for the shape above, 10-25% less on others measured
-(head size 64-128, 1-16 key heads, batch 1-8). From 768 queries on the kernel's own blocking does as well or better,
-so longer (and shorter) sequences take the single call. Exact: the same softmax over the same keys, to rounding.
-On CPU the blocks call torch's flash ops directly and write into whole output and gradient tensors (the public
-per-block SDPA calls measured the same speed but ~0.3 GB more peak memory in a 102 M training run); elsewhere, or
-where those ops are missing, they go through the public call.
+attention costs. Here query block j (128 rows) attends only keys [0, end of block j), through the same kernel with
+a causal mask aligned to its last row: 10/16 of the full work at 512 tokens. From 768 queries on the kernel's own
+blocking does as well or better, so longer (and shorter) sequences take the single call. Exact: the same softmax
+over the same keys, to rounding. On CPU the blocks call torch's flash ops directly and write into whole output and
+gradient tensors (per-block public SDPA calls keep per-block temporaries alive, which costs peak memory);
+elsewhere, or where those ops are missing, they go through the public call. Figures: docs/benchmarks.md.
 
 No transformers imports: attnconv.patches.training_attention plugs this into models.
 """

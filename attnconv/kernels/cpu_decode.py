@@ -1,13 +1,12 @@
 """CPU decode kernels (float32, AVX2 + FMA): a Linear layer for at most 8 rows (the batch of a decode step), and
 the attention scores of grouped query heads against a cache that keeps keys as rows.
 
-A decode step multiplies the batch's few rows by every weight matrix, so it should run at memory bandwidth. On
-this project's 2-core AVX2 EPYC, oneDNN with packed weights reads an [8, 768] x [768, N] product's weights at
-8-10 GB/s and MKL sgemm at 4-7, while a plain sum reads 19-22 GB/s. `cpu_decode.c` streams each weight row once
-and keeps the 8 rows' partial sums in registers: 12-16 GB/s for the same products (benchmarks/decode.py measures
-the whole loop). Larger batches go to oneDNN, which is built for them. `decode_scores` dots the G query heads
-that share a key head with eight keys at a time, the key rows staying in L1 for all G heads: 11-14 GB/s for
-GQA-4/MQA at batch 8 and 2k tokens, where BLAS's G-row products run at 4-7.
+A decode step multiplies the batch's few rows by every weight matrix, so it should run at memory bandwidth; BLAS
+sgemm and oneDNN read such few-row products' weights well below the bandwidth a plain sum reaches. `cpu_decode.c`
+streams each weight row once and keeps the 8 rows' partial sums in registers. Larger batches go to oneDNN, which
+is built for them. `decode_scores` dots the G query heads that share a key head with eight keys at a time, the key
+rows staying in L1 for all G heads, where BLAS runs G-row products slowly. Figures: docs/benchmarks.md
+(benchmarks/decode.py measures the whole loop).
 
 Built on first use by attnconv.kernels.native (system C compiler, cached; OpenMP shares torch's threads).
 Backends as for the other kernels: "auto" uses the kernels where they build and load and falls back to torch

@@ -1,8 +1,8 @@
 """Column softmax of a float32 [V, c] block in place, for the chunked linear cross-entropy: per column the max,
 the exponentials exp(x - max) written over x, and their sum.
 
-Two passes of `cpu_softmax.c` where torch makes four (amax, sub_, exp_, sum): 6.8-7.0 ms against 16-17 ms for a
-[50257, 320] chunk on 2 AVX2 cores, ~65 ms of a 5.2 s training step at 102 M parameters. Falls back to those
+Two passes of `cpu_softmax.c` over the block where torch makes four (amax, sub_, exp_, sum): the block is
+vocabulary-sized, so each pass is a trip through memory (docs/benchmarks.md has the figures). Falls back to those
 torch ops where the kernel cannot be built or loaded (no AVX2, no compiler) and for other dtypes and devices.
 """
 

@@ -1,13 +1,12 @@
 """CPU decode: the model's Linear layers through kernels built for a few rows, instead of BLAS sgemm.
 
-A decode step multiplies a few rows (the batch) by every weight matrix, so it should run at memory bandwidth.
-On an AVX2 EPYC (this project's CI machine) torch's default fp32 path (MKL sgemm) reads an [8, 768] x [768, N]
-product's weights at 4-10 GB/s (a sum reaches 20-25 GB/s). Two faster paths, used in this order:
-- up to 8 rows: attnconv's own AVX2 kernel (kernels/cpu_decode.py), which streams each weight row once,
-  12-16 GB/s, straight from the module's weight;
+A decode step multiplies a few rows (the batch) by every weight matrix, so it should run at memory bandwidth;
+torch's default fp32 path (MKL sgemm) reads such products' weights far below it. Two faster paths, in this order:
+- up to 8 rows: attnconv's own AVX2 kernel (kernels/cpu_decode.py), which streams each weight row once, straight
+  from the module's weight;
 - more rows (prefill, large batches), or where that kernel cannot be built: oneDNN with the weight reordered once
-  for that batch (8-10 GB/s at 8 rows; the kernel torch.compile's CPU freezing pass picks). The packed copy is
-  made on first use and kept per module until its weight changes; it costs one extra copy of that weight.
+  for that batch (the kernel torch.compile's CPU freezing pass picks). The packed copy is made on first use and
+  kept per module until its weight changes; it costs one extra copy of that weight.
 Anything unusual (no oneDNN build, another dtype or device) keeps the module's own forward.
 """
 

@@ -21,8 +21,8 @@ def clip_and_step(accelerator, optimizer, params: list[torch.nn.Parameter], max_
     before clipping.
 
     A fused AdamW divides every gradient by its `grad_scale` in the step's own pass (the attribute GradScaler sets
-    for it), so the clip factor goes there instead of into a separate pass over all gradients: on CPU at 102 M
-    parameters that pass is ~20 ms a step. Same result to rounding. Where gradients are sharded (FSDP, DeepSpeed)
+    for it), so the clip factor goes there instead of into a separate pass over all gradients. Same result to
+    rounding. Where gradients are sharded (FSDP, DeepSpeed)
     or a GradScaler is in use, accelerate's own clipping.
     """
     from accelerate.utils import DistributedType
