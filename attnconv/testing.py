@@ -71,7 +71,10 @@ def build_tiny_model(family: str, out: str | Path, *, seed: int = 0, dtype: torc
     model = model.to(dtype)
     out = Path(out)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
+    from attnconv.loading import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(out, **kwargs)
     if with_tokenizer:
         for f in TOKENIZER_DIR.iterdir():
             if f.name != "NOTICE":

@@ -24,7 +24,15 @@ from attnconv.errors import AttnconvError
 from attnconv.families import max_positions
 from attnconv.fingerprint import folder_fingerprint
 from attnconv.kernels.linear_cross_entropy import cpu_has_fast_bf16
-from attnconv.loading import ModelFolder, load_causal_lm, load_tokenizer, read_config, resolve_source, weight_files
+from attnconv.loading import (
+    ModelFolder,
+    load_causal_lm,
+    load_tokenizer,
+    quiet_transformers,
+    read_config,
+    resolve_source,
+    weight_files,
+)
 from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
@@ -232,7 +240,8 @@ def _write_output(s: UptrainSettings, src: ModelFolder, out: Path, net, tok, log
     net = net.to(_input_dtype(src))
     with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer]) \
             as tmp:
-        net.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with quiet_transformers():
+            net.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         (tmp / "attnconv.json").write_text(json.dumps(provenance, indent=2) + "\n")
