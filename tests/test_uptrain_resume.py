@@ -239,3 +239,30 @@ def test_teacher_settings_count_only_with_a_teacher(env):
     assert "distill_weight" not in plain and "temperature" not in plain
     taught = UptrainSettings(env["model"], "o", data="d", teacher="t", temperature=2.0).run_values()
     assert taught["temperature"] == 2.0 and "quiet" not in taught and "save_every" not in taught
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter "
+                                                "failed writing file data/0: file write failed"),
+                                   "safetensors"])
+def test_a_full_disk_in_torch_or_safetensors_words_keeps_the_previous_checkpoint(env, tmp_path, monkeypatch, error):
+    """torch.save and safetensors report a full disk as their own exceptions, not OSError: the same outcome."""
+    from safetensors import SafetensorError
+
+    if error == "safetensors":
+        error = SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                                "\"No space left on device\" })")
+    real, calls = ckpt_mod.save_model, []
+
+    def failing_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod, "save_model", failing_save)
+    out = tmp_path / "full"
+    with pytest.raises(AttnconvError, match="disk is full.*step-0000002.*intact"):
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=4, save_every=2,
+                                cache_dir=env["cache"], **RUN))
+    ckpts = tmp_path / "full.uptrain-run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"] and not out.exists()

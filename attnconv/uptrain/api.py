@@ -129,8 +129,11 @@ def uptrain(settings: UptrainSettings) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
     s = settings
-    out_path = Path(s.out).expanduser().absolute()
+    out_path = check_output_dir(s.out, overwrite=True)  # the name's length; existence is decided below
     run_dir = run_dir_for(out_path)
+    if len(run_dir.name.encode()) > 255:
+        raise AttnconvError(f"the run folder {run_dir.name[:40]}... would be longer than 255 bytes; choose a shorter "
+                            "output name")
     inputs = [s.model, s.teacher, s.data, s.eval_data, s.tokenizer]
     protect_inputs(out_path, inputs)
     protect_inputs(run_dir, inputs)
