@@ -31,6 +31,8 @@ def test_kv_table_is_the_closed_form(mistral):
         assert r["total_bytes"] == 2 * 3 * r["kv_heads"] * 8 * 100 * 2 * 2  # l x b x n_kv x hd x s x 2 x bytes
     assert [r["current"] for r in rows] == [False, True, False, False]
     assert [r["reachable"] for r in rows] == [False, True, True, True]
+    mla = kv_table_rows(shape, batch=3, context=100, nbytes=2, kv_rank=12, rope_dim=4)[4:]
+    assert [r["total_bytes"] for r in mla] == [2 * 3 * 100 * (12 + 4) * 2, 2 * 3 * 100 * (12 + 4 * 4) * 2]
 
 
 def test_info_cli_prints_the_table(cli, mistral):

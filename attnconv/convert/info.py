@@ -52,8 +52,11 @@ def model_info(model: str | Path) -> ModelInfo:
                      cache_shape(config), params, "/".join(dtypes), max_positions(config))
 
 
-def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int) -> list[dict]:
-    """One row per KV-head count that divides the query heads (the current one marked)."""
+def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int, kv_rank: int | None = None,
+                  rope_dim: int | None = None) -> list[dict]:
+    """One row per KV-head count that divides the query heads (the current one marked), and with `kv_rank` the two
+    MLA forms: a latent of kv_rank values plus one shared RoPE key of rope_dim (DeepSeek-V3), or plus rope_dim
+    per KV head (attnconv's format)."""
     rows = []
     for n_kv in [d for d in range(shape.n_heads, 0, -1) if shape.n_heads % d == 0]:
         s = CacheShape(shape.layers, shape.n_heads, n_kv, shape.head_dim, 2 * n_kv * shape.head_dim)
@@ -61,6 +64,13 @@ def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int) -> l
         rows.append({"kind": kind, "kv_heads": n_kv, "current": n_kv == shape.n_kv_heads,
                      "reachable": n_kv <= shape.n_kv_heads and shape.n_kv_heads % n_kv == 0,
                      "bytes_per_token": s.bytes_per_token(nbytes), "total_bytes": s.bytes(batch, context, nbytes)})
+    if kv_rank is not None:
+        d_r = shape.head_dim // 2 if rope_dim is None else rope_dim
+        for kind, values in ((f"MLA r={kv_rank} + shared RoPE {d_r}", kv_rank + d_r),
+                             (f"MLA r={kv_rank} + {shape.n_kv_heads} x RoPE {d_r}", kv_rank + shape.n_kv_heads * d_r)):
+            s = CacheShape(shape.layers, shape.n_heads, shape.n_kv_heads, shape.head_dim, values)
+            rows.append({"kind": kind, "kv_heads": "latent", "current": False, "reachable": True,
+                         "bytes_per_token": s.bytes_per_token(nbytes), "total_bytes": s.bytes(batch, context, nbytes)})
     return rows
 
 
@@ -75,10 +85,10 @@ def print_info(settings: InfoSettings, console: Console | None = None) -> ModelI
     console.print(f"layers {s.layers}  heads {s.n_heads}  KV heads {s.n_kv_heads}  head_dim {s.head_dim}  "
                   f"parameters {params}  checkpoint dtype {info.checkpoint_dtype}")
     table = Table(title=f"KV cache, batch {batch} x context {context}, {settings.dtype} "
-                        "(layers x batch x kv_heads x head_dim x context x 2 x bytes)")
+                        "(layers x batch x context x values per token and layer x bytes)")
     for col in ("attention", "KV heads", "per token", "total", "vs now", ""):
         table.add_column(col, justify="right" if col not in ("attention", "") else "left")
-    rows = kv_table_rows(s, batch, context, nbytes)
+    rows = kv_table_rows(s, batch, context, nbytes, settings.kv_rank, settings.rope_dim)
     now = next((r["total_bytes"] for r in rows if r["current"]), s.bytes(batch, context, nbytes))
     for r in rows:
         note = "this model" if r["current"] else ("" if r["reachable"] else "needs more KV heads than it has")

@@ -53,3 +53,6 @@ class InfoSettings(Settings):
     batch: int = option(1, help="Batch size for the KV-cache table.", minimum=1)
     context: int | None = option(None, help="Context length (default: the model's maximum).", minimum=1)
     dtype: str = option("bfloat16", help="Cache dtype for the table.", choices=DTYPES, aliases=ALIASES)
+    kv_rank: int | None = option(None, help="Also show MLA's cache for a latent of this many values.", minimum=1)
+    rope_dim: int | None = option(None, help="RoPE dims of MLA's key (default head_dim / 2), with --kv-rank.",
+                                  minimum=2)
