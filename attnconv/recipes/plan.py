@@ -140,8 +140,8 @@ def _stage_problems(stage: Stage, inputs: list[Input], state: State, local_input
                 problems.append(f"{stage.command}.out {written} would replace {path}, which {reader.label} reads; "
                                 "choose another output folder")
         entry = state.entry(stage.target)
-        if out.exists() and owner(entry, stage.command, out) is None and not s.overwrite \
-                and not getattr(s, "resume", False):
+        continues = stage.command == "uptrain" and s.resume and _checkpoint_step(out) is not None
+        if out.exists() and owner(entry, stage.command, out) is None and not s.overwrite and not continues:
             problems.append(f"{written} already exists and this recipe did not write it (or it changed since); "
                             "remove it, choose another folder, or add `overwrite: true` to the stage")
         if stage.command == "uptrain" and _checkpoint_step(out) is not None and not entry.get("attempt") \
@@ -264,15 +264,20 @@ def _decide(stage: Stage, record: dict[str, Any], state: State, forced: bool,
     decision = Decision(stage, True, reason, record)
     if out is not None and out.exists() and previous is not None:
         decision.fixed["overwrite"] = True  # the recipe's own output: replace it
-    step = _checkpoint_step(out) if stage.command == "uptrain" and out is not None else None
-    attempt = entry.get("attempt")
-    if step is not None and attempt:
-        if attempt["fingerprint"] == record["fingerprint"] and not forced:
+    if stage.command == "uptrain":
+        # The recipe decides: resuming a run of other inputs (uptrain compares only its own settings when its
+        # output is already finished) would keep a stale model.
+        decision.fixed["resume"] = False
+        step, attempt = _checkpoint_step(out), entry.get("attempt")
+        if step is not None and attempt and attempt["fingerprint"] == record["fingerprint"] and not forced:
             decision.fixed["resume"] = True
             decision.reason += f"; resumes from its checkpoint at step {step}"
-        else:
+        elif step is not None and attempt:
             decision.fixed["overwrite"] = True
             decision.reason += "; discards the checkpoints of an earlier attempt"
+        elif step is not None and s.resume:
+            decision.fixed["resume"] = True
+            decision.reason += f"; continues the checkpoint at step {step} (resume: true)"
     return decision
 
 
