@@ -197,6 +197,9 @@ def test_an_output_finished_by_a_killed_run_is_adopted_and_a_foreign_one_refused
     state_file.write_text(json.dumps(state))
     decision = prepare(recipe)[2][0]
     assert not decision.run and "finished by a run killed before it was recorded" in decision.reason
+    run_recipe(recipe, echo=lambda line: None)  # records it as done
+    entry = json.loads(state_file.read_text())["outputs"][str(tmp_path / "out" / "gqa")]
+    assert entry["attempt"] is None and entry["done"]["marker"] is not None
 
     state_file.unlink()  # now nothing says the recipe wrote out/gqa
     code, _, err = cli("run", recipe)

@@ -50,6 +50,7 @@ class Decision:
     reason: str
     record: dict[str, Any] = field(default_factory=dict)  # fingerprint, settings and inputs, as the state keeps them
     fixed: dict[str, Any] = field(default_factory=dict)  # settings the runner sets: overwrite, resume
+    adopt: bool = False  # skipped: its output was finished by a run killed before recording it (record it now)
 
 
 def _run_dir(out: Path) -> Path:
@@ -259,8 +260,9 @@ def _decide(stage: Stage, record: dict[str, Any], state: State, forced: bool,
         reason = _changes(stage, previous, record)
     else:
         where = s.out if out is not None else f"{s.repo_id}"
-        adopted = " (finished by a run killed before it was recorded)" if previous is entry.get("attempt") else ""
-        return Decision(stage, False, f"done: {where}{adopted}; settings and inputs unchanged", record)
+        adopt = previous is entry.get("attempt")
+        adopted = " (finished by a run killed before it was recorded)" if adopt else ""
+        return Decision(stage, False, f"done: {where}{adopted}; settings and inputs unchanged", record, adopt=adopt)
     decision = Decision(stage, True, reason, record)
     if out is not None and out.exists() and previous is not None:
         decision.fixed["overwrite"] = True  # the recipe's own output: replace it

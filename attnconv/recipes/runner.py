@@ -67,7 +67,7 @@ def prepare(path: str | Path | Recipe, from_stage: str | None = None) -> tuple[R
 
 
 def _stage_error(e: BaseException, decision: Decision, recipe: Recipe) -> AttnconvError:
-    label, again = decision.stage.label, f"`attnconv run {recipe.path.name}` continues from there"
+    label, again = decision.stage.label, f"in this recipe, `attnconv run {recipe.path.name}` continues from there"
     if isinstance(e, Terminated):
         return Interrupted(f"{label} terminated (SIGTERM); {again}", signal.SIGTERM)
     if isinstance(e, KeyboardInterrupt):
@@ -108,6 +108,8 @@ def run_recipe(path: str | Path, from_stage: str | None = None, dry_run: bool = 
             stage = d.stage
             echo(f"[{stage.index}/{n}] {stage.name} ({stage.command}): {'run' if d.run else 'skip'}: {d.reason}")
             if not d.run:
+                if d.adopt:
+                    state.finish(stage.target, d.record, marker(stage.command, stage.out))
                 run.results.append(StageResult(d, None, time.perf_counter() - t_stage))
                 continue
             settings = COMMANDS[stage.command].from_mapping(stage.values, **d.fixed)
