@@ -35,4 +35,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/paper_gqa.py
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out recipes/.demo.attnconv-run.json

@@ -25,6 +25,7 @@ from attnconv.eval.command import run_eval
 from attnconv.eval.settings import EvalSettings
 from attnconv.push.command import run_push
 from attnconv.push.settings import PushSettings
+from attnconv.recipes.command import run_recipe_command
 from attnconv.runtime import prefer_huge_pages
 from attnconv.settings import command
 from attnconv.uptrain.command import run_uptrain
@@ -63,6 +64,17 @@ def _interruptible(run):
 
 for _name, (_settings, _run) in COMMANDS.items():
     app.command(_name, no_args_is_help=True)(command(_settings, _interruptible(_run)))
+
+
+@app.command("run", no_args_is_help=True, help=run_recipe_command.__doc__)
+def _run_recipe(
+    recipe: str = typer.Argument(..., metavar="RECIPE.yaml", help="The recipe: a YAML list of stages."),
+    from_stage: str | None = typer.Option(None, "--from", metavar="STAGE",
+                                          help="Rerun this stage (name or number) and every later one."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the recipe and print each stage with run or "
+                                 "skip and why; run nothing."),
+) -> None:
+    run_recipe_command(recipe, from_stage, dry_run)
 
 
 def _version(value: bool) -> None:
@@ -131,7 +143,7 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # `attnconv convert` alone: show its help
             e.show()
             sys.exit(0)
-        name = next((a + " " for a in sys.argv[1:2] if a in COMMANDS), "")
+        name = next((a + " " for a in sys.argv[1:2] if a in (*COMMANDS, "run")), "")
         _fail(f"{e.format_message().rstrip('.')} (see attnconv {name}--help)", e.exit_code)
     except Exception as e:  # torch and safetensors report a full disk in their own words; anything else is a bug
         if not disk_full(e):

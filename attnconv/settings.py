@@ -45,6 +45,9 @@ class Spec:
     cli: bool = True  # offered on the command line
     recorded: bool = True  # False: only changes what is shown (--quiet), not worth recording
     metavar: str | None = None
+    # What the value names on disk, for recipes (attnconv/recipes): 'model' (a model folder or hub id), 'folder' (a
+    # local model folder), 'data' (a --data SPEC), 'path' (a local file or folder) read by the command; 'out' written.
+    io: str | None = None
 
 
 def option(default: Any = MISSING, *, help: str, **spec: Any) -> Any:
@@ -181,20 +184,50 @@ class Settings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **fixed: Any):
         """Settings from a recipe's mapping: unknown keys, wrong types and impossible values are refused with
-        the key's name (`uptrain.lr must be ...`)."""
-        known = {f.name for f in dataclasses.fields(cls) if "spec" in f.metadata}
+        the key's name (`uptrain.lr must be ...`); the first problem is raised (`mapping_problems` lists all)."""
+        settings, problems = cls._from_mapping(values, fixed)
+        if problems:
+            raise AttnconvError(problems[0][1])
+        return settings
+
+    @classmethod
+    def mapping_problems(cls, values: Mapping[str, Any], **fixed: Any) -> list[tuple[str | None, str]]:
+        """Every problem of a recipe's mapping, as (key or None, message): each unknown key (with the closest
+        known one), each missing, mistyped or impossible value; the rules between fields once every value is good."""
+        return cls._from_mapping(values, fixed)[1]
+
+    @classmethod
+    def _from_mapping(cls, values: Mapping[str, Any], fixed: Mapping[str, Any]):
+        fields = {f.name: f for f in dataclasses.fields(cls) if "spec" in f.metadata}
+        hints = typing.get_type_hints(cls)
+        problems: list[tuple[str | None, str]] = []
         token = _LABELS.set("key")
         try:
             for key in values:
-                if key not in known:
-                    close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
-                    raise AttnconvError(f"{cls.label(str(key))} is not a setting of {cls.command_name or 'this'}"
-                                        f"{hint}")
-            return cls(**{**values, **fixed})
+                if key not in fields:
+                    close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(fields))}"
+                    problems.append((str(key), f"{cls.label(str(key))} is not a setting of "
+                                                f"{cls.command_name or 'this'}{hint}"))
+            merged = {k: v for k, v in {**values, **fixed}.items() if k in fields}
+            probe = object.__new__(cls)  # checks one field at a time, so every bad value is reported
+            for name, f in fields.items():
+                if name not in merged:
+                    if f.default is MISSING:
+                        problems.append((name, f"{cls.label(name)} is required"))
+                    continue
+                try:
+                    probe._normalise(name, hints[name], f.metadata["spec"], merged[name])
+                except AttnconvError as e:
+                    problems.append((name, str(e)))
+            if problems:
+                return None, problems
+            try:
+                return cls(**merged), problems
+            except AttnconvError as e:
+                return None, [(None, str(e))]
         finally:
             _LABELS.reset(token)
-
 
 def _cli_parameter(cls: type[Settings], f: dataclasses.Field, tp) -> inspect.Parameter:
     import typer

@@ -16,9 +16,10 @@ TARGETS = ("gqa", "mqa")
 class ConvertSettings(Settings):
     command_name = "convert"
 
-    source: str = option(help="Source checkpoint: a local folder (with config.json) or a hub id.", argument=True)
+    source: str = option(help="Source checkpoint: a local folder (with config.json) or a hub id.", argument=True,
+                         io="model")
     out: str | None = option(None, help="Output folder (written to a temporary sibling, renamed when complete).",
-                             argument=True, run=False)
+                             argument=True, run=False, io="out")
     to: str = option("gqa", help="Target attention: gqa (needs --kv-heads) or mqa (1 KV head).", choices=TARGETS)
     kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads.", minimum=1)
     method: str = option("mean", help="How each group's K/V heads become one: "

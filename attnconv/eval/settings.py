@@ -16,10 +16,10 @@ class EvalSettings(Settings):
     command_name = "eval"
 
     models: tuple[str, ...] = option(help="Model folders or hub ids to evaluate, side by side.", argument=True,
-                                     metavar="MODEL")
+                                     metavar="MODEL", io="model")
     data: str | None = option(None, help="Text to score: a .txt/.jsonl/.parquet/.csv file, a folder, a datasets spec "
                               "name[:config][:split][:column], or tinyshakespeare[:test]. Default: the WikiText-2 "
-                              "raw test split shipped with attnconv.")
+                              "raw test split shipped with attnconv.", io="data")
     max_length: int | None = option(None, help="Window length L in tokens. Default: min(1024, the models' maximum "
                                     "positions); clamped to that maximum.", flag="--max-length", short="-L",
                                     minimum=2)
@@ -29,9 +29,9 @@ class EvalSettings(Settings):
     dtype: str = option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16.",
                         choices=("auto", *DTYPES), aliases=ALIASES)
     reference: str | None = option(None, help="Source model: report KL(source || model), top-1 agreement and the "
-                                   "perplexity ratio on the same windows (same tokenizer).")
+                                   "perplexity ratio on the same windows (same tokenizer).", io="model")
     tokenizer: str | None = option(None, help="Tokenizer folder or hub id for all models, for model folders that "
-                                   "have none.")
+                                   "have none.", io="model")
     perplexity: bool = option(True, help="Score perplexity (and agreement with --reference); --no-perplexity with "
                               "--decode measures decode speed alone.")
     decode: bool = option(False, help="Also measure decode speed and KV-cache memory.")
@@ -49,9 +49,11 @@ class EvalSettings(Settings):
                                            "comma-separated (hellaswag,arc_easy,...; needs attnconv[tasks]).")
     limit: str | None = option(None, help="Examples per task: a count, or a fraction between 0 and 1.")
     num_fewshot: int | None = option(None, help="Few-shot examples per task (default: each task's own).", minimum=0)
-    task_include: str | None = option(None, help="A folder of extra task definitions (lm-evaluation-harness YAML).")
+    task_include: str | None = option(None, help="A folder of extra task definitions (lm-evaluation-harness YAML).",
+                                      io="path")
     device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
-    out: str | None = option(None, help="Write results.json, results.md and PNG plots here.", short="-o", run=False)
+    out: str | None = option(None, help="Write results.json, results.md and PNG plots here.", short="-o", run=False,
+                             io="out")
     overwrite: bool = option(False, help="Replace --out if it exists.", run=False)
     allow_pickle: bool = option(False, help="Allow pytorch_model*.bin weights (loaded with "
                                 "torch.load(weights_only=True)).")

@@ -15,7 +15,8 @@ _REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 class PushSettings(Settings):
     command_name = "push"
 
-    model: str = option(help="The model folder to upload (what convert or uptrain wrote).", argument=True)
+    model: str = option(help="The model folder to upload (what convert or uptrain wrote).", argument=True,
+                       io="folder")
     repo_id: str = option(help="Hub repo: name or namespace/name; created if it does not exist.", argument=True)
     private: bool = option(False, help="Create the repo as private.")
     revision: str | None = option(None, help="Branch to commit to (created if missing); default main.")

@@ -17,13 +17,14 @@ LOSS_KERNELS = ("auto", "torch", "liger", "reference")  # reference: plain logit
 class UptrainSettings(Settings):
     command_name = "uptrain"
 
-    model: str = option(help="Model to train: a local folder (e.g. a converted model) or a hub id.", argument=True)
+    model: str = option(help="Model to train: a local folder (e.g. a converted model) or a hub id.", argument=True,
+                        io="model")
     out: str = option(help="Output folder for the trained model (written when training ends).", argument=True,
-                      run=False)
+                      run=False, io="out")
     data: str = option(help="Training text: .txt/.jsonl/.parquet file or folder, a datasets spec "
                        "name[:config][:split][:column] (split: train by default), wikitext-2-test or "
                        "tinyshakespeare[:train]. Read lazily and tokenised once into a memory-mapped cache, so "
-                       "corpora larger than memory work.")
+                       "corpora larger than memory work.", io="data")
     steps: int | None = option(None, help="Optimizer steps (default: one pass over the data).", minimum=1)
     tokens: int | None = option(None, help="Train on this many tokens instead of --steps.", minimum=1)
     seq_len: int = option(512, help="Tokens per training sequence.", minimum=1)
@@ -34,12 +35,14 @@ class UptrainSettings(Settings):
     schedule: str = option("cosine", help="Learning-rate schedule.", choices=SCHEDULES)
     dtype: str = option("float32", help="float32, or bfloat16 (autocast; weights and optimizer stay float32).",
                         choices=PRECISIONS, aliases={"fp32": "float32", "bf16": "bfloat16"})
-    teacher: str | None = option(None, help="Distil from this model (the unconverted source).")
+    teacher: str | None = option(None, help="Distil from this model (the unconverted source).",
+                                  io="model")
     distill_weight: float = option(0.5, help="Weight a of KL in (1-a)*CE + a*T^2*KL.", minimum=0, maximum=1)
     temperature: float = option(1.0, help="Softmax temperature T of the distillation.", above=0)
     train: str = option("all", help="What learns: all, or only-attention (q/k/v/o and latent projections).",
                         choices=TRAIN_CHOICES)
-    eval_data: str | None = option(None, help="Held-out text for perplexity (same SPEC forms).")
+    eval_data: str | None = option(None, help="Held-out text for perplexity (same SPEC forms).",
+                                    io="data")
     eval_every: int | None = option(None, help="Measure held-out perplexity every N steps.", minimum=1, run=False)
     save_every: int | None = option(None, help="Write a checkpoint every N steps (for --resume).", minimum=1,
                                     run=False)
@@ -49,7 +52,7 @@ class UptrainSettings(Settings):
     max_grad_norm: float = option(1.0, help="Clip the gradient norm to this value; 0 turns clipping off.", minimum=0)
     weight_decay: float = option(0.0, help="AdamW weight decay.", minimum=0)
     gradient_checkpointing: bool = option(False, help="Recompute activations in backward to save memory.")
-    tokenizer: str | None = option(None, help="Tokenizer folder or hub id, if MODEL has none.")
+    tokenizer: str | None = option(None, help="Tokenizer folder or hub id, if MODEL has none.", io="model")
     allow_pickle: bool = option(False, help="Allow pytorch_model*.bin weights.")
     keep_checkpoints: bool = option(False, help="Keep OUT.uptrain-run/ (last checkpoint) after a successful run.",
                                     run=False)
