@@ -3,7 +3,8 @@
 The recipe converts the embedded reference MHA model to GQA (2 KV heads) and MQA by mean pooling, uptrains each
 for 5% of the reference's pretraining tokens and evaluates all of them on the held-out text against the source;
 this script adds the narrow summaries: quality (perplexity before and after uptraining, KL to the source, KV bytes
-per token) and decode speed per architecture (median of the timed runs, with the slowest and fastest). The report (results.json, results.md, PNG plots) is in demo-out/report.
+per token) and decode speed per architecture (median of the timed runs, with the slowest and fastest). The
+report (results.json, results.md, PNG plots) is in demo-out/report.
 
 Finished stages are reused on a second run (`attnconv run` keeps their fingerprints beside the recipe); a stage
 whose settings changed is redone with everything after it, replacing what the recipe wrote before.
