@@ -64,7 +64,12 @@ def setup_fsdp(accelerator, bf16: bool) -> bool:
                             "launch with --num_processes 2 or more, or with recipes/accelerate/single_gpu.yaml")
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:  # as AcceleratorState does it for GPUs
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # it pins memory for a GPU
+            raise AttnconvError("fsdp_offload_params moves shards from the GPU to CPU memory and this run has no GPU; "
+                                "set fsdp_offload_params: false in the launch config")
         if bf16:
             plugin.set_mixed_precision("bf16")
         state.fsdp_plugin = plugin
