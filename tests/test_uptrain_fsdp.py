@@ -171,3 +171,20 @@ def test_plain_model_rebuilds_a_tied_model_from_its_gathered_state(tmp_path):
     plain.save_pretrained(tmp_path / "saved")
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(ids).logits, src(ids).logits)
+
+
+def test_decoder_layers_are_wrapped_where_the_model_names_no_class(tmp_path, monkeypatch):
+    """TRANSFORMER_BASED_WRAP without a class: accelerate reads `_no_split_modules`; without them, the decoder layer
+    class is named (else FSDP would gather the whole layer stack at once)."""
+    from types import SimpleNamespace
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    net = AutoModelForCausalLM.from_pretrained(build_tiny_model("qwen2", tmp_path / "q", n_heads=4, hidden=32))
+    for no_split, expected in ((net._no_split_modules, None), (None, ["Qwen2DecoderLayer"])):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        net._no_split_modules = no_split
+        sharded.wrap_decoder_layers(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), net)
+        assert plugin.transformer_cls_names_to_wrap == expected

@@ -4,7 +4,8 @@ A checkpoint is written into `checkpoints/.tmp-step-N/`, flushed to disk (fsync)
 `checkpoints/step-N/` only when every process has finished writing; the previous checkpoint is deleted
 after that rename. A crash, a power cut or a full disk while saving therefore leaves the previous
 checkpoint intact. Everything loads with
-`torch.load(weights_only=True)` or safetensors: no pickled code.
+`torch.load(weights_only=True)` or safetensors: no pickled code. (Under FSDP the model and optimizer are DCP shards
+instead, see attnconv.uptrain.sharded; torch reads a DCP folder's `.metadata` with pickle.)
 """
 
 from __future__ import annotations

@@ -153,9 +153,8 @@ def _train(accelerator, model, blocks, run: Run, schedule: BlockSchedule, params
 
     def checkpoint(done: int) -> Path:
         return save(accelerator, run.ckpt_root, model, optimizer, scheduler,
-                               {"step": done, "world": accelerator.num_processes,
-                                "samples_seen": done * schedule.global_batch,
-                                "epoch": done // schedule.steps_per_epoch, "identity": run.identity})
+                    {"step": done, "world": accelerator.num_processes, "samples_seen": done * schedule.global_batch,
+                     "epoch": done // schedule.steps_per_epoch, "identity": run.identity})
 
     if accelerator.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
