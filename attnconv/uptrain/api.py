@@ -38,6 +38,7 @@ from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
 from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
 from attnconv.uptrain.settings import UptrainSettings
+from attnconv.uptrain.sharded import check_fsdp_version, is_sharded, setup_fsdp
 from attnconv.uptrain.trainer import Run, identity_differences
 from attnconv.uptrain.trainer import train as run_training
 
@@ -142,10 +143,12 @@ def uptrain(settings: UptrainSettings) -> dict:
     _check_loss_kernel(s.loss_kernel)
 
     # Accelerate keeps its state per process; a second uptrain() in one process (demo, tests) may change precision.
+    check_fsdp_version()
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision="bf16" if s.dtype == "bfloat16" else "no",
                               gradient_accumulation_steps=s.grad_accum, cpu=not torch.cuda.is_available())
+    setup_fsdp(accelerator, bf16=s.dtype == "bfloat16")
     main = accelerator.is_main_process
     with output_lock(out_path) if main else nullcontext():
         if s.resume and latest_checkpoint(run_dir / "checkpoints") is None and out_path.exists():
@@ -209,7 +212,8 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
                 "teacher_sha256": hashes.get("teacher")}
     if accelerator.is_main_process and not s.quiet:
         print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
-              f"on {accelerator.num_processes} process(es), {accelerator.device.type}"
+              f"on {accelerator.num_processes} process(es){' (FSDP)' if is_sharded(accelerator) else ''}, "
+              f"{accelerator.device.type}"
               + (", resuming" if will_resume else ""), file=sys.stderr)
     result = run_training(accelerator, net, blocks, Run(s, steps, identity, run_dir), teacher=teacher_net,
                           eval_windows=windows, resume=will_resume, show_progress=not s.quiet)
@@ -217,6 +221,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
     log = result.pop("log")
     summary = {"source": s.model, "data": s.data, "data_tokens": int(len(stream)), "eval_data": s.eval_data,
                "settings": {**s.record(), "steps": steps, "processes": accelerator.num_processes,
+                            "fsdp": is_sharded(accelerator),
                             "trainable_parameters": trainable, "liger_kernel": liger,
                             "loss_kernel_used": result.pop("loss_kernel")},
                "identity": identity, "results": result}

@@ -4,7 +4,8 @@ A checkpoint is written into `checkpoints/.tmp-step-N/`, flushed to disk (fsync)
 `checkpoints/step-N/` only when every process has finished writing; the previous checkpoint is deleted
 after that rename. A crash, a power cut or a full disk while saving therefore leaves the previous
 checkpoint intact. Everything loads with
-`torch.load(weights_only=True)` or safetensors: no pickled code.
+`torch.load(weights_only=True)` or safetensors: no pickled code. (Under FSDP the model and optimizer are DCP shards
+instead, see attnconv.uptrain.sharded; torch reads a DCP folder's `.metadata` with pickle.)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -49,6 +50,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 def step_dir_name(step: int) -> str:
@@ -63,8 +68,19 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, state: dict) -> Path:
-    """Write a checkpoint for `state["step"]` atomically; all processes must call it."""
+def _write_whole(accelerator, tmp: Path, model, optimizer, scheduler) -> None:
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, state: dict,
+                    write_payload=_write_whole) -> Path:
+    """Write a checkpoint for `state["step"]` atomically; all processes must call it.
+
+    write_payload(accelerator, tmp, model, optimizer, scheduler) runs on every process; this module's writes the
+    whole model and optimizer from the main process, attnconv.uptrain.sharded's FSDP shards from all of them."""
     step = state["step"]
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
     final = ckpt_root / step_dir_name(step)
@@ -76,14 +92,11 @@ def save_checkpoint(accelerator, ckpt_root: Path, model, optimizer, scheduler, s
             tmp.mkdir()
         except OSError as e:
             error = e
-    accelerator.wait_for_everyone()
+    no_folder = _any_process(accelerator, error is not None)  # a collective payload is skipped by all or none
     try:
-        if error is None and accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if error is None:
-            torch.save(_rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+        if not no_folder:
+            write_payload(accelerator, tmp, model, optimizer, scheduler)
+            torch.save(_rng_state(), tmp / rng_file(accelerator.process_index))
     except (OSError, RuntimeError, SafetensorError) as e:  # torch and safetensors report a full disk their way
         error = e
     failed = _any_process(accelerator, error is not None)
@@ -125,8 +138,8 @@ def _any_process(accelerator, flag: bool) -> bool:
 
 def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dict:
     """Restore everything saved by save_checkpoint; returns its state dict (step, data position...)."""
-    rng_file = path / f"rng-rank{accelerator.process_index}.pt"
-    if not rng_file.is_file():
+    rng = path / rng_file(accelerator.process_index)
+    if not rng.is_file():
         raise AttnconvError(f"{path} was written by fewer processes than this run has; resume with the same "
                             "number of processes")
     try:
@@ -134,7 +147,7 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
         load_model(accelerator.unwrap_model(model), str(path / "model.safetensors"), strict=True)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(torch.load(rng, weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
         raise AttnconvError(f"checkpoint {path} could not be loaded ({first_line(e)}); remove it to fall back to "
                             "an earlier one, or start over with --overwrite") from None

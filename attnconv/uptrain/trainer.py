@@ -1,7 +1,8 @@
 """The training loop on accelerate: AdamW, warmup + schedule, clipping, accumulation, eval, checkpoints.
 
-The same code runs in one process or under `accelerate launch` / `torchrun` (DDP): each process reads
-its slice of every global batch (see BlockSchedule), and logged losses are means over all processes.
+The same code runs in one process or under `accelerate launch` / `torchrun` (DDP, or FSDP2 with the parts in
+attnconv.uptrain.sharded): each process reads its slice of every global batch (see BlockSchedule), and logged losses
+are means over all processes.
 A checkpoint records the run's identity (every setting that changes its mathematics, and the fingerprints of
 its model, teacher, tokenizer and data); a resume with any of them changed is refused, listing what differs.
 """
@@ -19,6 +20,7 @@ import torch
 from attnconv.errors import AttnconvError, Interrupted
 from attnconv.patches.fused_loss import fused_loss, loss_targets
 from attnconv.patches.training_attention import cpu_training_attention
+from attnconv.uptrain import sharded
 from attnconv.uptrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from attnconv.uptrain.data import BlockSchedule
 from attnconv.uptrain.distill import DistillConfig, training_loss
@@ -87,10 +89,16 @@ def train(accelerator, model, blocks, run: Run, *, teacher=None, eval_windows: t
     params = [p for p in model.parameters() if p.requires_grad]
     # Without a teacher only the loss is needed, not the logits: the output layer computes it in chunks.
     kernel = s.loss_kernel if teacher is None else "reference"
+    fsdp = sharded.is_sharded(accelerator)
     with fused_loss(model, kernel, accelerator.device, s.batch_size * s.seq_len) as head, \
             cpu_training_attention(model, accelerator.device), stop_on_signals() as stop:
-        return _train(accelerator, model, blocks, run, schedule, params, head, stop, teacher=teacher,
-                      eval_windows=eval_windows, resume=resume, show_progress=show_progress)
+        result = _train(accelerator, model, blocks, run, schedule, params, head, stop, teacher=teacher,
+                        eval_windows=eval_windows, resume=resume, show_progress=show_progress)
+        # Gathered while the fused loss head (which holds lm_head's shards) is still in the model.
+        full_sd = sharded.gather_full_state_dict(result["model"]) if fsdp else None
+    if fsdp:  # the config is back to the saved attention implementation here
+        result["model"] = sharded.plain_model(result["model"], full_sd)
+    return result
 
 
 def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, list[dict]]:
@@ -102,14 +110,22 @@ def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, li
     except (OSError, ValueError):
         raise AttnconvError(f"{last}/state.json is unreadable; remove {last} to fall back to an earlier "
                             "checkpoint, or start over with --overwrite") from None
-    if state.get("world") != accelerator.num_processes:
+    fsdp = sharded.is_sharded(accelerator)
+    sharded.check_resume(last, state, fsdp)
+    saved, now = state.get("identity", {}), run.identity
+    if fsdp:  # DCP reshards: another number of processes may continue the same global batch
+        saved, now = sharded.resume_identity(saved), sharded.resume_identity(now)
+    elif state.get("world") != accelerator.num_processes:
         raise AttnconvError(f"{last} was written by {state.get('world')} process(es) and this run has "
                             f"{accelerator.num_processes}; resume with the same number of processes")
-    changed = identity_differences(state.get("identity", {}), run.identity)
+    changed = identity_differences(saved, now)
     if changed:
         raise AttnconvError(f"{last} was written by a different run ({'; '.join(changed)}); resume with the "
                             "settings and inputs of the interrupted run, or start over with --overwrite")
-    state = load_checkpoint(accelerator, last, model, optimizer, scheduler)
+    if fsdp:
+        state = sharded.load_sharded_checkpoint(accelerator, last, model, optimizer, scheduler, run.settings.seed)
+    else:
+        state = load_checkpoint(accelerator, last, model, optimizer, scheduler)
     return state["step"], read_log(run.log_path, state["step"])
 
 
@@ -123,16 +139,22 @@ def _train(accelerator, model, blocks, run: Run, schedule: BlockSchedule, params
     scheduler = get_scheduler(SCHEDULES[s.schedule], optimizer, num_warmup_steps=s.warmup,
                               num_training_steps=run.steps)
     # The scheduler stays unprepared: accelerate would step it once per process.
+    fsdp = sharded.is_sharded(accelerator)
+    if fsdp:
+        sharded.wrap_decoder_layers(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # fully_shard replaced the parameters with sharded ones; clipping must see those
+        params = [p for p in model.parameters() if p.requires_grad]
+    save = sharded.save_sharded_checkpoint if fsdp else save_checkpoint
+    score = sharded.evaluate if fsdp else evaluate
     if teacher is not None:
         teacher.to(accelerator.device).eval().requires_grad_(False)
     start, log_rows = _resume(accelerator, run, model, optimizer, scheduler) if resume else (0, [])
 
     def checkpoint(done: int) -> Path:
-        return save_checkpoint(accelerator, run.ckpt_root, model, optimizer, scheduler,
-                               {"step": done, "world": accelerator.num_processes,
-                                "samples_seen": done * schedule.global_batch,
-                                "epoch": done // schedule.steps_per_epoch, "identity": run.identity})
+        return save(accelerator, run.ckpt_root, model, optimizer, scheduler,
+                    {"step": done, "world": accelerator.num_processes, "samples_seen": done * schedule.global_batch,
+                     "epoch": done // schedule.steps_per_epoch, "identity": run.identity})
 
     if accelerator.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +209,7 @@ def _train(accelerator, model, blocks, run: Run, schedule: BlockSchedule, params
             if distill is not None:
                 row.update(ce=means[1].item(), kl=means[2].item())
             if eval_windows is not None and (s.eval_every and done % s.eval_every == 0 or done == run.steps):
-                last_ppl = evaluate(accelerator, model, eval_windows, s.batch_size)
+                last_ppl = score(accelerator, model, eval_windows, s.batch_size)
                 row["eval_ppl"] = last_ppl
             log_rows.append(row)
             if accelerator.is_main_process:
