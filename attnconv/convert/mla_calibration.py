@@ -1,0 +1,128 @@
+"""Calibration statistics for MLA conversions, accumulated batch by batch (never the activations).
+
+Every collector follows the shared Collector protocol: `update(x, positions)` with x [n_tokens, hidden], the
+attention input of one layer (after its input norm). All sums are float64.
+
+- `MomentCollector`: E[x] and E[x x^T]. Every linear map of x then has its second moment in closed form
+  (E[(Wx+b)(Wx+b)^T] = W E[xx^T] W^T + ...), which covers the joint K/V PCA, the K/V balance and RoRoPE's
+  per-frequency key covariance (rotating a pair by RoPE leaves a^2 + b^2 and the cross-head products
+  a_g a_h + b_g b_h unchanged, so the rotated keys' covariance needs no positions).
+- `PairNormCollector`: mean L2 norm of every RoPE pair of q and k (MHA2MLA's 2-norm pair selection).
+- `LatentRMSCollector`: a second pass once the latent down-projection is known, for DeepSeek's latent RMSNorm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnconv.convert.attention_weights import AttentionWeights
+
+
+@dataclass
+class InputMoments:
+    """First and second (uncentred) moments of one layer's attention input."""
+
+    mean: Tensor  # [hidden] float64
+    second: Tensor  # [hidden, hidden] float64, E[x x^T]
+    count: int
+
+    @classmethod
+    def identity(cls, hidden: int) -> InputMoments:
+        """The weight-only stand-in (E[xx^T] = I, E[x] = 0): PCA under it is the SVD of the weights."""
+        return cls(torch.zeros(hidden, dtype=torch.float64), torch.eye(hidden, dtype=torch.float64), 0)
+
+    def of_linear(self, w: Tensor, b: Tensor | None = None) -> Tensor:
+        """E[(Wx+b)(Wx+b)^T] for w [n, hidden], b [n] -> [n, n] float64."""
+        w = w.double()
+        out = w @ self.second @ w.T
+        if b is not None:
+            b = b.double()
+            wm = w @ self.mean  # [n]
+            out = out + torch.outer(wm, b) + torch.outer(b, wm) + torch.outer(b, b)
+        return out
+
+
+class MomentCollector:
+    def __init__(self, hidden: int):
+        self.sum = torch.zeros(hidden, dtype=torch.float64)
+        self.sum_outer = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, x: Tensor, positions: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.device, torch.float64)
+        self.sum += x.sum(0)
+        self.sum_outer += x.T @ x
+        self.count += x.shape[0]
+
+    def result(self) -> InputMoments:
+        if self.count == 0:
+            raise ValueError("no calibration tokens were seen")
+        return InputMoments(self.sum / self.count, self.sum_outer / self.count, self.count)
+
+
+def _rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    if weight is None:
+        return x
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def pair_norms(heads: Tensor, rotary_dim: int) -> Tensor:
+    """L2 norm of each RoPE pair: heads [..., head_dim] -> [..., rotary_dim / 2]."""
+    half = rotary_dim // 2
+    return torch.sqrt(heads[..., :half] ** 2 + heads[..., half:rotary_dim] ** 2)
+
+
+class PairNormCollector:
+    """Mean |q pair| per query head and mean |k pair| per KV head (after Qwen3's q/k norms)."""
+
+    def __init__(self, weights: AttentionWeights):
+        self.w = weights
+        s = weights.shape
+        self.q_sum = torch.zeros(s.n_heads, s.rotary_pairs, dtype=torch.float64)
+        self.k_sum = torch.zeros(s.n_kv_heads, s.rotary_pairs, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, x: Tensor, positions: Tensor) -> None:
+        w, s = self.w, self.w.shape
+        x = x.detach().reshape(-1, s.hidden).float()
+        for which, acc in (("q", self.q_sum), ("k", self.k_sum)):
+            y = torch.nn.functional.linear(x, getattr(w, which), getattr(w, f"{which}_bias"))
+            y = _rms_norm(y.reshape(x.shape[0], -1, s.head_dim), getattr(w, f"{which}_norm"), w.norm_eps)
+            acc += pair_norms(y, s.rotary_dim).sum(0).double()  # [n_heads or n_kv, pairs]
+        self.count += x.shape[0]
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """(mean q pair norms [n_heads, pairs], mean k pair norms [n_kv, pairs]), float64."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens were seen")
+        return self.q_sum / self.count, self.k_sum / self.count
+
+
+class LatentRMSCollector:
+    """For a latent c = down x (+ bias): per channel E[c^2 / rms(c)] and E[c^2 / rms(c)^2].
+
+    Their ratio is the RMSNorm weight w that best undoes the norm: argmin_w E[(w c / rms(c) - c)^2].
+    """
+
+    def __init__(self, down: Tensor, bias: Tensor | None = None, eps: float = 1e-6):
+        self.down, self.bias, self.eps = down.detach().float(), bias, eps
+        r = down.shape[0]
+        self.num = torch.zeros(r, dtype=torch.float64)
+        self.den = torch.zeros(r, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, x: Tensor, positions: Tensor) -> None:
+        c = torch.nn.functional.linear(x.detach().reshape(-1, x.shape[-1]).float(), self.down, self.bias).double()
+        rms = torch.sqrt(c.pow(2).mean(-1, keepdim=True) + self.eps)  # [n, 1]
+        self.num += (c.pow(2) / rms).sum(0)
+        self.den += (c.pow(2) / rms.pow(2)).sum(0)
+        self.count += c.shape[0]
+
+    def result(self) -> Tensor:
+        """The fitted RMSNorm weight [r], float32."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens were seen")
+        return (self.num / self.den.clamp_min(1e-30)).float()

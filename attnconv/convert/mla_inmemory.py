@@ -1,0 +1,131 @@
+"""MLA conversion of a model loaded in memory: the reference composition of the pure functions.
+
+The streaming CLI applies the same per-layer functions to tensors read from disk; this module is what tests,
+measurements and experiments use: calibrate with forward hooks (a stand-in for the calibration runner), convert
+every layer, and build the converted model with its state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from attnconv.convert.attention_weights import AttentionWeights, from_hf_attention
+from attnconv.convert.mla_attnconv import attnconv_config, convert_attnconv_layer
+from attnconv.convert.mla_calibration import LatentRMSCollector, MomentCollector, PairNormCollector
+from attnconv.convert.mla_deepseek import convert_deepseek_layer, deepseek_config, deepseek_tensors
+from attnconv.convert.mla_rope import check_rope_dim, pair_scores, select_pairs
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def calibrate(model, ids: Tensor, make: Callable[[int], list], *, seq_len: int = 256, batch_size: int = 8) -> list:
+    """Feed every layer's attention input to its collectors: make(layer_idx) -> collectors; returns them per layer.
+
+    ids: [n] a token stream, cut into windows of seq_len (positions 0..seq_len-1 each).
+    """
+    layers = _layers(model)
+    collectors = [make(i) for i in range(len(layers))]
+    hooks = []
+    for i, layer in enumerate(layers):
+        def hook(module, args, kwargs, i=i):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [b, t, hidden]
+            pos = torch.arange(x.shape[1]).repeat(x.shape[0])
+            for c in collectors[i]:
+                c.update(x.reshape(-1, x.shape[-1]).float(), pos)
+        hooks.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
+    n = (len(ids) // seq_len) * seq_len
+    windows = ids[:n].reshape(-1, seq_len)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(windows), batch_size):
+                model(input_ids=windows[start:start + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return collectors
+
+
+def layer_weights(model) -> list[AttentionWeights]:
+    return [from_hf_attention(layer.self_attn, model.config) for layer in _layers(model)]
+
+
+def _per_layer(value, n: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def _non_attention_state(model) -> dict[str, Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
+
+
+def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_select: str = "high",
+                    init: str = "svd", calibration: Tensor | None = None, seq_len: int = 256):
+    """The attnconv-format MLA of a loaded Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3 model (float32)."""
+    from attnconv.models.mla import CLASSES, register_auto_classes
+
+    register_auto_classes()
+    weights = layer_weights(model)
+    n_keep = check_rope_dim(rope_dim, weights[0].shape)
+    moments = scores = None
+    if calibration is not None and (init == "pca" or rope_select == "2-norm"):
+        stats = calibrate(model, calibration, lambda i: [MomentCollector(model.config.hidden_size),
+                                                         PairNormCollector(weights[i])], seq_len=seq_len)
+        moments = [c[0].result() for c in stats]
+        scores = [pair_scores(*c[1].result(), weights[0].shape) for c in stats]
+    ranks = _per_layer(kv_rank, len(weights))
+    state, all_pairs = _non_attention_state(model), []
+    for i, w in enumerate(weights):
+        pairs = select_pairs(rope_select, w.shape, n_keep, None if scores is None else scores[i])
+        all_pairs.append(pairs)
+        out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init,
+                                     moments=None if moments is None else moments[i])
+        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
+    config = attnconv_config(model.config.to_dict(), kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init)
+    config_cls, _, causal_cls = CLASSES[model.config.model_type]
+    mla = causal_cls(config_cls(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")}))
+    mla.load_state_dict(state, strict=True)
+    return mla.eval()
+
+
+def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "high", init: str = "svd",
+                   calibration: Tensor | None = None, q_rank: int | None = None, fit_latent_norm: bool = True,
+                   seq_len: int = 256):
+    """The deepseek-v3-format MLA of a loaded model, as a stock transformers DeepseekV3ForCausalLM (float32).
+
+    fit_latent_norm: a second calibration pass fits kv_a_layernorm per channel (else the moments' constant RMS).
+    Returns (model, notes).
+    """
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    weights = layer_weights(model)
+    source = model.config.to_dict()
+    config, notes = deepseek_config(source, weights[0].shape, kv_rank=kv_rank, rope_dim=rope_dim,
+                                    rope_select=rope_select, q_rank=q_rank)
+    moments = None
+    if calibration is not None:
+        stats = calibrate(model, calibration, lambda i: [MomentCollector(model.config.hidden_size)], seq_len=seq_len)
+        moments = [c[0].result() for c in stats]
+    layers = []
+    for i, w in enumerate(weights):
+        layers.append(convert_deepseek_layer(w, kv_rank=kv_rank, rope_dim=rope_dim, init=init, rope_select=rope_select,
+                                             moments=None if moments is None else moments[i], q_rank=q_rank))
+    if fit_latent_norm and calibration is not None:
+        downs = [out["kv_a_proj_with_mqa.weight"][:kv_rank] for out in layers]
+        fitted = calibrate(model, calibration, lambda i: [LatentRMSCollector(downs[i])], seq_len=seq_len)
+        for out, c in zip(layers, fitted, strict=True):
+            out["kv_a_layernorm.weight"] = c[0].result()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and tied:
+            continue
+        state.update(dict(deepseek_tensors(name, tensor, family=source["model_type"], tied=tied)))
+    for i, out in enumerate(layers):
+        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
+    ds = DeepseekV3ForCausalLM(DeepseekV3Config(**{k: v for k, v in config.items() if k != "model_type"}))
+    ds.load_state_dict(state, strict=True)
+    return ds.eval(), notes
