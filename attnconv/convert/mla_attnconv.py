@@ -19,7 +19,7 @@ from torch import Tensor
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
 from attnconv.convert.mla_calibration import InputMoments
 from attnconv.convert.mla_lowrank import INITS, check_rank, joint_low_rank
-from attnconv.convert.mla_rope import nope_dims, rope_dims
+from attnconv.convert.mla_rope import apply_phases, nope_dims, rope_dims
 from attnconv.errors import AttnconvError
 
 # source model_type -> (model_type, architecture) of its MLA form
@@ -67,12 +67,23 @@ def latent_target(w: AttentionWeights, pairs: Tensor) -> tuple[Tensor, Tensor | 
     return weight.reshape(-1, s.hidden), bias, k_rows.flatten()
 
 
+def dropped_pairs(pairs: Tensor, shape: AttentionShape) -> Tensor:
+    """The RoPE pairs each query head loses: [n_heads, rotary_pairs - kept]."""
+    keep = torch.zeros(pairs.shape[0], shape.rotary_pairs, dtype=torch.bool)
+    keep.scatter_(1, pairs, True)
+    dropped = torch.stack([(~row).nonzero().flatten() for row in keep])  # [n_kv, m]
+    return dropped[shape.kv_head_of()]
+
+
 def convert_attnconv_layer(w: AttentionWeights, *, kv_rank: int, pairs: Tensor, init: str = "svd",
-                           moments: InputMoments | None = None) -> dict[str, Tensor]:
+                           moments: InputMoments | None = None, phases: Tensor | None = None) -> dict[str, Tensor]:
     """One layer in attnconv's MLA format.
 
     pairs: [n_kv, rope_dim / 2] kept RoPE pairs per KV head (mla_rope.select_pairs); moments: calibration
-    moments of the layer's input (required for init="pca").
+    moments of the layer's input (required for init="pca"); phases: [n_heads, rotary_pairs] complex, the
+    source's mean rotation per pair (AttentionPhaseCollector): the dropped pairs of each query are rotated and
+    scaled by it instead of losing their rotation outright (ignored for families with q norms, where the
+    query weights feed a norm first).
     """
     s = w.shape
     rope_dim = 2 * pairs.shape[1]
@@ -87,15 +98,21 @@ def convert_attnconv_layer(w: AttentionWeights, *, kv_rank: int, pairs: Tensor, 
     target, target_bias, k_rows = latent_target(w, pairs)
     low = joint_low_rank(stats.of_linear(target, target_bias), kv_rank, k_rows, balance=init == "pca")
     rope = rope_dims(pairs, s.rotary_dim)
+    q, q_bias = w.q, w.q_bias
+    if phases is not None and w.q_norm is None and pairs.shape[1] < s.rotary_pairs:
+        lost = dropped_pairs(pairs, s)
+        q = apply_phases(w.heads("q"), phases, lost, s.rotary_dim).reshape_as(w.q)
+        if q_bias is not None:
+            q_bias = apply_phases(w.head_bias("q"), phases, lost, s.rotary_dim).flatten()
     out = {
-        "q_proj.weight": w.q,
+        "q_proj.weight": q,
         "k_rope_proj.weight": _gather_rows(w.heads("k"), rope).reshape(-1, s.hidden),  # [n_kv * d_r, hidden]
         "kv_a_proj.weight": low.down @ target,  # [kv_rank, hidden]
         "kv_b_proj.weight": low.up,  # [n_kv * (2d - d_r), kv_rank]
         "o_proj.weight": w.o,
     }
-    if w.q_bias is not None:
-        out["q_proj.bias"] = w.q_bias
+    if q_bias is not None:
+        out["q_proj.bias"] = q_bias
     if target_bias is not None:
         kb = w.head_bias("k") if w.k_bias is not None else torch.zeros(s.n_kv_heads, s.head_dim)
         out["k_rope_proj.bias"] = _gather_rows(kb, rope).flatten()

@@ -126,3 +126,59 @@ class LatentRMSCollector:
         if self.count == 0:
             raise ValueError("no calibration tokens were seen")
         return (self.num / self.den.clamp_min(1e-30)).float()
+
+
+def _rope(x: Tensor, positions: Tensor, inv_freq: Tensor, rotary_dim: int) -> Tensor:
+    """HF rotate_half RoPE of x [t, n, head_dim] at positions [t]."""
+    angles = positions[:, None].float() * inv_freq[None].float()  # [t, pairs]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [t, 1, pairs]
+    half = rotary_dim // 2
+    a, b = x[..., :half], x[..., half:rotary_dim]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin, x[..., rotary_dim:]], dim=-1)
+
+
+class AttentionPhaseCollector:
+    """Per query head and RoPE pair, the source's attention-weighted mean rotation: E_q[sum_k p(q, k) e^{i theta
+    (pos_q - pos_k)}] (complex, |.| <= 1). Dropping a pair's RoPE (NoPE) replaces the rotation by 1; replacing it
+    by this mean instead is the least-squares choice under the source's attention, a scaled rotation of the
+    query pair that folds into the query weights (mla_rope.apply_phases).
+
+    x must hold whole causal sequences, each starting at position 0 (the calibration runner's windows).
+    inv_freq: [rotary_dim / 2] the source rotary's frequencies (with any RoPE scaling applied).
+    """
+
+    def __init__(self, weights: AttentionWeights, inv_freq: Tensor, max_query_block: int = 256):
+        self.w, self.inv_freq, self.block = weights, inv_freq.detach().double(), max_query_block
+        s = weights.shape
+        self.sum = torch.zeros(s.n_heads, s.rotary_pairs, dtype=torch.complex128)
+        self.count = 0
+
+    def update(self, x: Tensor, positions: Tensor) -> None:
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+        for a, b in zip(starts[:-1], starts[1:], strict=False):
+            self._sequence(x[a:b].float(), positions[a:b])
+
+    def _sequence(self, x: Tensor, pos: Tensor) -> None:
+        w, s = self.w, self.w.shape
+        t = x.shape[0]
+        q = torch.nn.functional.linear(x, w.q, w.q_bias).reshape(t, s.n_heads, s.head_dim)
+        k = torch.nn.functional.linear(x, w.k, w.k_bias).reshape(t, s.n_kv_heads, s.head_dim)
+        q = _rope(_rms_norm(q, w.q_norm, w.norm_eps), pos, self.inv_freq, s.rotary_dim)
+        k = _rope(_rms_norm(k, w.k_norm, w.norm_eps), pos, self.inv_freq, s.rotary_dim)
+        k = k[:, s.kv_head_of()]  # [t, n_heads, d]
+        key_phase = torch.exp(-1j * pos[:, None].double() * self.inv_freq[None])  # [t, pairs]
+        for q0 in range(0, t, self.block):
+            q1 = min(t, q0 + self.block)
+            scores = torch.einsum("qhd,khd->hqk", q[q0:q1], k[:q1]) * s.scaling  # [H, block, q1]
+            causal = torch.arange(q1)[None, :] > torch.arange(q0, q1)[:, None]
+            p = scores.masked_fill(causal, float("-inf")).softmax(-1).double()
+            mean_key = torch.einsum("hqk,kp->hqp", p.to(torch.complex128), key_phase[:q1])  # [H, block, pairs]
+            query_phase = torch.exp(1j * pos[q0:q1, None].double() * self.inv_freq[None])  # [block, pairs]
+            self.sum += (mean_key * query_phase[None]).sum(1)
+        self.count += t
+
+    def result(self) -> Tensor:
+        """[n_heads, rotary_dim / 2] complex128."""
+        if self.count == 0:
+            raise ValueError("no calibration tokens were seen")
+        return self.sum / self.count

@@ -36,7 +36,13 @@ from torch import Tensor
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
 from attnconv.convert.mla_calibration import InputMoments
 from attnconv.convert.mla_lowrank import INITS, check_rank, joint_low_rank
-from attnconv.convert.mla_rope import check_rope_dim, interleave_permutation, principal_rotations, shared_frequencies
+from attnconv.convert.mla_rope import (
+    apply_phases,
+    check_rope_dim,
+    interleave_permutation,
+    principal_rotations,
+    shared_frequencies,
+)
 from attnconv.errors import AttnconvError
 
 DEEPSEEK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
@@ -60,11 +66,14 @@ def check_layer(w: AttentionWeights) -> None:
 
 def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, init: str = "svd",
                            moments: InputMoments | None = None, rope_select: str = "high",
-                           q_rank: int | None = None, latent_norm: Tensor | None = None) -> dict[str, Tensor]:
+                           q_rank: int | None = None, latent_norm: Tensor | None = None,
+                           phases: Tensor | None = None) -> dict[str, Tensor]:
     """One layer's DeepseekV3Attention tensors (names relative to `model.layers.N.self_attn.`).
 
     latent_norm: the fitted kv_a_layernorm weight [kv_rank] (LatentRMSCollector over `kv_a_proj_with_mqa.weight
     [:kv_rank]`); without it, the latent's RMS implied by `moments` (a constant) is used.
+    phases: [n_heads, rotary_pairs] complex (AttentionPhaseCollector): the NoPE part of every query pair is
+    rotated and scaled by the source's mean rotation instead of losing its rotation outright.
     """
     s = w.shape
     check_layer(w)
@@ -98,7 +107,10 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     uq = u.T[s.kv_head_of()][..., None]  # [n_heads, n_keep, 1]: each query head's share of the shared key
     q = w.heads("q")  # [n_heads, d, hidden]
     q_rope = torch.cat([uq * q[:, pairs], uq * q[:, pairs + half]], dim=1)[:, perm]  # [n_heads, d_r, hidden]
-    q_all = torch.cat([q, q_rope], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # DeepSeek scales by (d+d_r)^-0.5
+    q_nope = q
+    if phases is not None:
+        q_nope = apply_phases(q, phases, torch.arange(s.rotary_pairs).expand(s.n_heads, -1), s.rotary_dim)
+    q_all = torch.cat([q_nope, q_rope], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # DeepSeek: (d + d_r)^-0.5
 
     if latent_norm is None:  # the latent's RMS over the calibration data (weight-only: that of the weights)
         latent_norm = torch.full((kv_rank,), float(moments.of_linear(down).diagonal().mean().sqrt())

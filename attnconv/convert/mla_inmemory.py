@@ -14,7 +14,12 @@ from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionWeights, from_hf_attention
 from attnconv.convert.mla_attnconv import attnconv_config, convert_attnconv_layer
-from attnconv.convert.mla_calibration import LatentRMSCollector, MomentCollector, PairNormCollector
+from attnconv.convert.mla_calibration import (
+    AttentionPhaseCollector,
+    LatentRMSCollector,
+    MomentCollector,
+    PairNormCollector,
+)
 from attnconv.convert.mla_deepseek import convert_deepseek_layer, deepseek_config, deepseek_tensors
 from attnconv.convert.mla_rope import check_rope_dim, pair_scores, select_pairs
 
@@ -62,27 +67,43 @@ def _non_attention_state(model) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
 
 
+def _statistics(model, weights, calibration, seq_len: int, phases: bool):
+    """Per layer: input moments, pair norms, and (phases) the attention's mean rotations."""
+    inv_freq = model.model.rotary_emb.inv_freq
+
+    def make(i):
+        out = [MomentCollector(model.config.hidden_size), PairNormCollector(weights[i])]
+        return out + [AttentionPhaseCollector(weights[i], inv_freq)] if phases else out
+
+    stats = calibrate(model, calibration, make, seq_len=seq_len)
+    moments = [c[0].result() for c in stats]
+    scores = [pair_scores(*c[1].result(), weights[0].shape) for c in stats]
+    return moments, scores, [c[2].result() for c in stats] if phases else [None] * len(stats)
+
+
 def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_select: str = "high",
-                    init: str = "svd", calibration: Tensor | None = None, seq_len: int = 256):
-    """The attnconv-format MLA of a loaded Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3 model (float32)."""
+                    init: str = "svd", calibration: Tensor | None = None, seq_len: int = 256,
+                    phases: bool = False):
+    """The attnconv-format MLA of a loaded Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3 model (float32).
+
+    phases: rotate dropped query pairs by the source's mean rotation (needs calibration).
+    """
     from attnconv.models.mla import CLASSES, register_auto_classes
 
     register_auto_classes()
     weights = layer_weights(model)
     n_keep = check_rope_dim(rope_dim, weights[0].shape)
     moments = scores = None
-    if calibration is not None and (init == "pca" or rope_select == "2-norm"):
-        stats = calibrate(model, calibration, lambda i: [MomentCollector(model.config.hidden_size),
-                                                         PairNormCollector(weights[i])], seq_len=seq_len)
-        moments = [c[0].result() for c in stats]
-        scores = [pair_scores(*c[1].result(), weights[0].shape) for c in stats]
+    mean_rotations = [None] * len(weights)
+    if calibration is not None:
+        moments, scores, mean_rotations = _statistics(model, weights, calibration, seq_len, phases)
     ranks = _per_layer(kv_rank, len(weights))
     state, all_pairs = _non_attention_state(model), []
     for i, w in enumerate(weights):
         pairs = select_pairs(rope_select, w.shape, n_keep, None if scores is None else scores[i])
         all_pairs.append(pairs)
         out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init,
-                                     moments=None if moments is None else moments[i])
+                                     moments=None if moments is None else moments[i], phases=mean_rotations[i])
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
     config = attnconv_config(model.config.to_dict(), kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init)
     config_cls, _, causal_cls = CLASSES[model.config.model_type]
@@ -93,7 +114,7 @@ def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_sele
 
 def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "high", init: str = "svd",
                    calibration: Tensor | None = None, q_rank: int | None = None, fit_latent_norm: bool = True,
-                   seq_len: int = 256):
+                   seq_len: int = 256, phases: bool = False):
     """The deepseek-v3-format MLA of a loaded model, as a stock transformers DeepseekV3ForCausalLM (float32).
 
     fit_latent_norm: a second calibration pass fits kv_a_layernorm per channel (else the moments' constant RMS).
@@ -105,14 +126,14 @@ def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "hi
     source = model.config.to_dict()
     config, notes = deepseek_config(source, weights[0].shape, kv_rank=kv_rank, rope_dim=rope_dim,
                                     rope_select=rope_select, q_rank=q_rank)
-    moments = None
+    moments, mean_rotations = None, [None] * len(weights)
     if calibration is not None:
-        stats = calibrate(model, calibration, lambda i: [MomentCollector(model.config.hidden_size)], seq_len=seq_len)
-        moments = [c[0].result() for c in stats]
+        moments, _, mean_rotations = _statistics(model, weights, calibration, seq_len, phases)
     layers = []
     for i, w in enumerate(weights):
         layers.append(convert_deepseek_layer(w, kv_rank=kv_rank, rope_dim=rope_dim, init=init, rope_select=rope_select,
-                                             moments=None if moments is None else moments[i], q_rank=q_rank))
+                                             moments=None if moments is None else moments[i], q_rank=q_rank,
+                                             phases=mean_rotations[i]))
     if fit_latent_norm and calibration is not None:
         downs = [out["kv_a_proj_with_mqa.weight"][:kv_rank] for out in layers]
         fitted = calibrate(model, calibration, lambda i: [LatentRMSCollector(downs[i])], seq_len=seq_len)

@@ -71,9 +71,10 @@ def rope_dims(pairs: Tensor, rotary_dim: int) -> Tensor:
 
 def nope_dims(rope: Tensor, head_dim: int) -> Tensor:
     """The other dims of each head, ascending: [n_kv, head_dim - rope_dim]."""
-    keep = torch.ones(rope.shape[0], head_dim, dtype=torch.bool)
+    keep = torch.ones(rope.shape[0], head_dim, dtype=torch.bool, device=rope.device)
     keep.scatter_(1, rope, False)
-    return torch.stack([row.nonzero().flatten() for row in keep])
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept dims first, each in ascending order
+    return order[:, : head_dim - rope.shape[1]]
 
 
 def shared_frequencies(method: str, shape: AttentionShape, n_keep: int) -> tuple[Tensor, int]:
@@ -108,3 +109,21 @@ def interleave_permutation(rope_dim: int) -> Tensor:
     """Index that reorders a rotate_half vector [a_0..a_n-1, b_0..b_n-1] into DeepSeek's [a_0, b_0, a_1, b_1, ...]."""
     n = rope_dim // 2
     return torch.stack([torch.arange(n), torch.arange(n) + n], dim=-1).flatten()
+
+
+def apply_phases(q_heads: Tensor, phases: Tensor, pairs: Tensor, rotary_dim: int) -> Tensor:
+    """Multiply query pairs (as complex a + ib) by the source's mean rotation for pairs whose RoPE is dropped.
+
+    q_heads: [n_heads, head_dim, *rest] query weights or biases; phases: [n_heads, rotary_dim / 2] complex
+    (AttentionPhaseCollector); pairs: [n_heads, m] the pairs of each query head that become NoPE.
+    """
+    half = rotary_dim // 2
+    out = q_heads.clone()
+    beta = phases.gather(1, pairs)  # [n_heads, m]
+    shape = (*pairs.shape, *([1] * (q_heads.dim() - 2)))
+    re, im = beta.real.float().reshape(shape), beta.imag.float().reshape(shape)
+    index = pairs.reshape(shape).expand(*pairs.shape, *q_heads.shape[2:])
+    a, b = q_heads.gather(1, index), q_heads.gather(1, index + half)
+    out.scatter_(1, index, re * a - im * b)
+    out.scatter_(1, index + half, im * a + re * b)
+    return out

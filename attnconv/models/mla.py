@@ -89,10 +89,10 @@ class MLAAttention(nn.Module):
         self.qk_rope_dim = config.qk_rope_dim
         d, dr, hidden = self.head_dim, self.qk_rope_dim, config.hidden_size
 
-        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long)  # [n_kv, rope_dim / 2]
+        # Index tensors, not buffers: from_pretrained builds modules on the meta device, where they would be lost.
+        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long, device="cpu")  # [n_kv, rope_dim / 2]
         rope = rope_dims(pairs, self.rotary_dim)  # [n_kv, d_r]
-        self.register_buffer("rope_dims", rope, persistent=False)
-        self.register_buffer("nope_dims", nope_dims(rope, d), persistent=False)  # [n_kv, d - d_r]
+        self._dims = {"cpu": (rope, nope_dims(rope, d))}  # device -> (rope dims, NoPE dims [n_kv, d - d_r])
 
         self.q_proj = nn.Linear(hidden, self.n_heads * d, bias=family.q_bias(config))
         self.k_rope_proj = nn.Linear(hidden, self.n_kv * dr, bias=family.kv_bias(config))
@@ -104,6 +104,12 @@ class MLAAttention(nn.Module):
             self.q_norm = family.qk_norm(d, eps=config.rms_norm_eps)
             self.k_norm = family.qk_norm(d, eps=config.rms_norm_eps)
         self.cache_latent_dim = self.kv_lora_rank + (self.n_kv if self.k_norm is not None else 0)
+
+    def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._dims:
+            self._dims[key] = tuple(t.to(device) for t in self._dims["cpu"])
+        return self._dims[key]
 
     def _per_query_head(self, dims: torch.Tensor) -> torch.Tensor:
         return dims.repeat_interleave(self.num_key_value_groups, dim=0)  # [n_heads, m]
@@ -119,6 +125,7 @@ class MLAAttention(nn.Module):
         b, t, _ = hidden_states.shape
         cos, sin = position_embeddings  # [b, t, rotary_dim]
         rot = self.rotary_dim
+        rope_dims_, nope_dims_ = self._index(hidden_states.device)
 
         q = self.q_proj(hidden_states).view(b, t, self.n_heads, self.head_dim)
         if self.q_norm is not None:
@@ -126,8 +133,8 @@ class MLAAttention(nn.Module):
         q = q.transpose(1, 2)  # [b, H, t, d]
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q_rotated = torch.cat([q[..., :rot] * c + _rotate_half(q[..., :rot]) * s, q[..., rot:]], dim=-1)
-        rope_q = self._per_query_head(self.rope_dims)[None, :, None].expand(b, -1, t, -1)
-        nope_q = self._per_query_head(self.nope_dims)[None, :, None].expand(b, -1, t, -1)
+        rope_q = self._per_query_head(rope_dims_)[None, :, None].expand(b, -1, t, -1)
+        nope_q = self._per_query_head(nope_dims_)[None, :, None].expand(b, -1, t, -1)
         query = torch.cat([q_rotated.gather(-1, rope_q), q.gather(-1, nope_q)], dim=-1)
 
         k_rope = self.k_rope_proj(hidden_states).view(b, t, self.n_kv, self.qk_rope_dim).transpose(1, 2)
@@ -136,11 +143,11 @@ class MLAAttention(nn.Module):
             k_nope = self._expand(latent)[0]
             ms = (k_rope.float().pow(2).sum(-1) + k_nope.float().pow(2).sum(-1)) / self.head_dim  # [b, n_kv, t]
             inv_rms = torch.rsqrt(ms + self.k_norm.variance_epsilon)
-            k_rope = self.k_norm.weight[self.rope_dims][None, :, None] * (
+            k_rope = self.k_norm.weight[rope_dims_][None, :, None] * (
                 k_rope.float() * inv_rms[..., None]).to(k_rope.dtype)
             latent = torch.cat([latent, inv_rms.transpose(1, 2)[:, None].to(latent.dtype)], dim=-1)
-        cos_k = cos[:, :, self.rope_dims].transpose(1, 2)  # [b, n_kv, t, d_r]
-        sin_k = sin[:, :, self.rope_dims].transpose(1, 2)
+        cos_k = cos[:, :, rope_dims_].transpose(1, 2)  # [b, n_kv, t, d_r]
+        sin_k = sin[:, :, rope_dims_].transpose(1, 2)
         k_rope = k_rope * cos_k + _rotate_half(k_rope) * sin_k
 
         if cache is not None:
@@ -148,7 +155,7 @@ class MLAAttention(nn.Module):
         k_nope, value = self._expand(latent[..., : self.kv_lora_rank])
         if self.k_norm is not None:
             inv_rms = latent[..., self.kv_lora_rank:].squeeze(1).transpose(1, 2)[..., None]  # [b, n_kv, T, 1]
-            k_nope = self.k_norm.weight[self.nope_dims][None, :, None] * (
+            k_nope = self.k_norm.weight[nope_dims_][None, :, None] * (
                 k_nope.float() * inv_rms.float()).to(k_nope.dtype)
         key = torch.cat([k_rope, k_nope], dim=-1)  # [b, n_kv, T, d]
 
