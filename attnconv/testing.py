@@ -29,7 +29,7 @@ def tiny_config(family: str, *, n_heads: int = 4, n_kv_heads: int | None = None,
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None)
+        return tf.MistralConfig(**{"sliding_window": None, **common})
     if family == "qwen2":
         return tf.Qwen2Config(**common)
     if family == "qwen3":

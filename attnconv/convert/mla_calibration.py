@@ -8,7 +8,8 @@ attention input of one layer (after its input norm). All sums are float64.
   per-frequency key covariance (rotating a pair by RoPE leaves a^2 + b^2 and the cross-head products
   a_g a_h + b_g b_h unchanged, so the rotated keys' covariance needs no positions).
 - `PairNormCollector`: mean L2 norm of every RoPE pair of q and k (MHA2MLA's 2-norm pair selection).
-- `LatentRMSCollector`: a second pass once the latent down-projection is known, for DeepSeek's latent RMSNorm.
+- `AttentionPhaseCollector`: the source attention's mean rotation per query head and RoPE pair (what a pair
+  whose RoPE is dropped should be rotated and scaled by instead).
 """
 
 from __future__ import annotations
@@ -99,33 +100,6 @@ class PairNormCollector:
         if self.count == 0:
             raise ValueError("no calibration tokens were seen")
         return self.q_sum / self.count, self.k_sum / self.count
-
-
-class LatentRMSCollector:
-    """For a latent c = down x (+ bias): per channel E[c^2 / rms(c)] and E[c^2 / rms(c)^2].
-
-    Their ratio is the RMSNorm weight w that best undoes the norm: argmin_w E[(w c / rms(c) - c)^2].
-    """
-
-    def __init__(self, down: Tensor, bias: Tensor | None = None, eps: float = 1e-6):
-        self.down, self.bias, self.eps = down.detach().float(), bias, eps
-        r = down.shape[0]
-        self.num = torch.zeros(r, dtype=torch.float64)
-        self.den = torch.zeros(r, dtype=torch.float64)
-        self.count = 0
-
-    def update(self, x: Tensor, positions: Tensor) -> None:
-        c = torch.nn.functional.linear(x.detach().reshape(-1, x.shape[-1]).float(), self.down, self.bias).double()
-        rms = torch.sqrt(c.pow(2).mean(-1, keepdim=True) + self.eps)  # [n, 1]
-        self.num += (c.pow(2) / rms).sum(0)
-        self.den += (c.pow(2) / rms.pow(2)).sum(0)
-        self.count += c.shape[0]
-
-    def result(self) -> Tensor:
-        """The fitted RMSNorm weight [r], float32."""
-        if self.count == 0:
-            raise ValueError("no calibration tokens were seen")
-        return (self.num / self.den.clamp_min(1e-30)).float()
 
 
 def _rope(x: Tensor, positions: Tensor, inv_freq: Tensor, rotary_dim: int) -> Tensor:

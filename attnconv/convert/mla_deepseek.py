@@ -10,8 +10,8 @@ the shared key are permuted to DeepSeek's interleaved pair order (rope_interleav
 
 Not exact, by construction of the format: (1) RoPE moves to one shared key, so the rest of each kept frequency
 and every dropped frequency lose their rotation (exact only when the source keys already share one RoPE key:
-an MQA source keeping all pairs); (2) kv_a_layernorm always normalises the latent; its weight is fitted to the
-latent's RMS on calibration data (`LatentRMSCollector`), so only the per-token spread of that RMS is lost.
+an MQA source keeping all pairs); (2) kv_a_layernorm always normalises the latent; its weight is the
+latent's RMS on calibration data, so only the per-token spread of that RMS (15-30%) is lost.
 
 What the format cannot express is refused with the reason (use --format attnconv for these):
 - q_proj has no bias in DeepseekV3Attention (and vLLM loads no attention biases at all): Qwen2's q/k/v biases,
@@ -70,8 +70,9 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
                            phases: Tensor | None = None) -> dict[str, Tensor]:
     """One layer's DeepseekV3Attention tensors (names relative to `model.layers.N.self_attn.`).
 
-    latent_norm: the fitted kv_a_layernorm weight [kv_rank] (LatentRMSCollector over `kv_a_proj_with_mqa.weight
-    [:kv_rank]`); without it, the latent's RMS implied by `moments` (a constant) is used.
+    latent_norm: a kv_a_layernorm weight [kv_rank]; by default the latent's RMS on the calibration data
+    (sqrt(E||latent||^2 / kv_rank) from `moments`; from the weights alone without them). A per-channel
+    least-squares fit from a second calibration pass measured no better on the reference model.
     phases: [n_heads, rotary_pairs] complex (AttentionPhaseCollector): the NoPE part of every query pair is
     rotated and scaled by the source's mean rotation instead of losing its rotation outright.
     """

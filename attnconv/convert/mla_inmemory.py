@@ -16,7 +16,6 @@ from attnconv.convert.attention_weights import AttentionWeights, from_hf_attenti
 from attnconv.convert.mla_attnconv import attnconv_config, convert_attnconv_layer
 from attnconv.convert.mla_calibration import (
     AttentionPhaseCollector,
-    LatentRMSCollector,
     MomentCollector,
     PairNormCollector,
 )
@@ -113,11 +112,11 @@ def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_sele
 
 
 def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "high", init: str = "svd",
-                   calibration: Tensor | None = None, q_rank: int | None = None, fit_latent_norm: bool = True,
-                   seq_len: int = 256, phases: bool = False):
+                   calibration: Tensor | None = None, q_rank: int | None = None, seq_len: int = 256,
+                   phases: bool = False):
     """The deepseek-v3-format MLA of a loaded model, as a stock transformers DeepseekV3ForCausalLM (float32).
 
-    fit_latent_norm: a second calibration pass fits kv_a_layernorm per channel (else the moments' constant RMS).
+    phases: rotate the NoPE part of query pairs by the source's mean rotation (needs calibration).
     Returns (model, notes).
     """
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -134,11 +133,6 @@ def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "hi
         layers.append(convert_deepseek_layer(w, kv_rank=kv_rank, rope_dim=rope_dim, init=init, rope_select=rope_select,
                                              moments=None if moments is None else moments[i], q_rank=q_rank,
                                              phases=mean_rotations[i]))
-    if fit_latent_norm and calibration is not None:
-        downs = [out["kv_a_proj_with_mqa.weight"][:kv_rank] for out in layers]
-        fitted = calibrate(model, calibration, lambda i: [LatentRMSCollector(downs[i])], seq_len=seq_len)
-        for out, c in zip(layers, fitted, strict=True):
-            out["kv_a_layernorm.weight"] = c[0].result()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {}
     for name, tensor in model.state_dict().items():
