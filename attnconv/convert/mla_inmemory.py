@@ -8,6 +8,7 @@ every layer, and build the converted model with its state dict.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ from attnconv.convert.attention_weights import AttentionWeights, from_hf_attenti
 from attnconv.convert.mla_attnconv import attnconv_config, convert_attnconv_layer
 from attnconv.convert.mla_calibration import (
     AttentionPhaseCollector,
+    InputMoments,
     MomentCollector,
     PairNormCollector,
 )
@@ -66,43 +68,57 @@ def _non_attention_state(model) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
 
 
-def _statistics(model, weights, calibration, seq_len: int, phases: bool):
-    """Per layer: input moments, pair norms, and (phases) the attention's mean rotations."""
+@dataclass
+class LayerStatistics:
+    """What calibration gives one layer: input moments, 2-norm pair scores, the attention's mean rotations."""
+
+    moments: InputMoments
+    pair_scores: Tensor  # [n_kv, rotary_pairs]
+    phases: Tensor | None  # [n_heads, rotary_pairs] complex
+
+
+def collect_statistics(model, ids: Tensor, *, phases: bool = False, seq_len: int = 256) -> list[LayerStatistics]:
+    """One calibration pass over ids [n] with every collector the MLA conversions use."""
+    weights = layer_weights(model)
     inv_freq = model.model.rotary_emb.inv_freq
 
     def make(i):
         out = [MomentCollector(model.config.hidden_size), PairNormCollector(weights[i])]
         return out + [AttentionPhaseCollector(weights[i], inv_freq)] if phases else out
 
-    stats = calibrate(model, calibration, make, seq_len=seq_len)
-    moments = [c[0].result() for c in stats]
-    scores = [pair_scores(*c[1].result(), weights[0].shape) for c in stats]
-    return moments, scores, [c[2].result() for c in stats] if phases else [None] * len(stats)
+    return [LayerStatistics(c[0].result(), pair_scores(*c[1].result(), weights[i].shape),
+                            c[2].result() if phases else None)
+            for i, c in enumerate(calibrate(model, ids, make, seq_len=seq_len))]
+
+
+def _resolve(model, calibration, seq_len: int, phases: bool) -> list[LayerStatistics] | None:
+    if calibration is None or isinstance(calibration, list):
+        return calibration
+    return collect_statistics(model, calibration, phases=phases, seq_len=seq_len)
 
 
 def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_select: str = "high",
-                    init: str = "svd", calibration: Tensor | None = None, seq_len: int = 256,
-                    phases: bool = False):
+                    init: str = "svd", calibration: Tensor | list[LayerStatistics] | None = None,
+                    seq_len: int = 256, phases: bool = False):
     """The attnconv-format MLA of a loaded Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3 model (float32).
 
-    phases: rotate dropped query pairs by the source's mean rotation (needs calibration).
+    calibration: token ids [n] or statistics from collect_statistics; phases: rotate dropped query pairs by the
+    source's mean rotation (needs calibration).
     """
     from attnconv.models.mla import CLASSES, register_auto_classes
 
     register_auto_classes()
     weights = layer_weights(model)
     n_keep = check_rope_dim(rope_dim, weights[0].shape)
-    moments = scores = None
-    mean_rotations = [None] * len(weights)
-    if calibration is not None:
-        moments, scores, mean_rotations = _statistics(model, weights, calibration, seq_len, phases)
+    stats = _resolve(model, calibration, seq_len, phases)
     ranks = _per_layer(kv_rank, len(weights))
     state, all_pairs = _non_attention_state(model), []
     for i, w in enumerate(weights):
-        pairs = select_pairs(rope_select, w.shape, n_keep, None if scores is None else scores[i])
+        st = stats[i] if stats else None
+        pairs = select_pairs(rope_select, w.shape, n_keep, st and st.pair_scores)
         all_pairs.append(pairs)
-        out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init,
-                                     moments=None if moments is None else moments[i], phases=mean_rotations[i])
+        out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init, moments=st and st.moments,
+                                     phases=st.phases if st and phases else None)
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
     config = attnconv_config(model.config.to_dict(), kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init)
     config_cls, _, causal_cls = CLASSES[model.config.model_type]
@@ -112,8 +128,8 @@ def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_sele
 
 
 def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "high", init: str = "svd",
-                   calibration: Tensor | None = None, q_rank: int | None = None, seq_len: int = 256,
-                   phases: bool = False):
+                   calibration: Tensor | list[LayerStatistics] | None = None, q_rank: int | None = None,
+                   seq_len: int = 256, phases: bool = False):
     """The deepseek-v3-format MLA of a loaded model, as a stock transformers DeepseekV3ForCausalLM (float32).
 
     phases: rotate the NoPE part of query pairs by the source's mean rotation (needs calibration).
@@ -125,14 +141,13 @@ def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "hi
     source = model.config.to_dict()
     config, notes = deepseek_config(source, weights[0].shape, kv_rank=kv_rank, rope_dim=rope_dim,
                                     rope_select=rope_select, q_rank=q_rank)
-    moments, mean_rotations = None, [None] * len(weights)
-    if calibration is not None:
-        moments, _, mean_rotations = _statistics(model, weights, calibration, seq_len, phases)
+    stats = _resolve(model, calibration, seq_len, phases)
     layers = []
     for i, w in enumerate(weights):
+        st = stats[i] if stats else None
         layers.append(convert_deepseek_layer(w, kv_rank=kv_rank, rope_dim=rope_dim, init=init, rope_select=rope_select,
-                                             moments=None if moments is None else moments[i], q_rank=q_rank,
-                                             phases=mean_rotations[i]))
+                                             moments=st and st.moments, q_rank=q_rank,
+                                             phases=st.phases if st and phases else None))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {}
     for name, tensor in model.state_dict().items():
