@@ -74,11 +74,23 @@ def test_low_rank_cache_size_and_incremental_decode(tmp_path, family):
             steps.append(mla(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4
     k_norm = family == "qwen3"
+    assert mla.config.kv_cache_dim_per_layer == sum(r + 2 * 4 + (2 if k_norm else 0) for r in ranks) / 2
     for i, layer in enumerate(cache.layers):
         keys, values = layer.keys, layer.values  # [b, n_kv, t, rope_dim], [b, 1, t, latent]
         assert keys.shape[2] == values.shape[2] == 20
         stored = keys.shape[1] * keys.shape[3] + values.shape[1] * values.shape[3]
         assert stored == cache_per_token(w.shape, ranks[i], 4, k_norm) == ranks[i] + 2 * 4 + (2 if k_norm else 0)
+
+
+def test_trains(tmp_path):
+    """Gradients reach every MLA parameter (uptraining starts from this model)."""
+    mla = to_attnconv_mla(_source(tmp_path, "qwen3", 2), kv_rank=16, rope_dim=4).train()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    mla(input_ids=ids, labels=ids).loss.backward()
+    attn = mla.model.layers[0].self_attn
+    for p in (attn.q_proj.weight, attn.k_rope_proj.weight, attn.kv_a_proj.weight, attn.kv_b_proj.weight,
+              attn.k_norm.weight, attn.o_proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -131,6 +131,7 @@ def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, 
     """config.json of the attnconv-format output: the source's, with the MLA model type and the MLA fields.
 
     kv_ranks: one rank per layer (all equal is written as one int); pairs: per layer [n_kv, rope_dim / 2].
+    Adds kv_lora_rank, qk_rope_dim, rope_pairs, mla_init and kv_cache_dim_per_layer.
     """
     model_type = source_config.get("model_type")
     if model_type not in MLA_ARCHITECTURES:
@@ -142,4 +143,8 @@ def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, 
     out["qk_rope_dim"] = rope_dim
     out["rope_pairs"] = [p.tolist() for p in pairs]
     out["mla_init"] = init
+    # what attnconv.kv.cache_shape reads: cached values per token and layer (mean over layers if ranks differ)
+    n_kv = source_config.get("num_key_value_heads") or source_config["num_attention_heads"]
+    dims = [r + n_kv * rope_dim + (n_kv if model_type == "qwen3" else 0) for r in kv_ranks]
+    out["kv_cache_dim_per_layer"] = dims[0] if len(set(dims)) == 1 else sum(dims) / len(dims)
     return out

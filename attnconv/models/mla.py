@@ -198,7 +198,7 @@ def _families() -> dict[str, tuple]:
 
 
 _MLA_FIELDS = {"kv_lora_rank": (int | list[int], 0), "qk_rope_dim": (int, 0), "rope_pairs": (list | None, None),
-               "mla_init": (str | None, None)}
+               "mla_init": (str | None, None), "kv_cache_dim_per_layer": (int | float | None, None)}
 
 
 def _make_classes(source_type: str, config_cls, base_cls, causal_cls, family: FamilyAttention):
