@@ -11,7 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from attnconv.convert.attention_weights import from_hf_attention, rotary_dim_of
-from attnconv.convert.mla_attnconv import cache_per_token, convert_attnconv_layer, latent_target, max_kv_rank
+from attnconv.convert.mla_attnconv import (
+    attnconv_output_shapes,
+    cache_per_token,
+    convert_attnconv_layer,
+    latent_target,
+    max_kv_rank,
+)
 from attnconv.convert.mla_inmemory import to_attnconv_mla
 from attnconv.convert.mla_rope import select_pairs
 from attnconv.models.mla import register_auto_classes
@@ -123,3 +129,15 @@ def test_svd_init_is_the_optimal_weight_factorisation(tmp_path):
 def test_rotary_dim_of_partial_rotary(tmp_path):
     source = _source(tmp_path, "phi3", 4)
     assert rotary_dim_of(source.config) == source.config.hidden_size // source.config.num_attention_heads // 2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
+def test_output_shapes_without_computing(tmp_path, family):
+    source = _source(tmp_path, family, 2)
+    w = from_hf_attention(source.model.layers[0].self_attn, source.config)
+    pairs = select_pairs("low", w.shape, 2)
+    out = convert_attnconv_layer(w, kv_rank=12, pairs=pairs)
+    planned = attnconv_output_shapes(w.shape, kv_rank=12, rope_dim=4, q_bias=w.q_bias is not None,
+                                     kv_bias=w.k_bias is not None, o_bias=w.o_bias is not None,
+                                     qk_norm=w.k_norm is not None)
+    assert {k: tuple(v.shape) for k, v in out.items()} == planned

@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
-from attnconv.convert.mla_deepseek import deepseek_config, deepseek_tensors
+from attnconv.convert.mla_deepseek import (
+    convert_deepseek_layer,
+    deepseek_config,
+    deepseek_output_shapes,
+    deepseek_tensors,
+)
 from attnconv.convert.mla_inmemory import layer_weights, to_deepseek_v3
 from attnconv.testing import build_tiny_model
 
@@ -160,3 +165,12 @@ def test_reference_model_full_rank_kl(reference):
     kl_plain, kl_phased = _kl(plain, source, test), _kl(phased, source, test)
     assert 0.6 < kl_plain < 0.9
     assert kl_phased < 0.8 and kl_phased < kl_plain - 0.035
+
+
+@pytest.mark.parametrize("q_rank", [None, 24])
+def test_output_shapes_without_computing(tmp_path, q_rank):
+    source = _source(tmp_path, "llama", 2)
+    w = layer_weights(source)[0]
+    out = convert_deepseek_layer(w, kv_rank=20, rope_dim=8, q_rank=q_rank)
+    assert {k: tuple(v.shape) for k, v in out.items()} == deepseek_output_shapes(w.shape, kv_rank=20, rope_dim=8,
+                                                                                 q_rank=q_rank)

@@ -126,6 +126,25 @@ def convert_attnconv_layer(w: AttentionWeights, *, kv_rank: int, pairs: Tensor, 
     return out
 
 
+def attnconv_output_shapes(shape: AttentionShape, *, kv_rank: int, rope_dim: int, q_bias: bool = False,
+                           kv_bias: bool = False, o_bias: bool = False, qk_norm: bool = False) -> dict[str, tuple]:
+    """The shapes convert_attnconv_layer will produce, without computing anything (for a dry run's plan)."""
+    s = shape
+    out = {"q_proj.weight": (s.n_heads * s.head_dim, s.hidden),
+           "k_rope_proj.weight": (s.n_kv_heads * rope_dim, s.hidden), "kv_a_proj.weight": (kv_rank, s.hidden),
+           "kv_b_proj.weight": (max_kv_rank(s, rope_dim), kv_rank),
+           "o_proj.weight": (s.hidden, s.n_heads * s.head_dim)}
+    if q_bias:
+        out["q_proj.bias"] = (s.n_heads * s.head_dim,)
+    if kv_bias:
+        out.update({"k_rope_proj.bias": (s.n_kv_heads * rope_dim,), "kv_a_proj.bias": (kv_rank,)})
+    if o_bias:
+        out["o_proj.bias"] = (s.hidden,)
+    if qk_norm:
+        out.update({"q_norm.weight": (s.head_dim,), "k_norm.weight": (s.head_dim,)})
+    return out
+
+
 def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, pairs: list[Tensor],
                     init: str) -> dict:
     """config.json of the attnconv-format output: the source's, with the MLA model type and the MLA fields.

@@ -4,14 +4,18 @@ Attention (per layer, after TransMLA): one RoPE key of `rope_dim` dims shared by
 (mla_rope.py); every query head keeps its full source key dims as NoPE key (its KV head's key minus what the
 shared RoPE key carries of it) and its values, both from one latent of `kv_rank` dims (mla_lowrank.py). GQA is an
 MLA whose up-projection copies each KV head to its query heads, so kv_b_proj has one block per query head and
-num_key_value_heads = num_attention_heads. Queries are scaled by sqrt((head_dim + rope_dim) / head_dim)-style
-factors so that DeepSeek's 1/sqrt(qk_nope + qk_rope) scale gives the source's logits, and their RoPE parts and
-the shared key are permuted to DeepSeek's interleaved pair order (rope_interleave = true, which engines assume).
+num_key_value_heads = num_attention_heads. Queries are multiplied by scale_source * sqrt(head_dim + rope_dim) so
+that DeepSeek's 1/sqrt(qk_nope + qk_rope) scale gives the source's logits; their RoPE parts and the shared key
+are permuted to DeepSeek's interleaved pair order (rope_interleave = true, which engines assume).
 
 Not exact, by construction of the format: (1) RoPE moves to one shared key, so the rest of each kept frequency
 and every dropped frequency lose their rotation (exact only when the source keys already share one RoPE key:
-an MQA source keeping all pairs); (2) kv_a_layernorm always normalises the latent; its weight is the
-latent's RMS on calibration data, so only the per-token spread of that RMS (15-30%) is lost.
+an MQA source keeping all pairs). With `phases` (calibration), those NoPE query pairs are rotated and scaled by
+the source attention's mean rotation instead (AttentionPhaseCollector): on the reference model at full rank
+this takes KL to the source from 0.79 to 0.72. (2) kv_a_layernorm always normalises the latent; its weight is
+the latent's RMS on calibration data, so only the per-token spread of that RMS is lost (15-30% on the
+reference model; almost all of the norm's cost, 0.1 KL, is layer 0, whose input, a normalised token
+embedding, has no steady direction).
 
 What the format cannot express is refused with the reason (use --format attnconv for these):
 - q_proj has no bias in DeepseekV3Attention (and vLLM loads no attention biases at all): Qwen2's q/k/v biases,
@@ -133,6 +137,21 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
         rms = float(q_stats.of_linear(q_down).diagonal().mean().sqrt())
         out.update({"q_a_proj.weight": q_down, "q_a_layernorm.weight": torch.full((q_rank,), rms),
                     "q_b_proj.weight": q_low.up})
+    return out
+
+
+def deepseek_output_shapes(shape: AttentionShape, *, kv_rank: int, rope_dim: int,
+                           q_rank: int | None = None) -> dict[str, tuple]:
+    """The shapes convert_deepseek_layer will produce, without computing anything (for a dry run's plan)."""
+    s, d = shape, shape.head_dim
+    q_rows = s.n_heads * (d + rope_dim)
+    out = {"kv_a_proj_with_mqa.weight": (kv_rank + rope_dim, s.hidden), "kv_a_layernorm.weight": (kv_rank,),
+           "kv_b_proj.weight": (s.n_heads * 2 * d, kv_rank), "o_proj.weight": (s.hidden, s.n_heads * d)}
+    if q_rank is None:
+        out["q_proj.weight"] = (q_rows, s.hidden)
+    else:
+        out.update({"q_a_proj.weight": (q_rank, s.hidden), "q_a_layernorm.weight": (q_rank,),
+                    "q_b_proj.weight": (q_rows, q_rank)})
     return out
 
 
