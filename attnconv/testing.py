@@ -18,18 +18,20 @@ FAMILIES = SOURCE_FAMILIES  # every family attnconv converts has a tiny test mod
 
 
 def tiny_config(family: str, *, n_heads: int = 4, n_kv_heads: int | None = None, hidden: int = 64,
-                layers: int = 2, vocab: int = 256, max_positions: int = 512, init_std: float = 0.1):
-    """A transformers config of the given family, small enough for a unit test."""
+                layers: int = 2, vocab: int = 256, max_positions: int = 512, init_std: float = 0.1,
+                extra: dict | None = None):
+    """A transformers config of the given family, small enough for a unit test (`extra`: more config fields)."""
     import transformers as tf
 
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                  max_position_embeddings=max_positions, initializer_range=init_std, tie_word_embeddings=False)
+                  max_position_embeddings=max_positions, initializer_range=init_std, tie_word_embeddings=False,
+                  **(extra or {}))
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None)
+        return tf.MistralConfig(**{"sliding_window": None, **common})
     if family == "qwen2":
         return tf.Qwen2Config(**common)
     if family == "qwen3":

@@ -1,0 +1,262 @@
+"""MHA/GQA -> MLA as a native transformers DeepseekV3ForCausalLM checkpoint (format "deepseek-v3").
+
+Attention (per layer, after TransMLA): one RoPE key of `rope_dim` dims shared by all heads, found by RoRoPE
+(mla_rope.py); every query head keeps its full source key dims as NoPE key (its KV head's key minus what the
+shared RoPE key carries of it) and its values, both from one latent of `kv_rank` dims (mla_lowrank.py). GQA is an
+MLA whose up-projection copies each KV head to its query heads, so kv_b_proj has one block per query head and
+num_key_value_heads = num_attention_heads. Queries are multiplied by scale_source * sqrt(head_dim + rope_dim) so
+that DeepSeek's 1/sqrt(qk_nope + qk_rope) scale gives the source's logits; their RoPE parts and the shared key
+are permuted to DeepSeek's interleaved pair order (rope_interleave = true, which engines assume).
+
+Not exact, by construction of the format: (1) RoPE moves to one shared key, so the rest of each kept frequency
+and every dropped frequency lose their rotation (exact only when the source keys already share one RoPE key:
+an MQA source keeping all pairs). With `phases` (calibration), those NoPE query pairs are rotated and scaled by
+the source attention's mean rotation instead (AttentionPhaseCollector): on the reference model at full rank
+this takes KL to the source from 0.79 to 0.72. (2) kv_a_layernorm always normalises the latent; its weight is
+the latent's RMS on calibration data, so only the per-token spread of that RMS is lost (15-30% on the
+reference model; almost all of the norm's cost, 0.1 KL, is layer 0, whose input, a normalised token
+embedding, has no steady direction).
+
+What the format cannot express is refused with the reason (use --format attnconv for these):
+- q_proj has no bias in DeepseekV3Attention (and vLLM loads no attention biases at all): Qwen2's q/k/v biases,
+  Llama's attention_bias. TransMLA's Qwen2 "deepseek style" keeps the q bias only through its own modeling code
+  (remote code), which this format exists to avoid.
+- per-head q/k RMSNorm (Qwen3): a norm over each head's full key cannot act on a latent shared by all heads.
+- RoPE scaling other than none (llama3, longrope, yarn, ...): DeepSeek's rotary covers rope_dim dims with its
+  own yarn; the source's per-frequency scaling does not carry over.
+- MLP biases (DeepseekV3MLP has none).
+Expressed exactly: Gemma's (1 + w) RMSNorms (weight + 1), its sqrt(hidden)-scaled tied embeddings (embed_tokens
+scaled, lm_head the unscaled copy), GeGLU (hidden_act gelu_pytorch_tanh; note: vLLM's DeepSeek MLP runs only
+silu); Phi-3's fused qkv_proj (split by the adapter) and gate_up_proj (split here); a sliding window becomes
+max_position_embeddings = window (full attention equals it up to that length). Tied embeddings are always untied
+(engines load lm_head.weight).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
+from attnconv.convert.mla_calibration import InputMoments
+from attnconv.convert.mla_lowrank import INITS, check_rank, joint_low_rank
+from attnconv.convert.mla_rope import (
+    apply_phases,
+    check_rope_dim,
+    interleave_permutation,
+    principal_rotations,
+    shared_frequencies,
+)
+from attnconv.errors import AttnconvError
+
+DEEPSEEK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+_OTHER_FORMAT = "use --format attnconv, which keeps it exactly"
+
+
+def max_kv_rank(shape: AttentionShape, rope_dim: int) -> int:
+    """The rank of [NoPE keys; values] of all KV heads: the shared RoPE key takes rope_dim key dims."""
+    return 2 * shape.n_kv_heads * shape.head_dim - rope_dim
+
+
+def check_layer(w: AttentionWeights) -> None:
+    """Refuse source features DeepseekV3Attention cannot express."""
+    if any(b is not None for b in (w.q_bias, w.k_bias, w.v_bias, w.o_bias)):
+        raise AttnconvError("the source has attention biases (Qwen2's q/k/v, Llama's attention_bias), which "
+                            f"DeepseekV3's q_proj cannot hold and DeepSeek engines do not load; {_OTHER_FORMAT}")
+    if w.q_norm is not None or w.k_norm is not None:
+        raise AttnconvError("the source normalises each q/k head (Qwen3's q_norm/k_norm), which has no place in "
+                            f"DeepSeek-V3's attention (its latent is shared by all heads); {_OTHER_FORMAT}")
+
+
+def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, init: str = "svd",
+                           moments: InputMoments | None = None, rope_select: str = "high",
+                           q_rank: int | None = None, latent_norm: Tensor | None = None,
+                           phases: Tensor | None = None) -> dict[str, Tensor]:
+    """One layer's DeepseekV3Attention tensors (names relative to `model.layers.N.self_attn.`).
+
+    latent_norm: a kv_a_layernorm weight [kv_rank]; by default the latent's RMS on the calibration data
+    (sqrt(E||latent||^2 / kv_rank) from `moments`; from the weights alone without them). A per-channel
+    least-squares fit from a second calibration pass measured no better on the reference model.
+    phases: [n_heads, rotary_pairs] complex (AttentionPhaseCollector): the NoPE part of every query pair is
+    rotated and scaled by the source's mean rotation instead of losing its rotation outright.
+    """
+    s = w.shape
+    check_layer(w)
+    n_keep = check_rope_dim(rope_dim, s)
+    check_rank(kv_rank, max_kv_rank(s, rope_dim))
+    if init not in INITS:
+        raise AttnconvError(f"--init {init!r} is not one of {', '.join(INITS)}")
+    if init == "pca" and moments is None:
+        raise AttnconvError("--init pca needs calibration data; pass --calibration-data or use --init svd")
+    stats = moments if init == "pca" else InputMoments.identity(s.hidden)
+    pairs, _ = shared_frequencies(rope_select, s, n_keep)
+    half, d = s.rotary_dim // 2, s.head_dim
+
+    # RoRoPE: per kept pair, the top principal axis u across KV heads carries the shared RoPE key.
+    u = principal_rotations(stats.of_linear(w.k), s, pairs)[:, :, 0].float()  # [n_keep, n_kv]
+    k = w.heads("k")  # [n_kv, d, hidden]
+    rope_a = torch.einsum("pg,gph->ph", u, k[:, pairs])  # [n_keep, hidden]: first halves of the shared key
+    rope_b = torch.einsum("pg,gph->ph", u, k[:, pairs + half])  # second halves
+    k_nope = k.clone()  # each KV head's key minus its share of the shared RoPE key
+    k_nope[:, pairs] -= u.T[:, :, None] * rope_a[None]
+    k_nope[:, pairs + half] -= u.T[:, :, None] * rope_b[None]
+
+    target = torch.cat([k_nope, w.heads("v")], dim=1).reshape(-1, s.hidden)  # [n_kv * 2d, hidden]
+    k_rows = torch.zeros(s.n_kv_heads, 2 * d, dtype=torch.bool)
+    k_rows[:, :d] = True
+    low = joint_low_rank(stats.of_linear(target), kv_rank, k_rows.flatten(), balance=init == "pca")
+    down = low.down @ target  # [kv_rank, hidden]
+    kv_b = low.up.reshape(s.n_kv_heads, 2 * d, kv_rank)[s.kv_head_of()]  # [n_heads, 2d, kv_rank]: GQA copies
+
+    perm = interleave_permutation(rope_dim)
+    uq = u.T[s.kv_head_of()][..., None]  # [n_heads, n_keep, 1]: each query head's share of the shared key
+    q = w.heads("q")  # [n_heads, d, hidden]
+    q_rope = torch.cat([uq * q[:, pairs], uq * q[:, pairs + half]], dim=1)[:, perm]  # [n_heads, d_r, hidden]
+    q_nope = q
+    if phases is not None:
+        q_nope = apply_phases(q, phases, torch.arange(s.rotary_pairs).expand(s.n_heads, -1), s.rotary_dim)
+    q_all = torch.cat([q_nope, q_rope], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # DeepSeek: (d + d_r)^-0.5
+
+    if latent_norm is None:  # the latent's RMS over the calibration data (weight-only: that of the weights)
+        latent_norm = torch.full((kv_rank,), float(moments.of_linear(down).diagonal().mean().sqrt())
+                                 if moments is not None else float(stats.of_linear(down).diagonal().mean().sqrt()))
+    out = {
+        "kv_a_proj_with_mqa.weight": torch.cat([down, torch.cat([rope_a, rope_b])[perm]]),  # [r + d_r, hidden]
+        "kv_a_layernorm.weight": latent_norm.float(),
+        "kv_b_proj.weight": kv_b.reshape(-1, kv_rank),  # [n_heads * 2d, r], per head [k_nope; v]
+        "o_proj.weight": w.o,
+    }
+    q_flat = q_all.reshape(-1, s.hidden)  # [n_heads * (d + d_r), hidden]
+    if q_rank is None:
+        out["q_proj.weight"] = q_flat
+    else:
+        check_rank(q_rank, min(s.hidden, q_flat.shape[0]), "--q-rank")
+        q_stats = moments if moments is not None else stats
+        q_low = joint_low_rank(q_stats.of_linear(q_flat), q_rank)
+        q_down = q_low.down @ q_flat
+        rms = float(q_stats.of_linear(q_down).diagonal().mean().sqrt())
+        out.update({"q_a_proj.weight": q_down, "q_a_layernorm.weight": torch.full((q_rank,), rms),
+                    "q_b_proj.weight": q_low.up})
+    return out
+
+
+def deepseek_output_shapes(shape: AttentionShape, *, kv_rank: int, rope_dim: int,
+                           q_rank: int | None = None) -> dict[str, tuple]:
+    """The shapes convert_deepseek_layer will produce, without computing anything (for a dry run's plan)."""
+    s, d = shape, shape.head_dim
+    q_rows = s.n_heads * (d + rope_dim)
+    out = {"kv_a_proj_with_mqa.weight": (kv_rank + rope_dim, s.hidden), "kv_a_layernorm.weight": (kv_rank,),
+           "kv_b_proj.weight": (s.n_heads * 2 * d, kv_rank), "o_proj.weight": (s.hidden, s.n_heads * d)}
+    if q_rank is None:
+        out["q_proj.weight"] = (q_rows, s.hidden)
+    else:
+        out.update({"q_a_proj.weight": (q_rank, s.hidden), "q_a_layernorm.weight": (q_rank,),
+                    "q_b_proj.weight": (q_rows, q_rank)})
+    return out
+
+
+def _rope(config: dict) -> tuple[str, float]:
+    """(rope type, theta) from a config.json dict, new (rope_parameters) or old (rope_theta/rope_scaling) style."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    return rope_type, float(theta)
+
+
+def _window(config: dict) -> int | None:
+    """The sliding window the source applies in every layer, or None."""
+    family = config.get("model_type")
+    if family in ("mistral", "phi3"):
+        return config.get("sliding_window")
+    if family in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        return config.get("sliding_window")
+    return None
+
+
+def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_dim: int, rope_select: str = "high",
+                    q_rank: int | None = None) -> tuple[dict, list[str]]:
+    """config.json of the deepseek-v3 output and notes on what changed; refuses what the format cannot express.
+
+    source: the source's config.json dict; shape: its attention shape (one layer's).
+    """
+    family = source.get("model_type")
+    if family not in DEEPSEEK_FAMILIES:
+        raise AttnconvError(f"--format deepseek-v3 supports {', '.join(DEEPSEEK_FAMILIES)}, not {family!r}")
+    if family == "qwen2" or source.get("attention_bias"):
+        raise AttnconvError(f"{family} has attention biases; DeepseekV3's q_proj has no bias and DeepSeek "
+                            f"engines load none; {_OTHER_FORMAT}")
+    if family == "qwen3":
+        raise AttnconvError("qwen3 normalises each q/k head (q_norm/k_norm) before RoPE, which DeepSeek-V3's "
+                            f"attention cannot express; {_OTHER_FORMAT}")
+    if source.get("mlp_bias"):
+        raise AttnconvError(f"the source's MLPs have biases, which DeepseekV3's MLP lacks; {_OTHER_FORMAT}")
+    rope_type, theta = _rope(source)
+    if rope_type != "default":
+        raise AttnconvError(f"the source's RoPE scaling {rope_type!r} does not carry over to DeepSeek's rotary "
+                            f"(which spans only --rope-dim dims and knows yarn alone); {_OTHER_FORMAT}")
+    n_keep = check_rope_dim(rope_dim, shape)
+    _, step = shared_frequencies(rope_select, shape, n_keep)
+    notes = []
+    max_positions = source.get("max_position_embeddings", 4096)
+    window = _window(source)
+    if window is not None and window < max_positions:
+        notes.append(f"the source attends over a sliding window of {window} tokens: max_position_embeddings "
+                     f"{max_positions} -> {window}, where full attention equals it")
+        max_positions = window
+    act = source.get("hidden_act") or source.get("hidden_activation") or "silu"
+    if family == "gemma" and act in ("gelu", "gelu_pytorch_tanh"):
+        act = "gelu_pytorch_tanh"  # what transformers' Gemma runs for either name
+    if act != "silu":
+        notes.append(f"hidden_act {act}: transformers runs it; vLLM's DeepSeek MLP runs only silu")
+    if step > 1 or rope_dim < shape.rotary_dim:
+        notes.append(f"RoPE keeps source pairs 0, {step}, ... ({n_keep} of {shape.rotary_pairs}); rope_theta "
+                     f"{theta:g} -> {theta ** (step * rope_dim / shape.rotary_dim):g} gives them their frequencies")
+    layers = source["num_hidden_layers"]
+    intermediate = source["intermediate_size"]
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": source["vocab_size"], "hidden_size": source["hidden_size"],
+        "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": shape.n_heads, "num_key_value_heads": shape.n_heads,
+        "kv_lora_rank": kv_rank, "q_lora_rank": q_rank, "qk_rope_head_dim": rope_dim,
+        "qk_nope_head_dim": shape.head_dim, "v_head_dim": shape.head_dim,
+        # dense MLPs everywhere: no layer reaches first_k_dense_replace, so no expert is built (the MoE fields
+        # stay valid integers, as transformers' config and engines require)
+        "first_k_dense_replace": layers, "moe_layer_freq": 1, "n_routed_experts": 1, "n_shared_experts": 1,
+        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": intermediate,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "num_nextn_predict_layers": 0, "hidden_act": act, "max_position_embeddings": max_positions,
+        "rms_norm_eps": source.get("rms_norm_eps", 1e-6), "initializer_range": source.get("initializer_range", 0.02),
+        "rope_theta": theta ** (step * rope_dim / shape.rotary_dim), "rope_scaling": None,
+        "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
+        "use_cache": True, "bos_token_id": source.get("bos_token_id"), "eos_token_id": source.get("eos_token_id"),
+        "pad_token_id": source.get("pad_token_id"),
+    }
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
+    for key in ("dtype", "torch_dtype"):
+        if key in source:
+            config[key] = source[key]
+    return config, notes
+
+
+def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool) -> list[tuple[str, Tensor]]:
+    """A source tensor outside attention -> its deepseek-v3 tensors (attention goes through convert_deepseek_layer).
+
+    tied: the source ties lm_head to embed_tokens (the output always writes lm_head.weight).
+    """
+    if ".self_attn." in name:
+        return []
+    if family == "gemma" and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w)
+        return [(name, (tensor.float() + 1.0).to(tensor.dtype))]
+    if family == "gemma" and name.endswith("embed_tokens.weight"):  # Gemma scales embeddings by sqrt(hidden)
+        scale = torch.tensor(tensor.shape[1] ** 0.5, dtype=tensor.dtype).float()  # rounded as Gemma rounds it
+        out = [(name, (tensor.float() * scale).to(tensor.dtype))]
+        return out + [("lm_head.weight", tensor)] if tied else out
+    if name.endswith("embed_tokens.weight") and tied:
+        return [(name, tensor), ("lm_head.weight", tensor)]
+    if family == "phi3" and name.endswith("mlp.gate_up_proj.weight"):  # rows: gate | up
+        gate, up = tensor.chunk(2, dim=0)
+        stem = name.removesuffix("gate_up_proj.weight")
+        return [(stem + "gate_proj.weight", gate), (stem + "up_proj.weight", up)]
+    return [(name, tensor)]

@@ -1,0 +1,239 @@
+"""attnconv's MLA models: a source family's own classes with only the attention replaced (format "attnconv").
+
+Each family gets a config subclass (model_type "<family>_mla", plus kv_lora_rank, qk_rope_dim, rope_pairs) and
+model subclasses whose decoder layers use `MLAAttention`; embeddings, norms, MLPs, rotary embeddings, masks and
+caches stay the family's. `register_auto_classes()` makes `AutoModelForCausalLM.from_pretrained` load them.
+
+Per token and layer the cache holds (keys slot) the kept RoPE dims of every KV head, rotated as in the source,
+[b, n_kv, t, rope_dim], and (values slot) the joint latent [b, 1, t, kv_lora_rank]; for families with per-head
+k norms (Qwen3) the latent is followed by each KV head's 1/rms of its reconstructed key, so the norm is over
+the full head key and RoPE follows it, as in the source. NoPE keys and values are rebuilt from the latent at
+every step (kv_b_proj), like DeepSeek's unabsorbed attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from attnconv.convert.attention_weights import rotary_dim_of
+from attnconv.convert.mla_attnconv import MLA_ARCHITECTURES
+from attnconv.convert.mla_rope import nope_dims, rope_dims
+
+
+@dataclass(frozen=True)
+class FamilyAttention:
+    """How a family's attention differs: biases, per-head q/k norms, sliding windows."""
+
+    q_bias: Callable[[object], bool]
+    kv_bias: Callable[[object], bool]
+    o_bias: Callable[[object], bool]
+    sliding_window: Callable[[object, int], int | None]
+    qk_norm: type | None = None
+
+
+def _attention_bias(c) -> bool:
+    return bool(getattr(c, "attention_bias", False))
+
+
+def _no(c) -> bool:
+    return False
+
+
+def _yes(c) -> bool:
+    return True
+
+
+def _no_window(c, i) -> int | None:
+    return None
+
+
+def _global_window(c, i) -> int | None:
+    return getattr(c, "sliding_window", None)
+
+
+def _layer_window(c, i) -> int | None:
+    types = getattr(c, "layer_types", None)
+    return c.sliding_window if types is not None and types[i] == "sliding_attention" else None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def _kv_lora_rank(config, layer_idx: int) -> int:
+    r = config.kv_lora_rank
+    return r[layer_idx] if isinstance(r, (list, tuple)) else r
+
+
+class MLAAttention(nn.Module):
+    """Per-KV-head partial-RoPE keys plus NoPE keys and values from one joint latent (attnconv format)."""
+
+    def __init__(self, config, layer_idx: int, family: FamilyAttention):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.num_key_value_groups = self.n_heads // self.n_kv
+        self.scaling = self.head_dim**-0.5  # every supported family scales by head_dim ** -0.5
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        self.is_causal = True
+        self.sliding_window = family.sliding_window(config, layer_idx)
+        self.rotary_dim = rotary_dim_of(config)
+        self.kv_lora_rank = _kv_lora_rank(config, layer_idx)
+        self.qk_rope_dim = config.qk_rope_dim
+        d, dr, hidden = self.head_dim, self.qk_rope_dim, config.hidden_size
+
+        # Index tensors, not buffers: from_pretrained builds modules on the meta device, where they would be lost.
+        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long, device="cpu")  # [n_kv, rope_dim / 2]
+        rope = rope_dims(pairs, self.rotary_dim)  # [n_kv, d_r]
+        self._dims = {"cpu": (rope, nope_dims(rope, d))}  # device -> (rope dims, NoPE dims [n_kv, d - d_r])
+
+        self.q_proj = nn.Linear(hidden, self.n_heads * d, bias=family.q_bias(config))
+        self.k_rope_proj = nn.Linear(hidden, self.n_kv * dr, bias=family.kv_bias(config))
+        self.kv_a_proj = nn.Linear(hidden, self.kv_lora_rank, bias=family.kv_bias(config))
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_kv * (2 * d - dr), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, hidden, bias=family.o_bias(config))
+        self.q_norm = self.k_norm = None
+        if family.qk_norm is not None:
+            self.q_norm = family.qk_norm(d, eps=config.rms_norm_eps)
+            self.k_norm = family.qk_norm(d, eps=config.rms_norm_eps)
+        self.cache_latent_dim = self.kv_lora_rank + (self.n_kv if self.k_norm is not None else 0)
+
+    def _index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._dims:
+            self._dims[key] = tuple(t.to(device) for t in self._dims["cpu"])
+        return self._dims[key]
+
+    def _per_query_head(self, dims: torch.Tensor) -> torch.Tensor:
+        return dims.repeat_interleave(self.num_key_value_groups, dim=0)  # [n_heads, m]
+
+    def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [b, 1, t, r] -> NoPE keys [b, n_kv, t, d - d_r], values [b, n_kv, t, d]."""
+        b, _, t, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, t, self.n_kv, -1).transpose(1, 2)
+        return kv.split([self.head_dim - self.qk_rope_dim, self.head_dim], dim=-1)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        cos, sin = position_embeddings  # [b, t, rotary_dim]
+        rot = self.rotary_dim
+        rope_dims_, nope_dims_ = self._index(hidden_states.device)
+
+        q = self.q_proj(hidden_states).view(b, t, self.n_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)  # [b, H, t, d]
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q_rotated = torch.cat([q[..., :rot] * c + _rotate_half(q[..., :rot]) * s, q[..., rot:]], dim=-1)
+        rope_q = self._per_query_head(rope_dims_)[None, :, None].expand(b, -1, t, -1)
+        nope_q = self._per_query_head(nope_dims_)[None, :, None].expand(b, -1, t, -1)
+        query = torch.cat([q_rotated.gather(-1, rope_q), q.gather(-1, nope_q)], dim=-1)
+
+        k_rope = self.k_rope_proj(hidden_states).view(b, t, self.n_kv, self.qk_rope_dim).transpose(1, 2)
+        latent = self.kv_a_proj(hidden_states).view(b, 1, t, self.kv_lora_rank)
+        if self.k_norm is not None:  # 1/rms over the full head key (kept RoPE dims + reconstructed NoPE dims)
+            k_nope = self._expand(latent)[0]
+            ms = (k_rope.float().pow(2).sum(-1) + k_nope.float().pow(2).sum(-1)) / self.head_dim  # [b, n_kv, t]
+            inv_rms = torch.rsqrt(ms + self.k_norm.variance_epsilon)
+            k_rope = self.k_norm.weight[rope_dims_][None, :, None] * (
+                k_rope.float() * inv_rms[..., None]).to(k_rope.dtype)
+            latent = torch.cat([latent, inv_rms.transpose(1, 2)[:, None].to(latent.dtype)], dim=-1)
+        cos_k = cos[:, :, rope_dims_].transpose(1, 2)  # [b, n_kv, t, d_r]
+        sin_k = sin[:, :, rope_dims_].transpose(1, 2)
+        k_rope = k_rope * cos_k + _rotate_half(k_rope) * sin_k
+
+        if cache is not None:
+            k_rope, latent = cache.update(k_rope, latent, self.layer_idx, kwargs=kwargs)
+        k_nope, value = self._expand(latent[..., : self.kv_lora_rank])
+        if self.k_norm is not None:
+            inv_rms = latent[..., self.kv_lora_rank:].squeeze(1).transpose(1, 2)[..., None]  # [b, n_kv, T, 1]
+            k_nope = self.k_norm.weight[nope_dims_][None, :, None] * (
+                k_nope.float() * inv_rms.float()).to(k_nope.dtype)
+        key = torch.cat([k_rope, k_nope], dim=-1)  # [b, n_kv, T, d]
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=0.0 if not self.training else self.attention_dropout,
+                                 scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(b, t, -1).contiguous()), weights
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _use_mla(layers, config, family: FamilyAttention) -> None:
+    for i, layer in enumerate(layers):
+        old = layer.self_attn
+        layer.self_attn = MLAAttention(config, i, family).to(device=old.o_proj.weight.device,
+                                                              dtype=old.o_proj.weight.dtype)
+
+
+def _families() -> dict[str, tuple]:
+    """source model_type -> (config class, base model class, causal-LM class, FamilyAttention)."""
+    import transformers as tf
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    plain = FamilyAttention(_attention_bias, _attention_bias, _attention_bias, _no_window)
+    return {
+        "llama": (tf.LlamaConfig, tf.LlamaModel, tf.LlamaForCausalLM, plain),
+        "mistral": (tf.MistralConfig, tf.MistralModel, tf.MistralForCausalLM,
+                    FamilyAttention(_no, _no, _no, _global_window)),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2Model, tf.Qwen2ForCausalLM, FamilyAttention(_yes, _yes, _no, _layer_window)),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3Model, tf.Qwen3ForCausalLM,
+                  FamilyAttention(_attention_bias, _attention_bias, _attention_bias, _layer_window, Qwen3RMSNorm)),
+        "gemma": (tf.GemmaConfig, tf.GemmaModel, tf.GemmaForCausalLM, plain),
+        "phi3": (tf.Phi3Config, tf.Phi3Model, tf.Phi3ForCausalLM, FamilyAttention(_no, _no, _no, _global_window)),
+    }
+
+
+_MLA_FIELDS = {"kv_lora_rank": (int | list[int], 0), "qk_rope_dim": (int, 0), "rope_pairs": (list | None, None),
+               "mla_init": (str | None, None), "kv_cache_dim_per_layer": (int | float | None, None)}
+
+
+def _make_classes(source_type: str, config_cls, base_cls, causal_cls, family: FamilyAttention):
+    model_type, arch = MLA_ARCHITECTURES[source_type]
+    prefix = arch.removesuffix("ForCausalLM")
+    namespace = {"model_type": model_type, "__annotations__": {k: t for k, (t, _) in _MLA_FIELDS.items()},
+                 "__module__": __name__, **{k: v for k, (_, v) in _MLA_FIELDS.items()}}
+    mla_config = type(f"{prefix}Config", (config_cls,), namespace)
+
+    def base_init(self, config):
+        base_cls.__init__(self, config)
+        _use_mla(self.layers, config, family)
+
+    def causal_init(self, config):
+        causal_cls.__init__(self, config)
+        _use_mla(self.model.layers, config, family)
+
+    common = {"config_class": mla_config, "__module__": __name__}
+    mla_base = type(f"{prefix}Model", (base_cls,), {"__init__": base_init, **common})
+    mla_causal = type(arch, (causal_cls,), {"__init__": causal_init, **common})
+    return mla_config, mla_base, mla_causal
+
+
+CLASSES: dict[str, tuple] = {}  # source model_type -> (config, base model, causal LM) classes, once registered
+
+
+def register_auto_classes() -> None:
+    """Register every family's MLA config and models with transformers' Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if CLASSES:
+        return
+    for source_type, (config_cls, base_cls, causal_cls, family) in _families().items():
+        mla_config, mla_base, mla_causal = _make_classes(source_type, config_cls, base_cls, causal_cls, family)
+        AutoConfig.register(mla_config.model_type, mla_config, exist_ok=True)
+        AutoModel.register(mla_config, mla_base, exist_ok=True)
+        AutoModelForCausalLM.register(mla_config, mla_causal, exist_ok=True)
+        CLASSES[source_type] = (mla_config, mla_base, mla_causal)
