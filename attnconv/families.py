@@ -48,10 +48,11 @@ class CacheShape:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    values_per_layer: int  # K and V together (2 x n_kv x head_dim for MHA/GQA/MQA; the latent + RoPE key for MLA)
+    values_per_layer: float  # K and V together (2 x n_kv x head_dim for MHA/GQA/MQA; latent + RoPE keys for MLA;
+    # the mean over layers where MLA ranks differ per layer)
 
     def bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        return self.layers * self.values_per_layer * dtype_bytes
+        return round(self.layers * self.values_per_layer * dtype_bytes)
 
     def bytes(self, batch: int, context: int, dtype_bytes: int = 2) -> int:
         """layers x batch x context x values_per_layer x bytes."""
@@ -121,10 +122,17 @@ FAMILIES: dict[str, Family] = {
         Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
                layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha"),
-        # Outputs only: what GPT-2 conversions are written as.
+        # Outputs only: what GPT-2 conversions are written as, and the two MLA formats (a latent per token and
+        # layer plus RoPE keys: one shared key in DeepSeek-V3's format, one per KV head in attnconv's).
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
                n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                source=False, kv_heads=lambda c: 1 if config_value(c, "multi_query") else config_value(c, "n_head")),
+        Family("deepseek_v3", ("deepseek_v3",), "deepseek-ai/DeepSeek-V3", source=False,
+               kv_heads=lambda c: 1,
+               kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
+        Family("attnconv_mla", tuple(f"{f}_mla" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")),
+               "attnconv convert --to mla --format attnconv", source=False,
+               kv_values=lambda c: config_value(c, "kv_cache_dim_per_layer")),
     ]
 }
 SOURCE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.source)

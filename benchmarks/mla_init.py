@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from attnconv.convert.mla_inmemory import collect_statistics, to_attnconv_mla, to_deepseek_v3
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import batch_windows, plan_windows, scored_logits, text_stats, tokenize_corpus
-from attnconv.hub import load_causal_lm, load_tokenizer
+from attnconv.loading import load_causal_lm, load_tokenizer
 from attnconv.reference import REFERENCE_DIR
 from attnconv.textdata import load_texts
 

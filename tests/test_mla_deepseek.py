@@ -138,7 +138,7 @@ def test_sliding_window_caps_positions(tmp_path):
 @pytest.fixture(scope="module")
 def reference():
     from attnconv.eval.perplexity import tokenize_corpus
-    from attnconv.hub import load_causal_lm, load_tokenizer
+    from attnconv.loading import load_causal_lm, load_tokenizer
     from attnconv.reference import REFERENCE_DIR
     from attnconv.textdata import load_texts
 

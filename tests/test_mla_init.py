@@ -22,7 +22,7 @@ from attnconv.convert.mla_rope import select_pairs
 @pytest.fixture(scope="module")
 def reference():
     from attnconv.eval.perplexity import tokenize_corpus
-    from attnconv.hub import load_causal_lm, load_tokenizer
+    from attnconv.loading import load_causal_lm, load_tokenizer
     from attnconv.reference import REFERENCE_DIR
     from attnconv.textdata import load_texts
 

@@ -162,7 +162,7 @@ def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, 
     out["qk_rope_dim"] = rope_dim
     out["rope_pairs"] = [p.tolist() for p in pairs]
     out["mla_init"] = init
-    # what attnconv.kv.cache_shape reads: cached values per token and layer (mean over layers if ranks differ)
+    # what attnconv.families.cache_shape reads: cached values per token and layer (mean over layers if ranks differ)
     n_kv = source_config.get("num_key_value_heads") or source_config["num_attention_heads"]
     dims = [r + n_kv * rope_dim + (n_kv if model_type == "qwen3" else 0) for r in kv_ranks]
     out["kv_cache_dim_per_layer"] = dims[0] if len(set(dims)) == 1 else sum(dims) / len(dims)

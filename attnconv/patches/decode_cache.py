@@ -80,5 +80,5 @@ class PreallocatedKVCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """What the cache tensors really hold, for comparison with `attnconv.kv` arithmetic."""
+        """What the cache tensors really hold, for comparison with `attnconv.families.cache_shape` arithmetic."""
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
