@@ -114,6 +114,8 @@ class Settings:
         if item is not None:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                value = [value]  # one value where a list is allowed
             if not isinstance(value, list | tuple) or not value:
                 raise self.error(name, f"a non-empty list of {item.__name__} values", value)
             return tuple(self._scalar(name, item, spec, v) for v in value)
@@ -141,6 +143,8 @@ class Settings:
         elif tp is str:
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                value = str(value)  # a recipe's `limit: 0.1` is the text "0.1"
             if not isinstance(value, str):
                 raise self.error(name, "a string", value)
             if spec.aliases:

@@ -72,6 +72,11 @@ class LayerwiseModel:
                     module._buffers[key] = buf.to(self.device)
 
     @property
+    def inv_freq(self) -> torch.Tensor:
+        """The source's RoPE frequencies (its rotary embedding's, scaling included): [rotary_dim / 2]."""
+        return self.base.rotary_emb.inv_freq.float().cpu()
+
+    @property
     def n_layers(self) -> int:
         return len(self.layers)
 
@@ -235,6 +240,12 @@ def calibrate_layers(source: str | Path, tokens: torch.Tensor, make_collectors: 
     (and checked) here, before the first `next`.
     """
     model = LayerwiseModel(source, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return run_layers(model, tokens, make_collectors, batch_tokens=batch_tokens, progress=progress)
+
+
+def run_layers(model: LayerwiseModel, tokens: torch.Tensor, make_collectors: Callable[[int], list[Collector]], *,
+               batch_tokens: int = BATCH_TOKENS, progress: bool = True) -> Iterator[tuple[int, list[Collector]]]:
+    """calibrate_layers over a LayerwiseModel made by the caller (who may read its config or rotary first)."""
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise ValueError(f"tokens must be [n_seq, seq_len] and non-empty, got {tuple(tokens.shape)}")
     return _run(model, tokens, make_collectors, max(1, batch_tokens // tokens.shape[1]), progress)

@@ -26,8 +26,32 @@ def _revision(path: Path) -> str | None:
     return path.name if path.parent.name == "snapshots" else None
 
 
-def provenance(plan: Plan, hashes: dict[str, str]) -> dict:
+def finish_mla_config(plan: Plan) -> dict:
+    config = plan.target.config_out()
+    if plan.out_dtype is not None:
+        config["dtype"] = str(plan.out_dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    return config
+
+
+def _conversion(plan: Plan) -> dict:
     lay_in, lay_out = plan.layout_in, plan.layout_out
+    common = {"n_heads": lay_in.n_heads, "kv_heads_before": lay_in.n_kv_heads, "head_dim": lay_in.head_dim,
+              "dtype": str(plan.out_dtype).removeprefix("torch.") if plan.out_dtype else "auto",
+              "kv_bytes_per_token_before": plan.kv_bytes_per_token("before"),
+              "kv_bytes_per_token_after": plan.kv_bytes_per_token("after")}
+    if plan.target is not None:
+        calibration = plan.calibration()
+        return {"to": "mla", **plan.target.record(), **common,
+                "calibration": calibration.record() if calibration is not None else None}
+    return {"to": "mqa" if lay_out.n_kv_heads == 1 else "gqa", "method": plan.method.name,
+            "seed": plan.settings.seed if plan.method.uses_seed else None, "kv_heads_after": lay_out.n_kv_heads,
+            "groups": [list(range(g * lay_in.n_kv_heads // lay_out.n_kv_heads,
+                                  (g + 1) * lay_in.n_kv_heads // lay_out.n_kv_heads))
+                       for g in range(lay_out.n_kv_heads)], **common}
+
+
+def provenance(plan: Plan, hashes: dict[str, str]) -> dict:
     return {
         "attnconv_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -37,21 +61,7 @@ def provenance(plan: Plan, hashes: dict[str, str]) -> dict:
         "source_weight_sha256": hashes,
         "source_family": plan.family.name,
         "settings": plan.settings.record(),
-        "conversion": {
-            "to": "mqa" if lay_out.n_kv_heads == 1 else "gqa",
-            "method": plan.method.name,
-            "seed": plan.settings.seed if plan.method.uses_seed else None,
-            "n_heads": lay_in.n_heads,
-            "kv_heads_before": lay_in.n_kv_heads,
-            "kv_heads_after": lay_out.n_kv_heads,
-            "head_dim": lay_in.head_dim,
-            "groups": [list(range(g * lay_in.n_kv_heads // lay_out.n_kv_heads,
-                                  (g + 1) * lay_in.n_kv_heads // lay_out.n_kv_heads))
-                       for g in range(lay_out.n_kv_heads)],
-            "dtype": str(plan.out_dtype).removeprefix("torch.") if plan.out_dtype else "auto",
-            "kv_bytes_per_token_before": plan.kv_bytes_per_token("before"),
-            "kv_bytes_per_token_after": plan.kv_bytes_per_token("after"),
-        },
+        "conversion": _conversion(plan),
     }
 
 
@@ -71,6 +81,7 @@ def convert(settings: ConvertSettings, progress: bool = True) -> Plan:
         from attnconv.convert.plan import plan_for
 
         plan = plan_for(source_info)
+        plan.progress = progress
         # Hashing the source for provenance waits until torch is loaded: on few cores both compete with
         # the copy for CPU, and by now the copy has brought the first shards into the page cache.
         hashes: dict[str, str] = {}
@@ -78,6 +89,8 @@ def convert(settings: ConvertSettings, progress: bool = True) -> Plan:
         hasher = threading.Thread(target=sha256_files, args=(files, hashes), daemon=True)
         hasher.start()
         write_plan(plan, tmp, progress, copier)
+        if plan.target is not None:  # MLA: the config records what the layers chose (their RoPE pairs)
+            plan.config_out = finish_mla_config(plan)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2, sort_keys=True) + "\n")
         for name in plan.files_to_copy:
             shutil.copy2(plan.source / name, tmp / name)

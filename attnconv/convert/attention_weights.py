@@ -8,7 +8,7 @@ partial rotary) carry no position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -71,30 +71,45 @@ class AttentionWeights:
 
 
 def rotary_dim_of(config) -> int:
-    """RoPE dims per head from a transformers config (Phi-3 and others may rotate only a leading part)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params = getattr(config, "rope_parameters", None) or {}
-    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    """RoPE dims per head from a transformers config or config.json dict (Phi-3 and others may rotate only a
+    leading part)."""
+    from attnconv.families import config_value
+
+    head_dim = config_value(config, "head_dim") or (config_value(config, "hidden_size")
+                                                    // config_value(config, "num_attention_heads"))
+    params = config_value(config, "rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", config_value(config, "partial_rotary_factor", default=1.0))
     return int(head_dim * factor)
+
+
+def shape_of(config) -> AttentionShape:
+    """The attention shape of a transformers config object or a config.json dict (the six Llama-like families:
+    their softmax scale is head_dim ** -0.5)."""
+    from attnconv.families import config_value
+
+    n_heads = config_value(config, "num_attention_heads")
+    hidden = config_value(config, "hidden_size")
+    head_dim = config_value(config, "head_dim") or hidden // n_heads
+    n_kv = config_value(config, "num_key_value_heads") or n_heads
+    return AttentionShape(n_heads, n_kv, head_dim, hidden, rotary_dim_of(config), head_dim ** -0.5)
+
+
+def from_tensors(tensors: dict[str, Tensor], shape: AttentionShape, norm_eps: float = 1e-6) -> AttentionWeights:
+    """The neutral form of one layer from its attention tensors, named relative to the attention module
+    (`q_proj.weight`, ... or Phi-3's fused `qkv_proj.weight`; optional biases and q/k norms)."""
+    d = shape.head_dim
+    if "qkv_proj.weight" in tensors:  # Phi-3: rows q | k | v
+        q, k, v = tensors["qkv_proj.weight"].split([shape.n_heads * d, shape.n_kv_heads * d, shape.n_kv_heads * d])
+    else:
+        q, k, v = (tensors[f"{p}_proj.weight"] for p in "qkv")
+    return AttentionWeights(shape, q, k, v, tensors["o_proj.weight"], tensors.get("q_proj.bias"),
+                            tensors.get("k_proj.bias"), tensors.get("v_proj.bias"), tensors.get("o_proj.bias"),
+                            tensors.get("q_norm.weight"), tensors.get("k_norm.weight"), norm_eps)
 
 
 def from_hf_attention(attn, config) -> AttentionWeights:
     """The neutral form of a loaded transformers attention module (Llama, Mistral, Qwen2/3, Gemma, Phi-3)."""
-    head_dim = attn.head_dim
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    shape = AttentionShape(n_heads, n_kv, head_dim, config.hidden_size, rotary_dim_of(config), attn.scaling)
-
-    def bias(m):
-        return None if m.bias is None else m.bias
-
-    if hasattr(attn, "qkv_proj"):  # Phi-3: rows q | k | v
-        q, k, v = attn.qkv_proj.weight.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
-        qb = kb = vb = None
-    else:
-        q, k, v = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
-        qb, kb, vb = bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)
-    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-    eps = getattr(k_norm, "variance_epsilon", getattr(k_norm, "eps", 1e-6)) if k_norm is not None else 1e-6
-    return AttentionWeights(shape, q, k, v, attn.o_proj.weight, qb, kb, vb, bias(attn.o_proj),
-                            None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
-                            eps)
+    norm = getattr(attn, "k_norm", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) if norm is not None else 1e-6
+    shape = replace(shape_of(config), head_dim=attn.head_dim, scaling=attn.scaling)
+    return from_tensors(dict(attn.named_parameters()), shape, eps)

@@ -23,13 +23,15 @@ def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch
     The thread reads and pools while the main thread writes, so compute hides behind IO.
     """
     todo, pending, waiting = deque(steps), deque(), 0
-    # One torch thread (set in the worker only): these tensors are small and memory-bound, and more threads
-    # spin-wait between torch's parallel regions (~1 s of CPU on a 1.5 B model), taking cores from the copy.
-    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    # GQA: one torch thread (set in the worker only): pooling is small and memory-bound, and more threads
+    # spin-wait between torch's parallel regions, taking cores from the copy. MLA: every thread, for the
+    # calibration forward passes and the factorisations.
+    threads = 1 if plan.target is None else torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         while todo or pending:
             while todo and (not pending or waiting < LOOKAHEAD_BYTES):
                 s = todo.popleft()
-                pending.append((s, pool.submit(lambda s=s: plan.run_step(s, [plan.reader.get(n) for n in s.inputs]))))
+                pending.append((s, pool.submit(lambda s=s: plan.run_step(s, plan.step_inputs(s)))))
                 waiting += s.nbytes
             step, fut = pending.popleft()
             waiting -= step.nbytes

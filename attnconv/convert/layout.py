@@ -1,8 +1,10 @@
 """What a conversion reads and how its output is laid out, known from config.json and shard headers alone.
 
-Torch-free on purpose: `convert` starts copying the tensors it leaves unchanged while the main thread is
-still importing torch, and the plan (which needs torch to infer the converted shapes) follows this layout.
-Within each output shard the unchanged tensors come first, in source order, then the converted ones.
+Torch-free on purpose for GQA/MQA: `convert` starts copying the tensors it leaves unchanged while the main thread
+is still importing torch, and the plan (which needs torch to infer the converted shapes) follows this layout. An
+MLA layout (mla_plan.py) imports torch: its conversion is dominated by the per-layer factorisations anyway.
+Within each output shard the unchanged tensors come first, in source order, then the converted ones (MLA layers
+in layer order, the order calibration computes them in).
 """
 
 from __future__ import annotations
@@ -26,13 +28,28 @@ _GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in ol
 
 @dataclass(frozen=True)
 class Entry:
-    """One output tensor before its shape is known: where it comes from and what happens to it."""
+    """One output tensor: where it comes from and what happens to it (its shape, when known before any work)."""
 
     output: str
-    meta: TensorMeta  # the source tensor
+    meta: TensorMeta  # the (first) source tensor
     op: str  # a name in attnconv/convert/ops.py
     out_dtype: str  # safetensors dtype name
     raw: bool  # copied as bytes: unchanged, same dtype, from a safetensors file
+    more: tuple[TensorMeta, ...] = ()  # further source tensors (all attention tensors of an MLA layer)
+    shape: tuple[int, ...] | None = None  # known output shape; None: the op's result on meta tensors tells
+    layer: int | None = None  # the layer whose computation this output is part of
+    key: str | None = None  # which output of that computation (a name relative to the attention module)
+
+    @property
+    def inputs(self) -> tuple[TensorMeta, ...]:
+        return (self.meta, *self.more)
+
+    @property
+    def reserve_meta(self) -> TensorMeta:
+        """What bounds this entry's header entry: the source tensor, or the declared output."""
+        if self.shape is None:
+            return self.meta
+        return TensorMeta(self.output, self.meta.file, "F32", self.shape)
 
 
 @dataclass
@@ -48,11 +65,14 @@ class Source:
     reader: CheckpointReader
     config_out: dict
     files_to_copy: list[str]
+    config_in: dict = field(default_factory=dict)
     shards: dict[str, list[Entry]] = field(default_factory=dict)
+
+    target: object | None = None  # mla_plan.MlaTarget for --to mla
 
     def reserve(self, shard: str) -> int:
         """Header bytes to reserve in an output shard (names may gain a 12-character prefix)."""
-        return header_reserve([e.meta for e in self.shards[shard]])
+        return header_reserve([e.reserve_meta for e in self.shards[shard]])
 
 
 def raw_runs(entries: list[Entry]) -> list[list[Entry]]:
@@ -111,6 +131,44 @@ def _entry(family: Family, reader: CheckpointReader, meta: TensorMeta, dtype: st
     return Entry(out_name, meta, op, out_dtype, raw)
 
 
+def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
+    """Entries of an MLA conversion: each layer's attention tensors become the format's outputs (one computation
+    per layer), every other tensor what the format makes of it."""
+    from attnconv.convert.mla_plan import MlaTarget, attention_key
+
+    if src.family.name not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
+        raise AttnconvError(f"--to mla needs RoPE attention (llama, mistral, qwen2, qwen3, gemma, phi3); "
+                            f"{src.family.name} has learned positions: convert it with --to mqa")
+    target = src.target = MlaTarget.create(settings, src.config_in)
+    n = len(files)
+    for i, file in enumerate(files):
+        shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        metas = sorted((m for m in src.reader.tensors.values() if m.file == file), key=lambda m: m.start)
+        kept, layers = [], {}
+        for m in metas:
+            where = attention_key(m.name)
+            if where is not None:
+                layers.setdefault(where[0], (where[1], {}))[1][where[2]] = m
+                continue
+            for out, shape, kind in target.other_outputs(m.name, m.shape):
+                floating = m.st_dtype.startswith(("F", "BF"))
+                out_dtype = st_dtype(dtype) if dtype is not None and floating else m.st_dtype
+                raw = kind == "copy" and src.reader.format == "safetensors" and out_dtype == m.st_dtype
+                kept.append(Entry(out, m, "copy" if kind == "copy" else "deepseek_tensor", out_dtype, raw,
+                                  shape=None if raw else shape, key=kind))
+        converted = []
+        for layer, (prefix, inputs) in sorted(layers.items()):
+            names = sorted(inputs)
+            first = inputs[names[0]]
+            out_dtype = st_dtype(dtype) if dtype is not None else first.st_dtype
+            for key, shape in target.layer_outputs(layer, set(names)).items():
+                converted.append(Entry(prefix + key, first, "mla_layer", out_dtype, False,
+                                       tuple(inputs[k] for k in names[1:]), tuple(shape), layer, key))
+        src.shards[shard] = [e for e in kept if e.raw] + [e for e in kept if not e.raw] + converted
+    src.config_out = target.config_out() if settings.format == "deepseek-v3" else {}
+    return src
+
+
 def inspect_source(settings: ConvertSettings) -> Source:
     """Read config and headers, check the request, and lay out every output tensor (no tensor is read)."""
     folder = resolve_source(settings.source, settings.allow_pickle)
@@ -123,7 +181,8 @@ def inspect_source(settings: ConvertSettings) -> Source:
             raise ValueError
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         raise AttnconvError(f"{path / 'config.json'} lacks the head counts a {family.name} config has") from None
-    kv_heads = settings.target_kv_heads
+    mla = settings.to == "mla"
+    kv_heads = layout_in.n_kv_heads if mla else settings.target_kv_heads
     check_kv_heads(family, layout_in, kv_heads)
     dtype = canonical_dtype(settings.dtype)
     files, fmt = weight_files(folder, settings.allow_pickle)
@@ -134,7 +193,9 @@ def inspect_source(settings: ConvertSettings) -> Source:
     copy = sorted(p.name for p in path.iterdir()
                   if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(_SKIP_SUFFIXES))
     src = Source(settings, path, family, layout_in, layout_out, dtype, reader,
-                 _config_out(family, config, kv_heads, dtype), copy)
+                 {} if mla else _config_out(family, config, kv_heads, dtype), copy, config_in=config)
+    if mla:
+        return _mla_layout(settings, src, files, dtype)
     n = len(files)
     for i, file in enumerate(files):
         shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

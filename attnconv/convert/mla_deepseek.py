@@ -240,23 +240,35 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
     return config, notes
 
 
-def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool) -> list[tuple[str, Tensor]]:
-    """A source tensor outside attention -> its deepseek-v3 tensors (attention goes through convert_deepseek_layer).
-
-    tied: the source ties lm_head to embed_tokens (the output always writes lm_head.weight).
-    """
+def deepseek_rules(name: str, shape: tuple[int, ...], *, family: str,
+                   tied: bool) -> list[tuple[str, tuple[int, ...], str]]:
+    """What a source tensor outside attention becomes in deepseek-v3 format, without reading it:
+    [(output name, output shape, transform)] with transform one of TRANSFORMS (attention goes through
+    convert_deepseek_layer). tied: the source ties lm_head to embed_tokens (the output always writes lm_head)."""
     if ".self_attn." in name:
         return []
     if family == "gemma" and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w)
-        return [(name, (tensor.float() + 1.0).to(tensor.dtype))]
-    if family == "gemma" and name.endswith("embed_tokens.weight"):  # Gemma scales embeddings by sqrt(hidden)
-        scale = torch.tensor(tensor.shape[1] ** 0.5, dtype=tensor.dtype).float()  # rounded as Gemma rounds it
-        out = [(name, (tensor.float() * scale).to(tensor.dtype))]
-        return out + [("lm_head.weight", tensor)] if tied else out
-    if name.endswith("embed_tokens.weight") and tied:
-        return [(name, tensor), ("lm_head.weight", tensor)]
+        return [(name, shape, "plus_one")]
+    if name.endswith("embed_tokens.weight"):  # Gemma scales embeddings by sqrt(hidden)
+        out = [(name, shape, "scale_embedding" if family == "gemma" else "copy")]
+        return out + [("lm_head.weight", shape, "copy")] if tied else out
     if family == "phi3" and name.endswith("mlp.gate_up_proj.weight"):  # rows: gate | up
-        gate, up = tensor.chunk(2, dim=0)
-        stem = name.removesuffix("gate_up_proj.weight")
-        return [(stem + "gate_proj.weight", gate), (stem + "up_proj.weight", up)]
-    return [(name, tensor)]
+        stem, half = name.removesuffix("gate_up_proj.weight"), (shape[0] // 2, *shape[1:])
+        return [(stem + "gate_proj.weight", half, "first_half"), (stem + "up_proj.weight", half, "second_half")]
+    return [(name, shape, "copy")]
+
+
+def _scale_embedding(t: Tensor) -> Tensor:
+    scale = torch.tensor(t.shape[1] ** 0.5, dtype=t.dtype).float()  # rounded as Gemma rounds it
+    return (t.float() * scale).to(t.dtype)
+
+
+TRANSFORMS = {"copy": lambda t: t, "plus_one": lambda t: (t.float() + 1.0).to(t.dtype),
+              "scale_embedding": _scale_embedding, "first_half": lambda t: t.chunk(2, dim=0)[0],
+              "second_half": lambda t: t.chunk(2, dim=0)[1]}
+
+
+def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool) -> list[tuple[str, Tensor]]:
+    """A source tensor outside attention -> its deepseek-v3 tensors (deepseek_rules applied)."""
+    return [(out, TRANSFORMS[kind](tensor))
+            for out, _, kind in deepseek_rules(name, tuple(tensor.shape), family=family, tied=tied)]

@@ -57,7 +57,7 @@ def select_pairs(method: str, shape: AttentionShape, n_keep: int, scores: Tensor
     elif method == "2-norm":
         if scores is None:
             raise AttnconvError("--rope-select 2-norm needs calibration data (pair norms of q and k); "
-                                "pass --calibration-data or choose high, low or uniform")
+                                "pass --calibrate SPEC (or leave the default text) or choose high, low or uniform")
         return scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
     else:
         raise AttnconvError(f"--rope-select {method!r} is not one of {', '.join(ROPE_SELECTIONS)}")

@@ -41,6 +41,12 @@ def _gpt2_c_attn(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
     return convert_gpt2_c_attn(x[0], plan.layout_in, plan.layout_out.n_kv_heads, plan.method, gens)
 
 
+def _deepseek_tensor(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
+    from attnconv.convert.mla_deepseek import TRANSFORMS
+
+    return TRANSFORMS[step.key](x[0])
+
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in [
@@ -49,5 +55,8 @@ OPS: dict[str, Op] = {
         Op("kv_proj", "K/V heads merged", _kv_proj),
         Op("fused_qkv", "fused q|k|v: K/V heads merged", _fused_qkv),
         Op("gpt2_c_attn", "GPT-2 c_attn -> GPTBigCode c_attn", _gpt2_c_attn),
+        Op("mla_layer", "the layer's attention as MLA (one computation per layer)",
+           lambda plan, step, x: plan.layer_output(step, x)),
+        Op("deepseek_tensor", "renamed, split or folded for DeepSeek-V3", _deepseek_tensor),
     ]
 }

@@ -33,6 +33,8 @@ class Step:
     shape: tuple[int, ...]
     shard: str
     raw: bool = False  # copied as bytes, never decoded
+    layer: int | None = None  # MLA: the layer whose one computation gives this output
+    key: str | None = None  # MLA: which output of it; deepseek_tensor: the transform
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +58,52 @@ class Plan:
     files_to_copy: list[str]
     steps: list[Step] = field(default_factory=list)
     layout: Source | None = None
+    progress: bool = True
+    _layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _calibration: object | None = field(default=None, repr=False)
+
+    @property
+    def target(self):
+        """The MLA target (mla_plan.MlaTarget), or None for GQA/MQA."""
+        return self.layout.target if self.layout is not None else None
+
+    def layer_inputs(self, layer: int) -> dict[str, torch.Tensor]:
+        """A layer's attention tensors, named relative to its attention module."""
+        from attnconv.convert.mla_plan import attention_key
+
+        step = next(s for s in self.steps if s.layer == layer)
+        return {attention_key(n)[2]: self.reader.get(n) for n in step.inputs}
+
+    def calibration(self):
+        """The calibration run (started when first needed), or None when the settings need none."""
+        if self._calibration is None and self.settings.needs_calibration:
+            from attnconv.convert.mla_plan import Calibration
+
+            self._calibration = Calibration(self.target, self.source, self.layer_inputs, self.progress)
+        return self._calibration
+
+    def step_inputs(self, step: Step) -> list[torch.Tensor]:
+        """The tensors a step reads: none for a layer output whose layer is already converted."""
+        if step.layer is not None and step.layer in self._layers:
+            return []
+        return [self.reader.get(n) for n in step.inputs]
+
+    def layer_output(self, step: Step, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """One output of a layer's conversion: the first asked converts the layer; the others are kept until
+        asked for (the executor asks in plan order, so a layer's outputs go out together)."""
+        if step.layer not in self._layers:
+            from attnconv.convert.mla_plan import attention_key
+
+            tensors = {attention_key(n)[2]: t for n, t in zip(step.inputs, inputs, strict=True)}
+            calibration = self.calibration()
+            stats = calibration.get(step.layer) if calibration is not None else None
+            with torch.no_grad():
+                self._layers[step.layer] = self.target.convert_layer(step.layer, tensors, stats)
+        outputs = self._layers[step.layer]
+        out = outputs.pop(step.key)
+        if not outputs:
+            del self._layers[step.layer]
+        return out
 
     def shards(self) -> dict[str, list[Step]]:
         out: dict[str, list[Step]] = {}
@@ -76,8 +124,16 @@ class Plan:
         layout = self.layout_in if which == "before" else self.layout_out
         dtype = self.out_dtype if which == "after" and self.out_dtype else None
         if dtype is None:
-            k_name = next(s.inputs[0] for s in self.steps if s.op != "copy")
+            k_name = next(s.inputs[0] for s in self.steps if s.op not in ("copy", "deepseek_tensor"))
             dtype = self.reader.tensors[k_name].dtype
+        if which == "after" and self.target is not None:
+            from attnconv.convert.mla_attnconv import cache_per_token
+
+            t = self.target
+            if self.settings.format == "deepseek-v3":
+                return sum(r + t.rope_dim for r in t.kv_ranks) * dtype_bytes(dtype)
+            k_norm = any("k_norm" in n for s in self.steps if s.layer == 0 for n in s.inputs)
+            return sum(cache_per_token(t.shape, r, t.rope_dim, k_norm) for r in t.kv_ranks) * dtype_bytes(dtype)
         return layout.layers * 2 * layout.n_kv_heads * layout.head_dim * dtype_bytes(dtype)
 
     def generator(self, step: Step, part: str) -> torch.Generator | None:
@@ -97,8 +153,9 @@ def plan_for(src: Source) -> Plan:
                 layout=src)
     for shard, entries in src.shards.items():
         for e in entries:
-            step = Step(e.output, (e.meta.name,), e.op, torch_dtype(e.out_dtype), e.meta.shape, shard, e.raw)
-            if not e.raw:
+            step = Step(e.output, tuple(m.name for m in e.inputs), e.op, torch_dtype(e.out_dtype),
+                        e.shape or e.meta.shape, shard, e.raw, e.layer, e.key)
+            if not e.raw and e.shape is None:
                 try:
                     shape = plan.run_step(step, [torch.empty(e.meta.shape, dtype=e.meta.dtype, device="meta")]).shape
                 except (RuntimeError, ValueError):

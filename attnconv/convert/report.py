@@ -26,19 +26,56 @@ def plan_summary(plan: Plan) -> dict:
     }
 
 
+def _what(plan: Plan, s: dict) -> str:
+    target = plan.target
+    if target is None:
+        return f"KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} ({plan.method.name})"
+    set_ = plan.settings
+    ranks = sorted(set(target.kv_ranks))
+    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    rope = (f"one shared RoPE key of {target.rope_dim}" if set_.format == "deepseek-v3"
+            else f"RoPE {target.rope_dim} per KV head ({set_.rope_select})")
+    how = set_.init + (", phases" if set_.phases else "")
+    return f"{s['kv_heads_before']} KV heads -> MLA {set_.format} (latent {rank} + {rope}; {how})"
+
+
+def _console(console: Console | None) -> Console:
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: room for the whole table
+            console.width = 200
+    return console
+
+
 def _header(plan: Plan, console: Console) -> None:
     s = plan_summary(plan)
-    console.print(f"{s['family']}: {s['heads']} heads, KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} "
-                  f"({plan.method.name}); KV cache per token {human_bytes(s['kv_bytes_per_token_before'])} -> "
-                  f"{human_bytes(s['kv_bytes_per_token_after'])} "
+    console.print(f"{s['family']}: {s['heads']} heads, {_what(plan, s)}; KV cache per token "
+                  f"{human_bytes(s['kv_bytes_per_token_before'])} -> {human_bytes(s['kv_bytes_per_token_after'])} "
                   f"({s['kv_bytes_per_token_before'] / s['kv_bytes_per_token_after']:.3g}x smaller)")
+    if plan.target is not None:
+        for note in plan.target.notes:
+            console.print(f"note: {note}")
+        if plan.settings.needs_calibration:
+            console.print(_calibration_line(plan))
     console.print(f"read {s['tensors_read']} tensors ({human_bytes(s['bytes_read'])}), write {s['tensors_written']} "
                   f"in {s['shards']} shard(s) ({human_bytes(s['bytes_written'])}); copy {len(s['files_copied'])} "
                   f"other file(s): {', '.join(s['files_copied']) or '-'}")
 
 
+def _calibration_line(plan: Plan) -> str:
+    from attnconv.calibration import estimate_memory
+    from attnconv.families import max_positions
+
+    s = plan.settings
+    seq_len = s.calib_seq_len or min(2048, max_positions(plan.layout.config_in) or 2048)
+    hidden = plan.layout_in.hidden
+    memory = estimate_memory(plan.layout.config_in, s.calib_tokens, 2 * 8 * (hidden + 1) ** 2, seq_len=seq_len)
+    return (f"calibration: {s.calib_tokens:,} tokens of {s.calibrate or 'wikitext-2-test'} in sequences of "
+            f"{seq_len}, run layer by layer (about {human_bytes(memory)} beside the conversion)")
+
+
 def print_plan(plan: Plan, console: Console | None = None) -> None:
-    console = console or Console()
+    console = _console(console)
     console.print("[bold]plan (dry run: nothing is written)[/bold]")
     _header(plan, console)
     table = Table(show_lines=False)
@@ -46,14 +83,17 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         table.add_column(col)
     for step in plan.steps:
         meta = plan.reader.tensors[step.inputs[0]]
-        same = step.output == step.inputs[0]
-        table.add_row(step.shard, step.output, "" if same else ", ".join(step.inputs), OPS[step.op].help,
-                      "x".join(map(str, meta.shape)), "x".join(map(str, step.shape)),
+        if step.layer is not None:  # one output of a whole layer's attention
+            source, shape_in = f"layer {step.layer}'s attention ({len(step.inputs)} tensors)", "-"
+        else:
+            source = "" if step.output == step.inputs[0] else ", ".join(step.inputs)
+            shape_in = "x".join(map(str, meta.shape))
+        table.add_row(step.shard, step.output, source, OPS[step.op].help, shape_in, "x".join(map(str, step.shape)),
                       str(step.dtype).removeprefix("torch."))
     console.print(table)
 
 
 def print_result(plan: Plan, out: str | Path, console: Console | None = None) -> None:
-    console = console or Console()
+    console = _console(console)
     _header(plan, console)
     console.print(f"[green]wrote[/green] {out}  (provenance in {Path(out) / 'attnconv.json'})")

@@ -9,7 +9,10 @@ from attnconv.dtypes import ALIASES, DTYPES
 from attnconv.errors import AttnconvError
 from attnconv.settings import Settings, option
 
-TARGETS = ("gqa", "mqa")
+TARGETS = ("gqa", "mqa", "mla")
+MLA_FORMATS = ("deepseek-v3", "attnconv")
+MLA_INITS = ("svd", "pca")
+ROPE_SELECT = ("high", "low", "uniform", "2-norm")
 
 
 @dataclass(frozen=True)
@@ -20,13 +23,38 @@ class ConvertSettings(Settings):
                          io="model")
     out: str | None = option(None, help="Output folder (written to a temporary sibling, renamed when complete).",
                              argument=True, run=False, io="out")
-    to: str = option("gqa", help="Target attention: gqa (needs --kv-heads) or mqa (1 KV head).", choices=TARGETS)
+    to: str = option("gqa", help="Target attention: gqa (needs --kv-heads), mqa (1 KV head) or mla (multi-head "
+                     "latent attention; needs --kv-rank).", choices=TARGETS)
     kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads.", minimum=1)
     method: str = option("mean", help="How each group's K/V heads become one: "
                          + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".", choices=tuple(METHODS))
     seed: int = option(0, help="Seed for --method random.", minimum=0)
     dtype: str = option("auto", help="Output dtype; auto keeps the source's. Pooling is computed in float32 either "
                         "way.", choices=("auto", *DTYPES), aliases=ALIASES)
+    kv_rank: tuple[int, ...] | None = option(None, help="MLA: the latent's dims per token and layer (one value, or one "
+                                             "per layer with --format attnconv).", minimum=1)
+    rope_dim: int | None = option(None, help="MLA: RoPE dims: the one shared RoPE key's size in deepseek-v3 format "
+                                  "(default min(64, rotary dims)), the dims kept per KV head in attnconv format "
+                                  "(default half the rotary dims); the rest of each key comes from the latent.",
+                                  minimum=2)
+    format: str = option("deepseek-v3", help="MLA output: deepseek-v3 (a native transformers DeepseekV3 checkpoint "
+                         "that serving engines load) or attnconv (exact structure, lossless at full rank; loads "
+                         "after `import attnconv`).", choices=MLA_FORMATS)
+    init: str = option("pca", help="MLA latent: pca (activation-aware, on the calibration text) or svd (weights "
+                       "only, no calibration).", choices=MLA_INITS)
+    rope_select: str = option("high", help="MLA: which RoPE pairs keep their rotation: high (the fastest-rotating "
+                              "first), low, uniform, or 2-norm (largest query x key norms on calibration text; "
+                              "attnconv format).", choices=ROPE_SELECT)
+    phases: bool = option(True, help="MLA: a query pair whose rotation is dropped turns by the source's mean "
+                          "rotation of that pair on calibration text (folded into q_proj; no cache cost).")
+    q_rank: int | None = option(None, help="MLA deepseek-v3: factor the query through a latent of this size too.",
+                                minimum=1)
+    calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default the "
+                                   "WikiText-2 test split shipped with attnconv), for --init pca, --phases, "
+                                   "--rope-select 2-norm.", io="data")
+    calib_tokens: int = option(131072, help="Calibration tokens.", minimum=1)
+    calib_seq_len: int | None = option(None, help="Tokens per calibration sequence (default min(2048, the model's "
+                                       "maximum positions)).", minimum=2)
     dry_run: bool = option(False, help="Print the plan (tensors, sizes, KV cache) and exit.", run=False)
     overwrite: bool = option(False, help="Replace OUT if it exists.", run=False)
     allow_pickle: bool = option(False, help="Accept pytorch_model*.bin pickles (read with weights_only=True).")
@@ -40,6 +68,27 @@ class ConvertSettings(Settings):
         if self.out is None and not self.dry_run:
             raise AttnconvError(f"an output folder {self.label('out')} is needed (or pass --dry-run to only print "
                                 "the plan)")
+        mla_only = ("kv_rank", "rope_dim", "q_rank")
+        if self.to == "mla":
+            if self.kv_rank is None:
+                raise AttnconvError(f"{to} mla needs {self.label('kv_rank')} R (the latent's dims per token and "
+                                    "layer)")
+            if self.kv_heads is not None:
+                raise AttnconvError(f"{kv} is for {to} gqa; MLA's cache is set by {self.label('kv_rank')} and "
+                                    f"{self.label('rope_dim')}")
+            if self.format == "attnconv" and self.q_rank is not None:
+                raise AttnconvError(f"{self.label('q_rank')} is for --format deepseek-v3")
+            if self.format == "deepseek-v3" and len(self.kv_rank) > 1:
+                raise AttnconvError(f"a rank per layer ({self.label('kv_rank')} R1,R2,...) needs --format attnconv")
+            if self.rope_dim is not None and self.rope_dim % 2:
+                raise self.error("rope_dim", "an even number (RoPE rotates pairs of dims)", self.rope_dim)
+        elif given := [n for n in mla_only if getattr(self, n) is not None]:
+            raise AttnconvError(f"{self.label(given[0])} is for {to} mla")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the conversion reads activations on calibration text."""
+        return self.to == "mla" and (self.init == "pca" or self.phases or self.rope_select == "2-norm")
 
     @property
     def target_kv_heads(self) -> int:

@@ -1,0 +1,177 @@
+"""`convert --to mla` streamed: what each layer's attention becomes, computed one layer at a time.
+
+The plan asks an MlaTarget which tensors each layer's attention writes (names and shapes, known before anything
+is computed) and what every other tensor becomes; executing the plan, the first output of a layer reads that
+layer's attention tensors, takes its calibration statistics (when the settings need any) and converts the layer
+(mla_attnconv.py / mla_deepseek.py); its other outputs come from the same result. Calibration runs the source
+layer by layer (attnconv/calibration/) as the layers are reached, so a layer's statistics exist only until it is
+converted: memory is one layer's working set, the calibration tokens' hidden states and one layer's statistics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
+from attnconv.convert.mla_attnconv import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
+from attnconv.convert.mla_calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
+from attnconv.convert.mla_deepseek import (
+    convert_deepseek_layer,
+    deepseek_config,
+    deepseek_output_shapes,
+    deepseek_rules,
+)
+from attnconv.convert.mla_inmemory import LayerStatistics
+from attnconv.convert.mla_rope import check_rope_dim, pair_scores, select_pairs
+from attnconv.convert.settings import ConvertSettings
+from attnconv.errors import AttnconvError
+
+ATTENTION = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.self_attn\.)(?P<key>.+)$")
+
+
+def attention_key(name: str) -> tuple[int, str, str] | None:
+    """(layer, prefix, key) of a tensor inside a layer's attention module, else None."""
+    m = ATTENTION.match(name)
+    return (int(m.group("layer")), m.group("prefix"), m.group("key")) if m else None
+
+
+@dataclass
+class MlaTarget:
+    """The MLA conversion of one source: its output layout, and each layer's conversion on demand."""
+
+    settings: ConvertSettings
+    config: dict  # the source's config.json
+    shape: AttentionShape
+    rope_dim: int
+    kv_ranks: list[int]
+    notes: list[str] = field(default_factory=list)
+    pairs: dict[int, Tensor] = field(default_factory=dict)  # attnconv format: kept pairs per layer, as converted
+
+    @classmethod
+    def create(cls, settings: ConvertSettings, config: dict) -> MlaTarget:
+        shape = shape_of(config)
+        layers = config["num_hidden_layers"]
+        default = min(64, shape.rotary_dim) if settings.format == "deepseek-v3" else 2 * (shape.rotary_dim // 4)
+        rope_dim = settings.rope_dim or max(2, default)
+        check_rope_dim(rope_dim, shape)
+        ranks = list(settings.kv_rank)
+        if len(ranks) not in (1, layers):
+            raise AttnconvError(f"--kv-rank gives {len(ranks)} ranks for {layers} layers; give one, or one per layer")
+        target = cls(settings, config, shape, rope_dim, ranks * layers if len(ranks) == 1 else ranks)
+        if settings.format == "deepseek-v3":
+            if settings.rope_select not in ("high", "uniform"):
+                raise AttnconvError(f"--rope-select {settings.rope_select} keeps pairs whose frequencies DeepSeek's "
+                                    "one geometric series cannot give; use high or uniform, or --format attnconv")
+            _, target.notes = deepseek_config(config, shape, kv_rank=ranks[0], rope_dim=rope_dim,
+                                              rope_select=settings.rope_select, q_rank=settings.q_rank)
+        return target
+
+    # --- layout ---
+    def layer_outputs(self, layer: int, keys: set[str]) -> dict[str, tuple[int, ...]]:
+        """Output tensor names (relative to the layer's attention module) and shapes of one layer."""
+        s, rank = self.settings, self.kv_ranks[layer]
+        if s.format == "deepseek-v3":
+            return deepseek_output_shapes(self.shape, kv_rank=rank, rope_dim=self.rope_dim, q_rank=s.q_rank)
+        return attnconv_output_shapes(self.shape, kv_rank=rank, rope_dim=self.rope_dim,
+                                      q_bias="q_proj.bias" in keys, kv_bias="k_proj.bias" in keys,
+                                      o_bias="o_proj.bias" in keys, qk_norm="k_norm.weight" in keys)
+
+    def other_outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
+        """What a tensor outside attention becomes: [(name, shape, transform)] (transforms: mla_deepseek)."""
+        if self.settings.format == "attnconv":
+            return [(name, shape, "copy")]
+        return deepseek_rules(name, shape, family=self.config["model_type"],
+                              tied=bool(self.config.get("tie_word_embeddings")))
+
+    def config_out(self) -> dict:
+        s = self.settings
+        if s.format == "deepseek-v3":
+            return deepseek_config(self.config, self.shape, kv_rank=self.kv_ranks[0], rope_dim=self.rope_dim,
+                                   rope_select=s.rope_select, q_rank=s.q_rank)[0]
+        pairs = [self.pairs.get(i, self._pairs(None)) for i in range(len(self.kv_ranks))]
+        return attnconv_config(self.config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs,
+                               init=s.init)
+
+    def record(self) -> dict[str, Any]:
+        """What provenance says of the MLA conversion (ranks, RoPE dims, the pairs each layer kept, notes)."""
+        out = {"format": self.settings.format, "kv_rank": self.kv_ranks, "rope_dim": self.rope_dim,
+               "init": self.settings.init, "rope_select": self.settings.rope_select, "phases": self.settings.phases,
+               "q_rank": self.settings.q_rank, "notes": self.notes}
+        if self.pairs:
+            out["rope_pairs"] = {i: p.tolist() for i, p in sorted(self.pairs.items())}
+        return out
+
+    # --- computation ---
+    def _pairs(self, stats: LayerStatistics | None) -> Tensor:
+        n_keep = self.rope_dim // 2
+        return select_pairs(self.settings.rope_select, self.shape, n_keep, stats.pair_scores if stats else None)
+
+    def weights(self, tensors: dict[str, Tensor]) -> AttentionWeights:
+        return from_tensors(tensors, self.shape, float(self.config.get("rms_norm_eps") or 1e-6))
+
+    def convert_layer(self, layer: int, tensors: dict[str, Tensor], stats: LayerStatistics | None) -> dict[str, Tensor]:
+        """One layer's output tensors (names relative to its attention module), from its source tensors."""
+        s, w = self.settings, self.weights(tensors)
+        moments = stats.moments if stats is not None and s.init == "pca" else None
+        phases = stats.phases if stats is not None and s.phases else None
+        if s.format == "deepseek-v3":
+            return convert_deepseek_layer(w, kv_rank=self.kv_ranks[layer], rope_dim=self.rope_dim, init=s.init,
+                                          moments=moments, rope_select=s.rope_select, q_rank=s.q_rank, phases=phases)
+        self.pairs[layer] = self._pairs(stats)
+        return convert_attnconv_layer(w, kv_rank=self.kv_ranks[layer], pairs=self.pairs[layer], init=s.init,
+                                      moments=moments, phases=phases)
+
+    def collectors(self, weights: AttentionWeights, inv_freq: Tensor) -> list:
+        s = self.settings
+        out: list = [MomentCollector(self.shape.hidden), PairNormCollector(weights)]
+        if s.phases:
+            out.append(AttentionPhaseCollector(weights, inv_freq))
+        return out
+
+    @staticmethod
+    def statistics(collectors: list) -> LayerStatistics:
+        moments, pairs = collectors[0].result(), collectors[1].result()
+        return LayerStatistics(moments, pair_scores(*pairs, collectors[1].w.shape),
+                               collectors[2].result() if len(collectors) > 2 else None)
+
+
+class Calibration:
+    """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order)."""
+
+    def __init__(self, target: MlaTarget, source: Path, read_layer, progress: bool):
+        from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
+        from attnconv.families import max_positions
+        from attnconv.loading import load_tokenizer
+
+        s = target.settings
+        seq_len = s.calib_seq_len or min(2048, max_positions(target.config) or 2048)
+        tokens = calibration_tokens(s.calibrate, load_tokenizer(source), s.calib_tokens, seq_len)
+        model = LayerwiseModel(source, allow_pickle=s.allow_pickle)
+        inv_freq = model.inv_freq
+        self.target, self.tokens = target, tokens
+
+        def make(layer: int) -> list:
+            return target.collectors(target.weights(read_layer(layer)), inv_freq)
+
+        self._layers = run_layers(model, tokens, make, progress=progress)
+        self._ready: dict[int, LayerStatistics] = {}
+
+    def get(self, layer: int) -> LayerStatistics:
+        """Layer's statistics (the source is run up to it; earlier layers not yet asked for are kept)."""
+        while layer not in self._ready:
+            try:
+                index, collectors = next(self._layers)
+            except StopIteration:
+                raise RuntimeError(f"calibration ended before layer {layer}") from None
+            self._ready[index] = self.target.statistics(collectors)
+        return self._ready.pop(layer)
+
+    def record(self) -> dict[str, Any]:
+        s = self.target.settings
+        return {"data": s.calibrate or "wikitext-2-test", "tokens": int(self.tokens.numel()),
+                "seq_len": int(self.tokens.shape[1])}
