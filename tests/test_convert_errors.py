@@ -153,7 +153,7 @@ def test_usage_errors_are_one_line(cli, args, needle):
 @pytest.mark.parametrize("args, needle", [
     (["convert", "a", "b", "--kv-heads", "x"], "--kv-heads must be an integer >= 1, not 'x'"),
     (["convert", "a", "b", "--kv-heads", "0"], "--kv-heads must be an integer >= 1, not 0"),
-    (["convert", "a", "b", "--to", "mla2"], "--to must be one of gqa, mqa, not 'mla2'"),
+    (["convert", "a", "b", "--to", "mla2"], "--to must be one of gqa, mqa, mla, not 'mla2'"),
     (["convert", "a", "b", "--dtype", "int8"], "--dtype must be one of auto, float32, bfloat16, float16"),
     (["uptrain", "a", "b", "--data", "d", "--max-grad-norm", "-1"], "--max-grad-norm must be a number >= 0"),
     (["uptrain", "a", "b", "--data", "d", "--lr", "nan"], "--lr must be a finite number > 0"),
