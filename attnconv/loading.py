@@ -111,6 +111,16 @@ def read_config(folder: ModelFolder) -> dict[str, Any]:
     return config
 
 
+def read_provenance(folder: str | Path) -> dict[str, Any]:
+    """A model folder's attnconv.json (what convert and uptrain recorded), or {} when it has none or it is damaged."""
+    path = Path(folder) / "attnconv.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def weight_files(folder: ModelFolder, allow_pickle: bool = False) -> tuple[list[Path], str]:
     """The weight files transformers would load, and their format ('safetensors' or 'pickle')."""
     path = folder.path

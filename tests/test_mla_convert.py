@@ -123,3 +123,27 @@ def test_what_a_format_cannot_express_is_refused_with_the_way_out(tmp_path, fami
     with pytest.raises(AttnconvError, match=needle):
         convert(ConvertSettings(src, tmp_path / "out", to="mla", kv_rank=8, rope_dim=4), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["deepseek-v3", "attnconv"])
+def test_both_formats_go_through_uptrain_eval_and_push(tiny, tmp_path, cli, fmt):
+    """Distilled from the MHA source, scored against it, and described by the model card with how to load it."""
+    root, src = tiny
+    (tmp_path / "train.txt").write_text("To be, or not to be, that is the question. " * 300)
+    mla = tmp_path / "mla"
+    convert(ConvertSettings(src, mla, to="mla", format=fmt, kv_rank=16, rope_dim=8 if fmt == "deepseek-v3" else 4,
+                            init="svd", phases=False), progress=False)
+    code, _, err = cli("uptrain", mla, tmp_path / "up", "--data", tmp_path / "train.txt", "--steps", "2",
+                       "--seq-len", "32", "--batch-size", "2", "--teacher", src, "--quiet")
+    assert code == 0, err
+    code, out, err = cli("eval", mla, tmp_path / "up", "--reference", src, "--data", tmp_path / "train.txt",
+                         "-L", "32", "--out", tmp_path / "report", "--quiet")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())["models"]
+    assert [r["kl"] > 0 for r in rows[1:]] == [True, True]
+    expected_bytes = 2 * (16 + (8 if fmt == "deepseek-v3" else 2 * 4)) * 4
+    assert [r["kv_bytes_per_token"] for r in rows[1:]] == [expected_bytes, expected_bytes]
+    code, out, err = cli("push", tmp_path / "up", "me/tiny-mla", "--dry-run")
+    assert code == 0, err
+    assert f"in the `{fmt}` format: a latent of 16 values" in out and "## Uptraining" in out
+    assert ("import attnconv" in out) == (fmt == "attnconv")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from attnconv import __version__
+from attnconv.loading import read_provenance
 
 
 def _kib(n: int | None) -> str:
@@ -18,21 +18,33 @@ def _looks_like_hub_id(source: str | None) -> bool:
     return bool(source) and not Path(source).expanduser().exists() and source.count("/") == 1
 
 
-def read_provenance(folder: Path) -> dict:
-    path = folder / "attnconv.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _mla_section(prov: dict, conv: dict) -> list[str]:
+    kv_before, kv_after = conv.get("kv_bytes_per_token_before"), conv.get("kv_bytes_per_token_after")
+    ratio = f" ({kv_before / kv_after:.0f}x smaller)" if kv_before and kv_after else ""
+    ranks = sorted(set(conv.get("kv_rank") or [])) or ["?"]
+    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per layer)"
+    deepseek = conv.get("format") == "deepseek-v3"
+    rope = (f"one RoPE key of {conv.get('rope_dim')} dims shared by all heads" if deepseek
+            else f"{conv.get('rope_dim')} RoPE dims kept per key/value head ({conv.get('rope_select')})")
+    calib = conv.get("calibration")
+    how = f"{conv.get('init')} initialisation" + (
+        f" on {calib['tokens']:,} tokens of `{calib['data']}`" if calib else " (weights only)")
+    lines = [
+        f"Converted from `{prov.get('source', '?')}` ({prov.get('source_family', '?')}) with attnconv "
+        f"{prov.get('attnconv_version', '?')} to **multi-head latent attention** (MLA, as in DeepSeek-V2/V3) in "
+        f"the `{conv.get('format')}` format: a latent of {rank} values per token and layer plus {rope}, by {how}.",
+        "", "| | source | this model |", "|---|---|---|",
+        f"| key/value heads | {conv.get('kv_heads_before')} | latent |",
+        f"| KV cache per token | {_kib(kv_before)} | {_kib(kv_after)}{ratio} |"]
+    return lines + [f"- {note}" for note in conv.get("notes") or []]
 
 
 def _conversion_section(prov: dict) -> list[str]:
     conv = prov.get("conversion") or {}
     if not conv:
         return ["This model was not converted by attnconv (its folder has no `attnconv.json` conversion record)."]
+    if conv.get("to") == "mla":
+        return _mla_section(prov, conv)
     before, after = conv.get("kv_heads_before"), conv.get("kv_heads_after")
     kv_before, kv_after = conv.get("kv_bytes_per_token_before"), conv.get("kv_bytes_per_token_after")
     ratio = f" ({kv_before / kv_after:.0f}x smaller)" if kv_before and kv_after else ""
@@ -83,12 +95,19 @@ def model_card(folder: Path, repo_id: str) -> str:
         tags=["attnconv"] + ([str(conv["to"])] if conv.get("to") else []) + (["uptrained"] if "uptrain" in prov
                                                                              else []),
     )
+    own_format = conv.get("to") == "mla" and conv.get("format") == "attnconv"
+    loads = ("It loads in `transformers` once `attnconv` is imported (`pip install attnconv`; no remote code): "
+             "attnconv registers its MLA classes, the source family's own with the attention replaced."
+             if own_format else
+             "It loads in plain `transformers` (no remote code): "
+             + ("a native DeepseekV3 checkpoint, as DeepSeek-serving engines read it." if conv.get("to") == "mla"
+                else "the architecture is the source's own with fewer key/value heads."))
     body = [f"# {repo_id.split('/')[-1]}", "", *_conversion_section(prov), *_uptrain_section(prov), "",
-            "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            "## Use", "", "```python", *(["import attnconv  # registers the attnconv MLA classes"] if own_format
+                                         else []),
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
-            "It loads in plain `transformers` (no remote code): the architecture is the source's own with fewer "
-            "key/value heads.", ""]
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "", loads, ""]
     hashes = prov.get("source_weight_sha256") or {}
     if hashes or prov.get("source_revision"):
         body += ["## Provenance", "", f"`attnconv.json` in this repository records the whole run. Source "

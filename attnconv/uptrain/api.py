@@ -30,6 +30,7 @@ from attnconv.loading import (
     load_tokenizer,
     quiet_transformers,
     read_config,
+    read_provenance,
     resolve_source,
     weight_files,
 )
@@ -74,9 +75,8 @@ def _prepare_run_dir(out: Path, run_dir: Path, resume: bool, overwrite: bool) ->
 
 def _finished(out: Path, identity_without_fingerprints: dict) -> dict | None:
     """The recorded summary when OUT already holds a finished run of exactly these settings."""
-    try:
-        record = json.loads((out / "attnconv.json").read_text())["uptrain"]
-    except (OSError, ValueError, KeyError, TypeError):
+    record = read_provenance(out).get("uptrain")
+    if not isinstance(record, dict):
         return None
     saved = {k: v for k, v in (record.get("identity") or {}).items() if k in identity_without_fingerprints}
     return record if saved and not identity_differences(saved, identity_without_fingerprints) else None
@@ -236,14 +236,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
 def _write_output(s: UptrainSettings, src: ModelFolder, out: Path, net, tok, log: list[dict], summary: dict,
                   replace: bool) -> None:
     """Model + tokenizer + train_log.jsonl + attnconv.json, appearing in OUT in one rename."""
-    provenance = {}
-    prev = src.path / "attnconv.json"
-    if prev.is_file():
-        try:
-            loaded = json.loads(prev.read_text())
-            provenance = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            provenance = {}
+    provenance = read_provenance(src.path)
     provenance["uptrain"] = summary
     net = net.to(_input_dtype(src))
     with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer]) \
