@@ -54,7 +54,8 @@ def main() -> dict | None:
 
 def summary_table(models: dict[str, str], results: dict) -> Table:
     """The side-by-side table, narrow enough for an 80-column log."""
-    table = Table(title="attnconv demo: reference MHA model -> GQA-2 / MQA (held-out Tiny Shakespeare)")
+    table = Table(title="attnconv demo: reference MHA model -> GQA-2 / MQA / MLA at their KV bytes (held-out Tiny "
+                        "Shakespeare)")
     for col in ("model", "KV heads", "KV B/tok", "ppl", "KL to src", "top-1"):
         table.add_column(col, justify="left" if col == "model" else "right")
     rows = {r["name"]: r for r in results["models"]}

@@ -299,11 +299,13 @@ def test_the_shipped_recipes_validate_offline(tmp_path, monkeypatch):
     demo = load_recipe(RECIPES / "demo.yaml")
     train = load_train_run(REFERENCE_DIR)
     ups = [s.settings for s in demo.stages if s.command == "uptrain"]
-    assert len(ups) == 2
+    assert len(ups) == 4  # GQA-2, MQA, and MLA at each one's KV bytes: the same uptraining for all
     for up in ups:
         assert up.tokens == int(train["tokens_seen"] * 0.05) == 71_680
         assert up.seq_len == train["seq_len"] and up.lr == train["lr_schedule"]["peak_lr"] / 3
         assert (up.batch_size, up.warmup, up.schedule, up.dtype, up.seed) == (8, 5, "cosine", "float32", 0)
+    mla = [s.settings for s in demo.stages if s.command == "convert" and s.settings.to == "mla"]
+    assert [m.kv_rank[0] + 8 * m.rope_dim for m in mla] == [2 * 2 * 32, 1 * 2 * 32]  # attnconv format, 8 KV heads
     ev = demo.stages[-1].settings
     assert ev.reference == str(REFERENCE_DIR) and ev.data == "tinyshakespeare:test"
     assert (ev.max_length, ev.stride, ev.contexts, ev.batches, ev.new_tokens) == (256, 128, (128, 512), (1, 8), 32)

@@ -203,8 +203,12 @@ def score_tasks(settings: EvalSettings, prepared: Prepared, name: str, model) ->
 
 
 def measure_decode(settings: EvalSettings, model) -> dict:
-    from attnconv.eval.decode import decode_benchmark  # imported only when asked
+    """The decode benchmark of MODEL; a model the loop cannot run is noted, not measured (the rest goes on)."""
+    from attnconv.eval.decode import decode_benchmark, unsupported_reason  # imported only when asked
 
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return {"rows": [], "notes": [f"decode not measured: {reason}"]}
     # decode_benchmark clamps contexts beyond the model's positions itself and says so in its notes.
     return decode_benchmark(model, contexts=settings.contexts, batches=settings.batches,
                             new_tokens=settings.new_tokens, baseline=True, kernel=settings.decode_kernel,

@@ -40,14 +40,20 @@ class GreedyResult:
     prefill_logits: torch.Tensor | None = None  # [b, s, vocab] when asked for
 
 
-def check_supported(model) -> None:
+def unsupported_reason(model) -> str | None:
+    """Why attnconv's decode loop cannot run MODEL, or None when it can."""
     family = family_of(model.config)
     if family is None or not family.decode:
         supported = ", ".join(f.name for f in FAMILIES.values() if f.decode)
-        raise AttnconvError(
-            f"attnconv's decode loop does not support model type {getattr(model.config, 'model_type', None)!r}; "
-            f"supported: {supported}. Run eval without --decode for this model"
-        )
+        return (f"attnconv's decode loop does not support model type "
+                f"{getattr(model.config, 'model_type', None)!r}; supported: {supported}")
+    return None
+
+
+def check_supported(model) -> None:
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise AttnconvError(f"{reason}. Run eval without --decode for this model")
 
 
 def _cache_keyword(model) -> str:
