@@ -51,3 +51,34 @@ def converted(tmp_path_factory) -> Path:
     build_tiny_model("llama", root / "src", n_heads=4, n_kv_heads=4)
     convert(ConvertSettings(root / "src", root / "gqa", kv_heads=2), progress=False)
     return root / "gqa"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The local hub double (tests/hub_double.py) with huggingface_hub pointed at it: endpoint, token, Xet off (the
+    double speaks LFS), the client's registry cache in tmp_path (not the user's HF_HOME), and every outgoing
+    connection checked to go to 127.0.0.1."""
+    import socket
+
+    from hub_double import TOKEN, HubDouble
+    from huggingface_hub import constants
+
+    elsewhere = []
+    real_connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] != "127.0.0.1":
+            elsewhere.append(address)
+            raise ConnectionRefusedError(f"test traffic must stay on 127.0.0.1, not {address}")
+        return real_connect(sock, address)
+
+    with HubDouble(TOKEN) as double:
+        monkeypatch.setattr(constants, "ENDPOINT", double.url)  # HfApi() reads it when constructed
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr(socket.socket, "connect", loopback_only)
+        yield double
+    assert not elsewhere, elsewhere
+    assert not double.state.unhandled, double.state.unhandled  # the client made no call the double ignores

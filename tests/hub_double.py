@@ -304,6 +304,9 @@ ROUTES = [
 ]
 
 
+TOKEN = "hf_double_token"  # the token the double accepts in the tests' `hub` fixture (conftest.py)
+
+
 class HubDouble:
     """`with HubDouble(token) as hub:` serves on 127.0.0.1 at `hub.url` from a daemon thread until the block ends."""
 

@@ -78,7 +78,8 @@ def test_decode_rows_reach_reports(env, monkeypatch):
         return {"rows": rows, "notes": [f"contexts {contexts} seen"], "bandwidth_bytes_per_s": 1e10}
 
     monkeypatch.setitem(sys.modules, "attnconv.eval.decode",
-                        types.SimpleNamespace(decode_benchmark=fake_decode_benchmark))
+                        types.SimpleNamespace(decode_benchmark=fake_decode_benchmark,
+                                              unsupported_reason=lambda model: None))
     out = env.root / "out-decode"
     r = invoke(env.gqa, "--reference", env.mha, "--data", env.text, "-L", 32, "--decode", "--contexts", "64,128",
                "--batches", "1,2", "--new-tokens", 8, "--decode-kernel", "torch", "--out", out)

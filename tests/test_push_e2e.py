@@ -6,17 +6,14 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
-from hub_double import HubDouble  # tests/ is on sys.path (no __init__.py)
 
 from attnconv.push import api as push_api
 from attnconv.push.settings import PushSettings
 from attnconv.testing import assert_one_line_error
 
-TOKEN = "hf_double_token"
 REPO = "me/tiny-gqa"
 
 
@@ -26,31 +23,6 @@ def folder(converted, tmp_path) -> Path:
     return Path(shutil.copytree(converted, tmp_path / "gqa"))
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """The double, with the client pointed at it: endpoint, token, Xet off (the double speaks LFS), the client's
-    registry cache in tmp_path (not the user's HF_HOME), and every outgoing connection checked to go to 127.0.0.1."""
-    from huggingface_hub import constants
-
-    elsewhere = []
-    real_connect = socket.socket.connect
-
-    def loopback_only(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] != "127.0.0.1":
-            elsewhere.append(address)
-            raise ConnectionRefusedError(f"test traffic must stay on 127.0.0.1, not {address}")
-        return real_connect(sock, address)
-
-    with HubDouble(TOKEN) as double:
-        monkeypatch.setattr(constants, "ENDPOINT", double.url)  # HfApi() reads it when constructed
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setattr(socket.socket, "connect", loopback_only)
-        yield double
-    assert not elsewhere, elsewhere
-    assert not double.state.unhandled, double.state.unhandled  # the client made no call the double ignores
 
 
 def _sha(data: bytes) -> str:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_double import HubDouble  # tests/ is on sys.path (no __init__.py)
 from safetensors.torch import load_file
 
 from attnconv.convert.api import convert
@@ -28,7 +27,6 @@ from attnconv.uptrain.settings import UptrainSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-TOKEN = "hf_double_token"
 UPTRAIN = dict(steps=4, seq_len=32, batch_size=2, lr=0.01, warmup=1, save_every=2, quiet=True)
 
 
@@ -76,26 +74,6 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """The local hub double with huggingface_hub pointed at it (as in test_push_e2e.py); nothing leaves 127.0.0.1."""
-    from huggingface_hub import constants
-
-    real_connect = socket.socket.connect
-
-    def loopback_only(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] != "127.0.0.1":
-            raise ConnectionRefusedError(f"test traffic must stay on 127.0.0.1, not {address}")
-        return real_connect(sock, address)
-
-    with HubDouble(TOKEN) as double:
-        monkeypatch.setattr(constants, "ENDPOINT", double.url)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        monkeypatch.setattr(socket.socket, "connect", loopback_only)
-        yield double
 
 
 def test_every_stage_runs_as_its_command_would_and_a_rerun_skips_them(env, tmp_path, monkeypatch, hub):

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
 from attnconv.convert.mla_calibration import InputMoments
-from attnconv.convert.mla_lowrank import INITS, check_rank, joint_low_rank
+from attnconv.convert.mla_lowrank import check_rank, input_moments, joint_low_rank
 from attnconv.convert.mla_rope import apply_phases, nope_dims, rope_dims
 from attnconv.errors import AttnconvError
 
@@ -90,11 +90,7 @@ def convert_attnconv_layer(w: AttentionWeights, *, kv_rank: int, pairs: Tensor, 
     if pairs.shape[0] != s.n_kv_heads:
         raise ValueError(f"pairs has {pairs.shape[0]} rows for {s.n_kv_heads} KV heads")
     check_rank(kv_rank, max_kv_rank(s, rope_dim))
-    if init not in INITS:
-        raise AttnconvError(f"--init {init!r} is not one of {', '.join(INITS)}")
-    if init == "pca" and moments is None:
-        raise AttnconvError("--init pca needs calibration data; pass --calibration-data or use --init svd")
-    stats = moments if init == "pca" else InputMoments.identity(s.hidden)
+    stats = input_moments(init, moments, s.hidden)
     target, target_bias, k_rows = latent_target(w, pairs)
     low = joint_low_rank(stats.of_linear(target, target_bias), kv_rank, k_rows, balance=init == "pca")
     rope = rope_dims(pairs, s.rotary_dim)

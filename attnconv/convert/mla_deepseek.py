@@ -39,7 +39,7 @@ from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
 from attnconv.convert.mla_calibration import InputMoments
-from attnconv.convert.mla_lowrank import INITS, check_rank, joint_low_rank
+from attnconv.convert.mla_lowrank import check_rank, input_moments, joint_low_rank
 from attnconv.convert.mla_rope import (
     apply_phases,
     check_rope_dim,
@@ -84,11 +84,7 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     check_layer(w)
     n_keep = check_rope_dim(rope_dim, s)
     check_rank(kv_rank, max_kv_rank(s, rope_dim))
-    if init not in INITS:
-        raise AttnconvError(f"--init {init!r} is not one of {', '.join(INITS)}")
-    if init == "pca" and moments is None:
-        raise AttnconvError("--init pca needs calibration data; pass --calibration-data or use --init svd")
-    stats = moments if init == "pca" else InputMoments.identity(s.hidden)
+    stats = input_moments(init, moments, s.hidden)
     pairs, _ = shared_frequencies(rope_select, s, n_keep)
     half, d = s.rotary_dim // 2, s.head_dim
 

@@ -37,6 +37,18 @@ def check_rank(rank: int, max_rank: int, what: str = "--kv-rank") -> None:
                             f"choose at most {max_rank}")
 
 
+def input_moments(init: str, moments, hidden: int):
+    """The input second moments the factorisation weighs by: the calibration's for pca, the identity for svd."""
+    from attnconv.convert.mla_calibration import InputMoments
+
+    if init not in INITS:
+        raise AttnconvError(f"--init {init!r} is not one of {', '.join(INITS)}")
+    if init == "pca" and moments is None:
+        raise AttnconvError("--init pca needs calibration data; pass --calibrate SPEC (or keep the default text) or "
+                            "use --init svd")
+    return moments if init == "pca" else InputMoments.identity(hidden)
+
+
 def kv_balance(second: Tensor, k_rows: Tensor) -> float:
     """a = mean RMS of the key channels / mean RMS of the value channels (TransMLA's K/V balance)."""
     rms = second.diagonal().clamp_min(0).sqrt()

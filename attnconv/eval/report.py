@@ -95,32 +95,25 @@ def _task_scores(results: dict) -> dict[str, dict]:
             for m in results["models"] if "tasks" in m}
 
 
-def print_table(results: dict, console: Console) -> None:
-    table = Table(title="attnconv eval", caption=summary_line(results))
-    header, rows = model_rows(results)
+def _table(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> Table:
+    """A terminal table: the first two columns are names, the rest numbers."""
+    table = Table(title=title, caption=caption)
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i < 2 else "right")
     for r in rows:
         table.add_row(*r)
-    console.print(table)
+    return table
+
+
+def print_table(results: dict, console: Console) -> None:
+    console.print(_table("attnconv eval", *model_rows(results), caption=summary_line(results)))
     if any("tasks" in m for m in results["models"]):
         from attnconv.eval.tasks import task_rows
 
-        theader, trows = task_rows(_task_scores(results))
-        ttable = Table(title="downstream tasks (lm-evaluation-harness)")
-        for i, h in enumerate(theader):
-            ttable.add_column(h, justify="left" if i < 2 else "right")
-        for r in trows:
-            ttable.add_row(*r)
-        console.print(ttable)
+        console.print(_table("downstream tasks (lm-evaluation-harness)", *task_rows(_task_scores(results))))
     dheader, drows = decode_rows(results)
     if drows:
-        dtable = Table(title="decode speed")
-        for i, h in enumerate(dheader):
-            dtable.add_column(h, justify="left" if i < 2 else "right")
-        for r in drows:
-            dtable.add_row(*r)
-        console.print(dtable)
+        console.print(_table("decode speed", dheader, drows))
         for name, bench in results["decode"].items():
             for note in bench.get("notes", []):
                 console.print(f"note ({name}): {note}")
