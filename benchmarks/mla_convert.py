@@ -23,7 +23,6 @@ import torch
 
 from attnconv.testing import build_tiny_model
 
-
 _PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
