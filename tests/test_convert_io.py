@@ -105,3 +105,19 @@ def test_error_after_copy_started_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(AttnconvError, match="the plan failed"):
         convert(ConvertSettings(src, tmp_path / "out", kv_heads=2), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_conversion_leaves_the_callers_torch_threads_as_they_were(tmp_path):
+    """The pooling worker runs torch single-threaded; in a fresh process that setting would become process-wide,
+    slowing whatever the caller (the demo, a recipe) trains or measures next."""
+    src = build_tiny_model("llama", tmp_path / "src", seed=0)
+    script = (f"import torch\nfrom attnconv.convert.api import convert\n"
+              f"from attnconv.convert.settings import ConvertSettings\n"
+              f"convert(ConvertSettings({str(src)!r}, {str(tmp_path / 'out')!r}, kv_heads=2), progress=False)\n"
+              f"print(torch.get_num_threads())")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == fresh.stdout.split()[-1]

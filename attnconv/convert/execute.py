@@ -23,19 +23,25 @@ def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch
     The thread reads and pools while the main thread writes, so compute hides behind IO.
     """
     todo, pending, waiting = deque(steps), deque(), 0
-    # GQA: one torch thread (set in the worker only): pooling is small and memory-bound, and more threads
-    # spin-wait between torch's parallel regions, taking cores from the copy. MLA: every thread, for the
-    # calibration forward passes and the factorisations.
-    threads = 1 if plan.target is None else torch.get_num_threads()
-    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        while todo or pending:
-            while todo and (not pending or waiting < LOOKAHEAD_BYTES):
-                s = todo.popleft()
-                pending.append((s, pool.submit(lambda s=s: plan.run_step(s, plan.step_inputs(s)))))
-                waiting += s.nbytes
-            step, fut = pending.popleft()
-            waiting -= step.nbytes
-            yield step, fut.result()
+    # GQA: one torch thread in the worker: pooling is small and memory-bound, and more threads spin-wait between
+    # torch's parallel regions, taking cores from the copy. MLA: every thread, for the calibration forward passes
+    # and the factorisations. torch's thread count is process-wide once set from any thread before the main
+    # thread asked for it, so the caller's count is read first and put back after (a library caller, the demo,
+    # goes on training and measuring in this process).
+    caller = torch.get_num_threads()
+    threads = 1 if plan.target is None else caller
+    try:
+        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            while todo or pending:
+                while todo and (not pending or waiting < LOOKAHEAD_BYTES):
+                    s = todo.popleft()
+                    pending.append((s, pool.submit(lambda s=s: plan.run_step(s, plan.step_inputs(s)))))
+                    waiting += s.nbytes
+                step, fut = pending.popleft()
+                waiting -= step.nbytes
+                yield step, fut.result()
+    finally:
+        torch.set_num_threads(caller)
 
 
 def _write_all(writer, held: list[tuple[Step, torch.Tensor]], advance) -> list:
