@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from attnconv.convert.families import HeadLayout
 from attnconv.convert.gqa import METHODS, convert_kv_proj
 from attnconv.convert.gqa_calibrated import arrange_layer, convert_layer, parse_methods
-from attnconv.convert.gqa_calibration import InputMomentCollector, collect_with_hooks
+from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
 from attnconv.convert.gqa_grouping import best_grouping, count_groupings
 from attnconv.convert.gqa_heads import AttentionLayer
 from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
@@ -53,6 +53,11 @@ def moments(model) -> list[torch.Tensor]:
     return [c.result() for c in collect_with_hooks(model, [CALIB], lambda i: InputMomentCollector(hidden))]
 
 
+def attended(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(S, A) per layer: input and attended second moments."""
+    return [c.result() for c in collect_with_hooks(model, [CALIB], attended_collectors(model))]
+
+
 def with_layers(model, layers: list[AttentionLayer]):
     """A model of the same config (KV heads from the layers) holding the given attention layers."""
     config = copy.deepcopy(model.config)
@@ -63,9 +68,10 @@ def with_layers(model, layers: list[AttentionLayer]):
 
 
 def convert_model(model, n_out, methods, stats=None, **kw):
-    stats = moments(model) if stats is None else stats
-    out = [convert_layer(layer, s, n_out, methods, ridge=RIDGE, **kw)
-           for layer, s in zip(attention_layers(model.state_dict(), model.config), stats, strict=True)]
+    """stats: per layer S, or (S, A) to use the attended metric."""
+    stats = [s if isinstance(s, tuple) else (s, None) for s in (moments(model) if stats is None else stats)]
+    out = [convert_layer(layer, s, n_out, methods, attended_moment=a, ridge=RIDGE, **kw)
+           for layer, (s, a) in zip(attention_layers(model.state_dict(), model.config), stats, strict=True)]
     return with_layers(model, [layer for layer, _ in out]), [r for _, r in out]
 
 
@@ -133,12 +139,13 @@ def half_symmetric_norms(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("methods", ["mean", "grouped", "aligned", "fit", "grouped+aligned+fit"])
-def test_equal_heads_convert_losslessly(sources, family, methods):
+def test_equal_heads_convert_losslessly(sources, family):
     for n_out in (2, 1):
         src = restructure(load(sources[family]), 8 // n_out, "equal")
-        got, _ = convert_model(src, n_out, methods)
-        assert max_diff(src, got) <= 1e-5
+        stats = moments(src)
+        for methods in ("mean", "grouped", "aligned", "fit", "grouped+aligned+fit"):
+            got, _ = convert_model(src, n_out, methods, stats)
+            assert max_diff(src, got) <= 1e-5, methods
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "llama-gqa"])
@@ -148,10 +155,12 @@ def test_rotated_copies_convert_losslessly_with_aligned_and_fit_not_mean(sources
         model = half_symmetric_norms(model)
     group = 2 if family == "llama-gqa" else 4  # GQA source: 4 KV heads of 2 query heads each
     src = restructure(model, group, "rotated", seed=5)
-    stats = moments(src)
+    stats, both = moments(src), attended(src)
     for methods in ("aligned", "fit", "aligned+fit"):
         got, records = convert_model(src, 2, methods, stats)
         assert max_diff(src, got) <= 1e-5, methods
+    got, _ = convert_model(src, 2, "grouped+fit", both)  # the attended metric keeps exact cases exact
+    assert max_diff(src, got) <= 1e-5
     mean, _ = convert_model(src, 2, "mean", stats)
     assert max_diff(src, mean) > 1e-2
     if family == "qwen3":
@@ -187,19 +196,24 @@ def test_arranging_heads_keeps_the_function(sources, family):
             assert max_diff(src, with_layers(src, [layer for layer, _ in out])) <= 1e-5
 
 
-def objectives(src: AttentionLayer, new: AttentionLayer, s: torch.Tensor, query_order: list[int]):
+def objectives(src: AttentionLayer, new: AttentionLayer, s: torch.Tensor, query_order: list[int],
+               s_kv: torch.Tensor | None = None):
     """Relative key/value objectives from the weights, by the definition: per query head and RoPE pair the
     rotation-averaged squared logit error with query and key tokens drawn independently, and per query head
-    the squared output error through o_proj, both under the second moment s of x~ = [x; 1]."""
-    s = (s + RIDGE * s.diagonal().mean() * torch.eye(len(s), dtype=s.dtype)).to(torch.complex128)
+    the squared output error through o_proj: queries under the second moment s of x~ = [x; 1], keys and values
+    under s_kv (default s)."""
+    def ridged(m):
+        return (m + RIDGE * m.diagonal().mean() * torch.eye(len(m), dtype=m.dtype)).to(torch.complex128)
+
+    s, s_kv = ridged(s), ridged(s if s_kv is None else s_kv)
     d, g_src, g_new = src.head_dim, src.n_heads // src.n_kv_heads, new.n_heads // new.n_kv_heads
 
     def aug(w, b, n):
         b = torch.zeros(w.shape[0]) if b is None else b
         return torch.cat([w, b[:, None]], 1).double().reshape(n, d, -1)
 
-    def inner(a, b):  # E[(a x~) conj(b x~)] per pair
-        return torch.einsum("pa,ab,pb->p", a, s, b.conj())
+    def inner(a, b, m=s):  # E[(a x~) conj(b x~)] per pair
+        return torch.einsum("pa,ab,pb->p", a, m, b.conj())
 
     qs, ks, vs = (aug(src.q, src.q_bias, src.n_heads), aug(src.k, src.k_bias, src.n_kv_heads),
                   aug(src.v, src.v_bias, src.n_kv_heads))
@@ -213,13 +227,13 @@ def objectives(src: AttentionLayer, new: AttentionLayer, s: torch.Tensor, query_
                                                                             ks[h // g_src, d // 2:])
         wq, wk = torch.complex(qn[h_new, :d // 2], qn[h_new, d // 2:]), torch.complex(kn[h_new // g_new, :d // 2],
                                                                                     kn[h_new // g_new, d // 2:])
-        ref = inner(zq, zq) * inner(zk, zk)
-        key_err += (ref + inner(wq, wq) * inner(wk, wk) - 2 * inner(zq, wq) * inner(wk, zk)).real.sum()
+        ref = inner(zq, zq) * inner(zk, zk, s_kv)
+        key_err += (ref + inner(wq, wq) * inner(wk, wk, s_kv) - 2 * inner(zq, wq) * inner(wk, zk, s_kv)).real.sum()
         key_energy += ref.real.sum()
         m_src = (os_[:, h] @ vs[h // g_src]).to(s.dtype)
         m_new = (on[:, h_new] @ vn[h_new // g_new]).to(s.dtype)
-        value_err += torch.trace((m_src - m_new) @ s @ (m_src - m_new).T).real
-        value_energy += torch.trace(m_src @ s @ m_src.T).real
+        value_err += torch.trace((m_src - m_new) @ s_kv @ (m_src - m_new).T).real
+        value_energy += torch.trace(m_src @ s_kv @ m_src.T).real
     return float(key_err / key_energy), float(value_err / value_energy)
 
 
@@ -243,12 +257,12 @@ def test_fit_never_ends_above_its_start_on_its_objective(sources, family):
             assert k_al <= k_mean * (1 + 1e-9) and v_al <= v_mean * (1 + 1e-9)
 
 
-def test_grouped_objective_matches_its_permutation(sources):
+def test_grouped_objective_with_the_attended_metric_matches_the_definition(sources):
     src = load(sources["llama"])
-    stats = moments(src)
-    layer, s = attention_layers(src.state_dict(), src.config)[0], stats[0]
-    new, rec = convert_layer(layer, s, 2, "grouped+fit", ridge=RIDGE)
-    keys, values = objectives(layer, new, s, rec["query_order"])
+    layer, (s, a) = attention_layers(src.state_dict(), src.config)[0], attended(src)[0]
+    new, rec = convert_layer(layer, s, 2, "grouped+fit", attended_moment=a, ridge=RIDGE)
+    assert rec["key_value_metric"] == "attended"
+    keys, values = objectives(layer, new, s, rec["query_order"], a)
     assert rec["objective"]["final"] == pytest.approx({"keys": keys, "values": values}, rel=1e-6)
 
 
@@ -308,6 +322,27 @@ def test_collector_and_hooks_see_the_attention_input(sources):
     xs = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     assert collector.n_tokens == CALIB.numel()
     torch.testing.assert_close(collector.result(), xs.T @ xs / len(xs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attended_moment_matches_transformers_attention(sources, family):
+    """A = sum over heads, queries and keys of p_hmn x~_n x~_n^T / (heads x queries), from transformers' own eager
+    attention weights; Mistral with a sliding window shorter than the sequence."""
+    model = AutoModelForCausalLM.from_pretrained(sources[family], dtype=torch.float32, attn_implementation="eager")
+    if family == "mistral":
+        model.config.sliding_window = 8
+    got = attended(model.eval())
+    with torch.no_grad():
+        out = model(CALIB, output_hidden_states=True, output_attentions=True)
+    for i, layer in enumerate(model.model.layers):
+        with torch.no_grad():
+            x = layer.input_layernorm(out.hidden_states[i]).double()  # [b, t, hidden]
+        xs = torch.cat([x, torch.ones(*x.shape[:2], 1, dtype=x.dtype)], -1)
+        received = out.attentions[i].double().sum((1, 2))  # [b, t]
+        want = torch.einsum("bn,bnk,bnl->kl", received, xs, xs) / out.attentions[i][:, :, :, 0].numel()
+        torch.testing.assert_close(got[i][1], want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[i][0], torch.einsum("bnk,bnl->kl", xs, xs) / CALIB.numel(), rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_bad_method_names_and_missing_statistics_are_refused(sources):

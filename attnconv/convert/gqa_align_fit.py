@@ -3,7 +3,10 @@
 Both work in head space (d x d blocks from `Geometry`) and return coefficients; gqa_calibrated.py applies them
 to the weights. Group index j runs over the G KV heads being merged into one.
 
-Objectives (gqa_heads.key_objective / value_objective), for a group merged into keys kappa and values V:
+Objectives (gqa_heads.key_objective / value_objective), for a group merged into keys kappa and values V, with
+inner products under a second moment S of the attention input (for keys and values the attended moment A when
+calibration provides it: each token weighted by the attention it receives as a key, so errors on keys no query
+looks at do not count; for values A bounds the error of the attention-averaged input by Jensen):
   keys    sum_j sum_p alpha_jp |c_jp kappa_p - kappa_jp|^2: the error of every query head's logits, per RoPE
           pair, averaged over the relative rotation of query and key and with query and key tokens taken as
           independent draws from calibration (alpha_jp = E|z_q|^2 of the query heads of j). Averaging over the

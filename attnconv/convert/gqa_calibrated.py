@@ -27,7 +27,8 @@ Everything comes back with a JSON-able record of each choice.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -142,6 +143,18 @@ def _digest(t: Tensor) -> str:
     return hashlib.sha256(t.double().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+@contextmanager
+def _head_space() -> Iterator[None]:
+    """One thread for head-space work: thousands of d x d operations, where intra-op threads only add
+    synchronisation (16x slower on a busy 2-core machine). The hidden-size Grams keep all threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check(layer: AttentionLayer, second_moment: Tensor | None, n_out: int, steps: tuple[str, ...]) -> None:
     if n_out < 1 or layer.n_kv_heads % n_out:
         raise AttnconvError(f"{n_out} KV heads do not divide the layer's {layer.n_kv_heads}")
@@ -150,67 +163,75 @@ def _check(layer: AttentionLayer, second_moment: Tensor | None, n_out: int, step
                             "second moment per layer)")
 
 
-def _arrange(heads: Heads, s: Tensor, n_out: int, steps: tuple[str, ...], seed: int,
+def _arrange(heads: Heads, s: tuple[Tensor, Tensor | None], n_out: int, steps: tuple[str, ...], seed: int,
              record: dict) -> tuple[Heads, Geometry]:
     """grouped (permutation) and aligned (rotations) on the unmerged heads; fills RECORD."""
     size, d = heads.n_kv // n_out, heads.head_dim
     rotatable = rotatable_pairs(heads)
     norms = None if heads.q_norm is None and heads.k_norm is None else rotatable
-    geom = geometry(heads, s)
-    record["objective"] = {"mean": _relative(geom, [mean_merge(size, d)] * n_out, size)}
-    kv_order = list(range(heads.n_kv))
-    if "grouped" in steps:
-        def cost(group: tuple[int, ...]) -> float:
-            g = geom.subset(list(group))
-            if "fit" in steps and norms is None:  # full compensation: alignment cannot change the optimum
-                keys, values = fit_residuals(g)
-            else:
-                if "aligned" in steps:
-                    g = rotated(g, align_keys(g, rotatable), align_values(g))
-                m = fitted_merge(g, norms) if "fit" in steps else mean_merge(size, d)
-                keys, values = key_objective(g, m), value_objective(g, m)
-            return float(keys / geom.key_energy + values / geom.value_energy)
+    geom = geometry(heads, *s)  # the only hidden-size products; permutations and rotations then map the Grams
+    with _head_space():
+        record["objective"] = {"mean": _relative(geom, [mean_merge(size, d)] * n_out, size)}
+        kv_order = list(range(heads.n_kv))
+        if "grouped" in steps:
+            def cost(group: tuple[int, ...]) -> float:
+                g = geom.subset(list(group))
+                if "fit" in steps and norms is None:  # full compensation: alignment cannot change the optimum
+                    keys, values = fit_residuals(g)
+                else:
+                    if "aligned" in steps:
+                        g = rotated(g, align_keys(g, rotatable), align_values(g))
+                    m = fitted_merge(g, norms) if "fit" in steps else mean_merge(size, d)
+                    keys, values = key_objective(g, m), value_objective(g, m)
+                return float(keys / geom.key_energy + values / geom.value_energy)
 
-        groups, record["grouping"] = best_grouping(heads.n_kv, size, cost, seed)
-        kv_order = [j for group in groups for j in group]
-        heads = _permute(heads, kv_order)
-        geom = geometry(heads, s)
-    record["groups"] = [kv_order[g * size:(g + 1) * size] for g in range(n_out)]
-    record["query_order"] = [j * heads.queries_per_kv + i for j in kv_order for i in range(heads.queries_per_kv)]
-    if "aligned" in steps:
-        subs = [geom.subset(list(range(g * size, (g + 1) * size))) for g in range(n_out)]
-        key_phase = torch.cat([align_keys(sub, rotatable) for sub in subs])  # [n_kv, d/2]
-        value_rot = torch.cat([align_values(sub) for sub in subs])  # [n_kv, d, d]
-        heads = _rotate(heads, key_phase, value_rot)
-        geom = geometry(heads, s)
-        record["alignment"] = {
-            "rotatable_pairs": int(rotatable.sum()),
-            "key_angles": key_phase.angle().tolist(),  # [kv head, in the new order][pair], radians
-            "value_maps": [{"det": round(float(torch.linalg.det(r))), "sha256_16": _digest(r),
-                            "deviation": float((r - torch.eye(d, dtype=r.dtype)).norm())} for r in value_rot],
-            "objective_after": _relative(geom, [mean_merge(size, d)] * n_out, size)}
+            groups, record["grouping"] = best_grouping(heads.n_kv, size, cost, seed)
+            kv_order = [j for group in groups for j in group]
+            heads, geom = _permute(heads, kv_order), geom.subset(kv_order)
+        record["groups"] = [kv_order[g * size:(g + 1) * size] for g in range(n_out)]
+        record["query_order"] = [j * heads.queries_per_kv + i for j in kv_order for i in range(heads.queries_per_kv)]
+        if "aligned" in steps:
+            subs = [geom.subset(list(range(g * size, (g + 1) * size))) for g in range(n_out)]
+            key_phase = torch.cat([align_keys(sub, rotatable) for sub in subs])  # [n_kv, d/2]
+            value_rot = torch.cat([align_values(sub) for sub in subs])  # [n_kv, d, d]
+            heads, geom = _rotate(heads, key_phase, value_rot), rotated(geom, key_phase, value_rot)
+            record["alignment"] = {
+                "rotatable_pairs": int(rotatable.sum()),
+                "key_angles": key_phase.angle().tolist(),  # [kv head, in the new order][pair], radians
+                "value_maps": [{"det": round(float(torch.linalg.det(r))), "sha256_16": _digest(r),
+                                "deviation": float((r - torch.eye(d, dtype=r.dtype)).norm())} for r in value_rot],
+                "objective_after": _relative(geom, [mean_merge(size, d)] * n_out, size)}
     return heads, geom
 
 
+def _metrics(second_moment: Tensor, attended_moment: Tensor | None, ridge: float) -> tuple[Tensor, Tensor | None]:
+    return ridged(second_moment, ridge), None if attended_moment is None else ridged(attended_moment, ridge)
+
+
 def arrange_layer(layer: AttentionLayer, second_moment: Tensor, n_out: int, methods: str | Sequence[str], *,
-                  ridge: float = DEFAULT_RIDGE, seed: int = 0) -> tuple[AttentionLayer, dict]:
+                  attended_moment: Tensor | None = None, ridge: float = DEFAULT_RIDGE,
+                  seed: int = 0) -> tuple[AttentionLayer, dict]:
     """Only the function-preserving part of METHODS: the layer, still with all its KV heads, after `grouped`'s
     permutation and `aligned`'s rotations (each future group contiguous and in one frame), and the record."""
     steps = parse_methods(methods)
     _check(layer, second_moment, n_out, steps)
-    record: dict = {"methods": list(steps), "kv_heads": n_out, "ridge": ridge}
-    heads, _ = _arrange(to_heads(layer), ridged(second_moment, ridge), n_out, steps, seed, record)
+    record: dict = {"methods": list(steps), "kv_heads": n_out, "ridge": ridge,
+                    "key_value_metric": "input" if attended_moment is None else "attended"}
+    heads, _ = _arrange(to_heads(layer), _metrics(second_moment, attended_moment, ridge), n_out, steps, seed, record)
     return from_heads(heads, layer), record
 
 
 def convert_layer(layer: AttentionLayer, second_moment: Tensor | None, n_out: int,
-                  methods: str | Sequence[str] = "mean", *, ridge: float = DEFAULT_RIDGE,
-                  seed: int = 0) -> tuple[AttentionLayer, dict]:
+                  methods: str | Sequence[str] = "mean", *, attended_moment: Tensor | None = None,
+                  ridge: float = DEFAULT_RIDGE, seed: int = 0) -> tuple[AttentionLayer, dict]:
     """Merge LAYER's KV heads into n_out by METHODS; returns the new layer (float32) and a JSON-able record.
 
     second_moment: [hidden + 1, hidden + 1] E[x~ x~^T] of the layer's attention input x~ = [x; 1]
-    (gqa_calibration.InputMomentCollector); not needed for 'mean'. ridge: relative diagonal loading of S for
-    every least-squares solve. seed: the restarts of the grouping search on layers too large to enumerate.
+    (gqa_calibration.InputMomentCollector); not needed for 'mean'. attended_moment: the same weighted by the
+    attention each token receives as a key (gqa_calibration.AttendedMomentCollector), the metric of the key and
+    value objectives when given (S still weighs the queries); better starting points (see the benchmark).
+    ridge: relative diagonal loading of both for every least-squares solve. seed: the restarts of the grouping
+    search on layers too large to enumerate.
     Record: groups (source KV heads per output head), query_order (source query head of each output query
     head), the grouping search, alignment angles/maps, and the objectives (relative to the layer's logit and
     output energy) of the contiguous plain mean and of the result.
@@ -218,17 +239,20 @@ def convert_layer(layer: AttentionLayer, second_moment: Tensor | None, n_out: in
     steps = parse_methods(methods)
     _check(layer, second_moment, n_out, steps)
     heads, size = to_heads(layer), layer.n_kv_heads // n_out
-    record: dict = {"methods": list(steps) or ["mean"], "kv_heads": n_out, "ridge": ridge}
+    record: dict = {"methods": list(steps) or ["mean"], "kv_heads": n_out, "ridge": ridge,
+                    "key_value_metric": "input" if attended_moment is None else "attended"}
     if not steps:
         record["groups"] = [list(g) for g in contiguous(layer.n_kv_heads, size)]
         return from_heads(_merge(heads, [mean_merge(size, layer.head_dim)] * n_out), layer), record
-    heads, geom = _arrange(heads, ridged(second_moment, ridge), n_out, steps, seed, record)
+    heads, geom = _arrange(heads, _metrics(second_moment, attended_moment, ridge), n_out, steps, seed, record)
     compensate = heads.q_norm is None and heads.k_norm is None
     norms = None if compensate else rotatable_pairs(heads)
     subs = [geom.subset(list(range(g * size, (g + 1) * size))) for g in range(n_out)]
-    merges = [fitted_merge(sub, norms) if "fit" in steps else mean_merge(size, layer.head_dim) for sub in subs]
-    record["objective"]["final"] = _relative(geom, merges, size)
+    with _head_space():
+        merges = [fitted_merge(sub, norms) if "fit" in steps else mean_merge(size, layer.head_dim) for sub in subs]
+        record["objective"]["final"] = _relative(geom, merges, size)
+        merged = _merge(heads, merges)
     if "fit" in steps:
         record["fit"] = {"key_compensation": compensate,
                          "key_factor_abs": [[float(x) for x in m.key_comp.abs().flatten()] for m in merges]}
-    return from_heads(_merge(heads, merges), layer), record
+    return from_heads(merged, layer), record

@@ -4,6 +4,12 @@ A collector follows the shared interface (`update(x [n_tokens, hidden] float32, 
 hidden state after the layer's input norm) and keeps float64 sums, never activations. `collect_with_hooks`
 feeds collectors from forward pre-hooks on a loaded model; the calibration runner (attnconv/calibration/)
 replaces it once it lands.
+
+  InputMomentCollector     S = E[x~ x~^T], x~ = [x; 1]: all the methods need.
+  AttendedMomentCollector  S and A = E over query heads and positions of sum_n p_hmn x~_n x~_n^T, the key inputs
+                           weighted by the attention they receive, from the layer's own (recomputed) attention.
+                           As the metric of the key objective it weights logit errors by whether anyone attends
+                           to the key: errors on keys no query looks at cannot change the output.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
+
+from attnconv.convert.gqa_heads import AttentionLayer
 
 
 class InputMomentCollector:
@@ -36,13 +44,89 @@ class InputMomentCollector:
         return self.sum / self.n_tokens
 
 
-def collect_with_hooks(model, batches: Iterable[Tensor], make: Callable[[int], object]) -> list:
+class AttendedMomentCollector:
+    """S and the attention-weighted second moment A of one layer's key inputs, recomputing the layer's attention.
+
+    layer: the source layer (gqa_heads.AttentionLayer); inv_freq [head_dim / 2]: the model's RoPE frequencies
+    (rotary_emb.inv_freq, which holds any rope scaling of the frequencies); rope_scale: its attention_scaling
+    (cos and sin are multiplied by it); scaling: the logit scale (head_dim ** -0.5 unless the family says
+    otherwise); norm_eps: the q/k RMSNorm epsilon (Qwen3); sliding_window: keys older than this many positions
+    are masked (Mistral, Qwen2 sliding layers). A new sequence starts wherever the position does not increase.
+    """
+
+    def __init__(self, layer: AttentionLayer, inv_freq: Tensor, *, rope_scale: float = 1.0,
+                 scaling: float | None = None, norm_eps: float = 1e-6, sliding_window: int | None = None,
+                 max_scores: int = 1 << 24):
+        self.layer, self.inv_freq, self.rope_scale = layer, inv_freq.double(), rope_scale
+        self.scaling = layer.head_dim ** -0.5 if scaling is None else scaling
+        self.norm_eps, self.sliding_window, self.max_scores = norm_eps, sliding_window, max_scores
+        self.moments = InputMomentCollector(layer.hidden)
+        self.attended = torch.zeros_like(self.moments.sum)  # [hidden + 1, hidden + 1]
+        self.n_rows = 0  # (query head, query position) pairs: each attention row sums to 1
+
+    def _heads(self, x: Tensor, w: Tensor, b: Tensor | None, norm: Tensor | None, n: int, pos: Tensor) -> Tensor:
+        """RoPE'd, normed q or k: [n, t, d] in float32 (what the model computes)."""
+        d = self.layer.head_dim
+        y = x @ w.float().T + (0 if b is None else b.float())
+        y = y.reshape(len(x), n, d).transpose(0, 1)  # [n, t, d]
+        if norm is not None:
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * norm.float()
+        freqs = pos.double()[:, None] * self.inv_freq[None]  # [t, d/2]
+        cos = (freqs.cos() * self.rope_scale).float().repeat(1, 2)
+        sin = (freqs.sin() * self.rope_scale).float().repeat(1, 2)
+        rotated = torch.cat([-y[..., d // 2:], y[..., :d // 2]], dim=-1)
+        return y * cos + rotated * sin
+
+    def update(self, x: Tensor, positions: Tensor) -> None:
+        self.moments.update(x, positions)
+        x = x.detach().reshape(-1, self.layer.hidden).float()
+        starts = [0, *(torch.nonzero(positions[1:] <= positions[:-1]).flatten() + 1).tolist(), len(x)]
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            self._sequence(x[a:b], positions[a:b])
+
+    def _sequence(self, x: Tensor, pos: Tensor) -> None:
+        layer, t = self.layer, len(x)
+        q = self._heads(x, layer.q, layer.q_bias, layer.q_norm, layer.n_heads, pos)  # [H, t, d]
+        k = self._heads(x, layer.k, layer.k_bias, layer.k_norm, layer.n_kv_heads, pos)  # [n_kv, t, d]
+        k = k.repeat_interleave(layer.n_heads // layer.n_kv_heads, dim=0)
+        age = pos[:, None] - pos[None, :]  # [t, t]: query position - key position
+        masked = age < 0 if self.sliding_window is None else (age < 0) | (age >= self.sliding_window)
+        received = torch.zeros(t, dtype=torch.float64)  # attention each key receives, summed over heads/queries
+        chunk = max(1, self.max_scores // (t * t))
+        for h in range(0, layer.n_heads, chunk):
+            scores = (q[h:h + chunk] @ k[h:h + chunk].mT * self.scaling).masked_fill(masked, float("-inf"))
+            received += scores.softmax(-1).sum((0, 1)).double()
+        xs = torch.cat([x.double(), torch.ones(t, 1, dtype=torch.float64)], dim=1)  # [t, hidden + 1]
+        self.attended.addmm_(xs.T * received, xs)
+        self.n_rows += layer.n_heads * t
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """(S, A), both [hidden + 1, hidden + 1] float64 and normalised per token / per attention row."""
+        return self.moments.result(), self.attended / self.n_rows
+
+
+def attended_collectors(model) -> list[AttendedMomentCollector]:
+    """One AttendedMomentCollector per layer of a loaded transformers Llama-like / Phi-3 model."""
+    from attnconv.convert.gqa_state_dict import attention_layers
+
+    config, rotary = model.config, model.model.rotary_emb
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    return [AttendedMomentCollector(layer, rotary.inv_freq, rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+                                    scaling=model.model.layers[i].self_attn.scaling,
+                                    norm_eps=getattr(config, "rms_norm_eps", 1e-6), sliding_window=window)
+            for i, layer in enumerate(attention_layers(model.state_dict(), config))]
+
+
+def collect_with_hooks(model, batches: Iterable[Tensor], make: Callable[[int], object] | list) -> list:
     """Run `model` (a Hugging Face decoder) over token batches [b, t] and feed one collector per layer.
 
-    make(layer_index) -> collector. Positions are arange(t) per sequence, as the model itself uses.
+    make: make(layer_index) -> collector, or the list of collectors. Positions are arange(t) per sequence, as
+    the model itself uses.
     """
     layers = model.model.layers
-    collectors = [make(i) for i in range(len(layers))]
+    collectors = make if isinstance(make, list) else [make(i) for i in range(len(layers))]
     current: dict[str, Tensor] = {}
 
     def hook(i):

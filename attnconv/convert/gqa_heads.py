@@ -146,17 +146,19 @@ class Geometry:
         return (self.output_gram * diagonal_blocks(self.value_gram).mT).sum()
 
 
-def geometry(heads: Heads, s: Tensor) -> Geometry:
-    """The Grams of `heads` under the (ridged) second moment s [hidden + 1, hidden + 1]."""
+def geometry(heads: Heads, s: Tensor, s_kv: Tensor | None = None) -> Geometry:
+    """The Grams of `heads`: query energies under s [hidden + 1, hidden + 1] (all queries count alike), key and
+    value Grams under s_kv (default s; the attended second moment weights each key by the attention it gets)."""
+    s_kv = s if s_kv is None else s_kv
     n_kv, d, n = heads.k.shape
     kc = to_pairs(heads.k)  # [n_kv, d/2, n]
-    ks = torch.complex(kc.real @ s, kc.imag @ s)
+    ks = torch.complex(kc.real @ s_kv, kc.imag @ s_kv)
     key_gram = ks.transpose(0, 1) @ kc.conj().permute(1, 2, 0)  # [d/2, n_kv, n_kv]
     qc = to_pairs(heads.q)  # [n_heads, d/2, n]
     q_energy = (torch.complex(qc.real @ s, qc.imag @ s) * qc.conj()).real.sum(-1)  # [n_heads, d/2]
     q_energy = q_energy.reshape(n_kv, heads.queries_per_kv, d // 2).sum(1)
     v = heads.v.reshape(n_kv * d, n)
-    value_gram = (v @ s @ v.T).reshape(n_kv, d, n_kv, d)
+    value_gram = (v @ s_kv @ v.T).reshape(n_kv, d, n_kv, d)
     out = (heads.o.mT @ heads.o).reshape(n_kv, heads.queries_per_kv, d, d).sum(1)
     return Geometry(key_gram, q_energy, value_gram, out)
 
