@@ -6,7 +6,10 @@ and perplexity on Tiny Shakespeare test (windows of 256, stride 128). Optionally
 5% of the reference's pretraining tokens and measures again.
 
     python benchmarks/gqa_calibrated.py [--methods mean,fit,...] [--kv-heads 4,2,1] [--tokens 65536]
-        [--ridge 1e-3] [--uptrain grouped+fit] [--work DIR]
+        [--ridge 1e-3] [--metric input|attended] [--uptrain mean,grouped+fit] [--work DIR]
+
+--metric attended calibrates the key/value metric on the attention each token receives as a key
+(AttendedMomentCollector) instead of the plain input second moment.
 
 Prints a markdown table and writes it, with every conversion record, to WORK/gqa_calibrated.{md,json}.
 """
@@ -27,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from attnconv.convert.families import HeadLayout
 from attnconv.convert.gqa import METHODS, convert_kv_proj
 from attnconv.convert.gqa_calibrated import convert_layer
-from attnconv.convert.gqa_calibration import InputMomentCollector, collect_with_hooks
+from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
 from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
@@ -47,7 +50,7 @@ def calibration_batches(ids: torch.Tensor, tokens: int, batch_size: int = 16):
 
 
 def convert_model(source, stats, kv_heads: int, method: str, ridge: float):
-    """The converted model (in memory) and its per-layer records."""
+    """The converted model (in memory) and its per-layer records; stats: per layer (S, A or None)."""
     sd, config = source.state_dict(), source.config
     layers = attention_layers(sd, config)
     if method in ("first", "random"):  # gqa.py's uncalibrated methods, for the table
@@ -58,7 +61,8 @@ def convert_model(source, stats, kv_heads: int, method: str, ridge: float):
                for layer in layers]
         records = [{"methods": [method]}] * len(layers)
     else:
-        out = [convert_layer(layer, s, kv_heads, method, ridge=ridge) for layer, s in zip(layers, stats, strict=True)]
+        out = [convert_layer(layer, s, kv_heads, method, attended_moment=a, ridge=ridge)
+               for layer, (s, a) in zip(layers, stats, strict=True)]
         new, records = [layer for layer, _ in out], [r for _, r in out]
     config = copy.deepcopy(config)
     config.num_key_value_heads = kv_heads
@@ -73,6 +77,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", default="4,2,1")
     ap.add_argument("--tokens", type=int, default=65536, help="calibration tokens (tinyshakespeare:train)")
     ap.add_argument("--ridge", type=float, default=1e-3)
+    ap.add_argument("--metric", choices=("input", "attended"), default="input")
     ap.add_argument("--uptrain", default="", help="methods to uptrain (5%% of pretraining) at GQA-2 and MQA")
     ap.add_argument("--work", default=None, help="folder for results and uptrained models (default: a temp dir)")
     args = ap.parse_args()
@@ -85,10 +90,11 @@ def main() -> None:
     train_ids = tokenize_corpus(tok, [tinyshakespeare_split("train")])
     t0 = time.perf_counter()
     hidden = source.config.hidden_size
-    collectors = collect_with_hooks(source, calibration_batches(train_ids, args.tokens),
-                                    lambda i: InputMomentCollector(hidden))
-    stats = [c.result() for c in collectors]
-    print(f"calibration: {collectors[0].n_tokens} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
+    make = attended_collectors(source) if args.metric == "attended" else lambda i: InputMomentCollector(hidden)
+    collectors = collect_with_hooks(source, calibration_batches(train_ids, args.tokens), make)
+    stats = [c.result() if args.metric == "attended" else (c.result(), None) for c in collectors]
+    n_tokens = (collectors[0].moments if args.metric == "attended" else collectors[0]).n_tokens
+    print(f"calibration: {n_tokens} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
     rows, results = [], []
     for kv in map(int, args.kv_heads.split(",")):
         for method in args.methods.split(","):
@@ -106,7 +112,7 @@ def main() -> None:
                         f"{r.model.token_perplexity:.2f}{up} |")
             print(rows[-1], f"({t_conv:.1f} s to convert)", flush=True)
     head = [f"Reference MHA model, test perplexity {results[0]['source_ppl']:.2f}; calibration "
-            f"{collectors[0].n_tokens} tokens of tinyshakespeare:train, ridge {args.ridge}.", "",
+            f"{n_tokens} tokens of tinyshakespeare:train, {args.metric} metric, ridge {args.ridge}.", "",
             "| KV heads | method | KL, converted | ppl, converted | KL, +uptrain | ppl, +uptrain |",
             "|---|---|---|---|---|---|"]
     table = "\n".join(head + rows) + "\n"

@@ -1,13 +1,15 @@
 """Calibrated MHA -> GQA/MQA starting points: `grouped`, `aligned`, `fit`, composable as `grouped+aligned+fit`.
 
 Mean pooling of contiguous heads (gqa.py) ignores which heads resemble each other and how each is used. These
-methods read the second moment S of each layer's attention input (gqa_calibration.py) and run, in this order:
+methods read calibration statistics of each layer's attention input x~ = [x; 1] (gqa_calibration.py): its
+second moment S, and optionally the attended moment A (each token weighted by the attention it receives as a
+key), which then replaces S as the metric of keys and values and gives clearly better starting points. In order:
 
   grouped  choose which KV heads share a group (balanced, every group the same size) by the cost of the merge
            that follows, then permute heads so each group is contiguous: KV heads with their query heads,
            q rows and biases and the o_proj columns that read them. A permutation: the unmerged layer is
            unchanged, and when the contiguous grouping is best the result is exactly the plain merge.
-  aligned  rotate each head onto its group's frame before merging (generalised Procrustes on S), compensating
+  aligned  rotate each head onto its group's frame before merging (generalised Procrustes), compensating
            so the unmerged layer is unchanged: value heads by any orthogonal map (its inverse on the o_proj
            columns of their query heads), key heads by one 2x2 rotation per RoPE pair (the only orthogonal
            maps that commute with RoPE), applied to their query heads too.
@@ -21,7 +23,8 @@ shared by all heads): a rotation of pair p commutes with the norm only when gamm
 norms, so `aligned` rotates only those pairs and stays exact; `fit` keeps its value maps (no norm on values) but
 compensates keys only by those exact rotations (any non-unit factor would change the norm) and merges them as the
 query-energy-weighted mean per pair, the optimum given that. The objectives ignore the norms (pre-norm q/k).
-Everything comes back with a JSON-able record of each choice.
+Everything comes back with a JSON-able record of each choice. RoPE must be HF rotate_half (pair p = dims p and
+p + d/2); models without RoPE (GPT-2) are not handled here.
 """
 
 from __future__ import annotations
@@ -144,11 +147,13 @@ def _digest(t: Tensor) -> str:
 
 
 @contextmanager
-def _head_space() -> Iterator[None]:
-    """One thread for head-space work: thousands of d x d operations, where intra-op threads only add
-    synchronisation (16x slower on a busy 2-core machine). The hidden-size Grams keep all threads."""
+def _head_space(heads: Heads) -> Iterator[None]:
+    """One thread for the head-space work of small layers: thousands of d x d operations, where intra-op threads
+    only add synchronisation (16x slower on a busy 2-core machine). Large layers (n_kv * d > 1024: eigh of up
+    to (n_kv d)^2 for MQA) and the hidden-size Grams keep all threads."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if heads.n_kv * heads.head_dim <= 1024:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -170,7 +175,7 @@ def _arrange(heads: Heads, s: tuple[Tensor, Tensor | None], n_out: int, steps: t
     rotatable = rotatable_pairs(heads)
     norms = None if heads.q_norm is None and heads.k_norm is None else rotatable
     geom = geometry(heads, *s)  # the only hidden-size products; permutations and rotations then map the Grams
-    with _head_space():
+    with _head_space(heads):
         record["objective"] = {"mean": _relative(geom, [mean_merge(size, d)] * n_out, size)}
         kv_order = list(range(heads.n_kv))
         if "grouped" in steps:
@@ -248,7 +253,7 @@ def convert_layer(layer: AttentionLayer, second_moment: Tensor | None, n_out: in
     compensate = heads.q_norm is None and heads.k_norm is None
     norms = None if compensate else rotatable_pairs(heads)
     subs = [geom.subset(list(range(g * size, (g + 1) * size))) for g in range(n_out)]
-    with _head_space():
+    with _head_space(heads):
         merges = [fitted_merge(sub, norms) if "fit" in steps else mean_merge(size, layer.head_dim) for sub in subs]
         record["objective"]["final"] = _relative(geom, merges, size)
         merged = _merge(heads, merges)
