@@ -196,6 +196,17 @@ def test_arranging_heads_keeps_the_function(sources, family):
             assert max_diff(src, with_layers(src, [layer for layer, _ in out])) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-gqa"])
+def test_keeping_every_kv_head_is_lossless(sources, family):
+    src = load(sources[family])
+    n_kv = src.config.num_key_value_heads
+    stats = attended(src)
+    for methods in ("grouped+aligned+fit", "aligned", "fit"):
+        got, records = convert_model(src, n_kv, methods, stats)
+        assert max_diff(src, got) <= 1e-5, methods
+        assert records[0]["groups"] == [[j] for j in range(n_kv)]
+
+
 def objectives(src: AttentionLayer, new: AttentionLayer, s: torch.Tensor, query_order: list[int],
                s_kv: torch.Tensor | None = None):
     """Relative key/value objectives from the weights, by the definition: per query head and RoPE pair the
@@ -324,7 +335,7 @@ def test_collector_and_hooks_see_the_attention_input(sources):
     torch.testing.assert_close(collector.result(), xs.T @ xs / len(xs), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "llama-gqa"])
 def test_attended_moment_matches_transformers_attention(sources, family):
     """A = sum over heads, queries and keys of p_hmn x~_n x~_n^T / (heads x queries), from transformers' own eager
     attention weights; Mistral with a sliding window shorter than the sequence."""

@@ -110,13 +110,14 @@ def attended_collectors(model) -> list[AttendedMomentCollector]:
     from attnconv.convert.gqa_state_dict import attention_layers
 
     config, rotary = model.config, model.model.rotary_emb
-    window = getattr(config, "sliding_window", None)
-    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-        window = None
-    return [AttendedMomentCollector(layer, rotary.inv_freq, rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
-                                    scaling=model.model.layers[i].self_attn.scaling,
-                                    norm_eps=getattr(config, "rms_norm_eps", 1e-6), sliding_window=window)
-            for i, layer in enumerate(attention_layers(model.state_dict(), config))]
+    collectors = []
+    for layer, block in zip(attention_layers(model.state_dict(), config), model.model.layers, strict=True):
+        attn = block.self_attn  # Qwen2 keeps its per-layer window here; Mistral and Phi-3 read the config's
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+        collectors.append(AttendedMomentCollector(
+            layer, rotary.inv_freq, rope_scale=float(getattr(rotary, "attention_scaling", 1.0)), scaling=attn.scaling,
+            norm_eps=getattr(config, "rms_norm_eps", 1e-6), sliding_window=window))
+    return collectors
 
 
 def collect_with_hooks(model, batches: Iterable[Tensor], make: Callable[[int], object] | list) -> list:
