@@ -31,6 +31,15 @@ CALIB = torch.randint(0, 250, (4, 48), generator=torch.Generator().manual_seed(1
 RIDGE = 1e-3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (10x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("gqa_cal")
