@@ -10,19 +10,20 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from attnconv.convert.families import HeadLayout
-from attnconv.convert.gqa import METHODS, convert_kv_proj
+from attnconv.convert.gqa import convert_kv_proj, method
 from attnconv.convert.gqa_calibrated import arrange_layer, convert_layer, parse_methods
 from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
 from attnconv.convert.gqa_grouping import best_grouping, count_groupings
-from attnconv.convert.gqa_heads import AttentionLayer
+from attnconv.convert.gqa_heads import AttentionWeights
 from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
 from attnconv.errors import AttnconvError
+from attnconv.families import HeadLayout
 from attnconv.testing import build_tiny_model
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
@@ -67,7 +68,7 @@ def attended(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [c.result() for c in collect_with_hooks(model, [CALIB], attended_collectors(model))]
 
 
-def with_layers(model, layers: list[AttentionLayer]):
+def with_layers(model, layers: list[AttentionWeights]):
     """A model of the same config (KV heads from the layers) holding the given attention layers."""
     config = copy.deepcopy(model.config)
     config.num_key_value_heads = layers[0].n_kv_heads
@@ -131,8 +132,9 @@ def restructure(model, group: int, kind: str, seed: int = 0, perm: list[int] | N
         if kb is not None:
             bias = dict(q_bias=layer.q_bias.reshape(layer.n_heads, d)[q_perm].reshape(-1),
                         k_bias=unpairs(kb[perm][..., None]).squeeze(-1), v_bias=vb[perm].reshape(-1).float())
-        layers.append(AttentionLayer(heads_q, unpairs(kc[perm]), vs[perm].reshape(n * d, -1).float(), o,
-                                     layer.n_heads, n, d, q_norm=layer.q_norm, k_norm=layer.k_norm, **bias))
+        layers.append(AttentionWeights(replace(layer.shape, n_kv_heads=n), heads_q, unpairs(kc[perm]),
+                                       vs[perm].reshape(n * d, -1).float(), o, q_norm=layer.q_norm,
+                                       k_norm=layer.k_norm, **bias))
     return with_layers(model, layers)
 
 
@@ -216,7 +218,7 @@ def test_keeping_every_kv_head_is_lossless(sources, family):
         assert records[0]["groups"] == [[j] for j in range(n_kv)]
 
 
-def objectives(src: AttentionLayer, new: AttentionLayer, s: torch.Tensor, query_order: list[int],
+def objectives(src: AttentionWeights, new: AttentionWeights, s: torch.Tensor, query_order: list[int],
                s_kv: torch.Tensor | None = None):
     """Relative key/value objectives from the weights, by the definition: per query head and RoPE pair the
     rotation-averaged squared logit error with query and key tokens drawn independently, and per query head
@@ -301,8 +303,8 @@ def test_mean_is_gqa_mean_and_contiguous_grouping_is_exactly_the_mean(sources):
     layout = HeadLayout(8, 8, 8, 64, 2)
     new, rec = convert_layer(layer, None, 2, "mean")
     assert rec["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    torch.testing.assert_close(new.k, convert_kv_proj(layer.k, layout, 2, METHODS["mean"]), rtol=0, atol=1e-7)
-    torch.testing.assert_close(new.v_bias, convert_kv_proj(layer.v_bias, layout, 2, METHODS["mean"]), rtol=0,
+    torch.testing.assert_close(new.k, convert_kv_proj(layer.k, layout, 2, method("mean")), rtol=0, atol=1e-7)
+    torch.testing.assert_close(new.v_bias, convert_kv_proj(layer.v_bias, layout, 2, method("mean")), rtol=0,
                                atol=1e-7)
     equal = restructure(src, 4, "equal")  # contiguous groups are then free: grouping keeps them
     layer = attention_layers(equal.state_dict(), equal.config)[0]

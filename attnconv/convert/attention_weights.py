@@ -58,6 +58,31 @@ class AttentionWeights:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.detach().float())
+        s, d = self.shape, self.shape.head_dim
+        if d % 2 or s.n_heads % s.n_kv_heads:
+            raise ValueError(f"head_dim {d} must be even and n_kv_heads {s.n_kv_heads} divide n_heads {s.n_heads}")
+        expected = {"q": (s.n_heads * d, s.hidden), "k": (s.n_kv_heads * d, s.hidden),
+                    "v": (s.n_kv_heads * d, s.hidden), "o": (s.hidden, s.n_heads * d)}
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}")
+
+    # The shape's counts, as the GQA methods read them.
+    @property
+    def n_heads(self) -> int:
+        return self.shape.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.shape.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.shape.head_dim
+
+    @property
+    def hidden(self) -> int:
+        return self.shape.hidden
 
     def heads(self, which: str) -> Tensor:
         """q/k/v weights per head: [n, head_dim, hidden]."""

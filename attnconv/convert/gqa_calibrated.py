@@ -40,7 +40,7 @@ from torch import Tensor
 from attnconv.convert.gqa_align_fit import align_keys, align_values, fit_residuals, fitted_merge, rotated
 from attnconv.convert.gqa_grouping import best_grouping, contiguous
 from attnconv.convert.gqa_heads import (
-    AttentionLayer,
+    AttentionWeights,
     Geometry,
     Heads,
     Merge,
@@ -160,7 +160,7 @@ def _head_space(heads: Heads) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _check(layer: AttentionLayer, second_moment: Tensor | None, n_out: int, steps: tuple[str, ...]) -> None:
+def _check(layer: AttentionWeights, second_moment: Tensor | None, n_out: int, steps: tuple[str, ...]) -> None:
     if n_out < 1 or layer.n_kv_heads % n_out:
         raise AttnconvError(f"{n_out} KV heads do not divide the layer's {layer.n_kv_heads}")
     if steps and second_moment is None:
@@ -213,9 +213,9 @@ def _metrics(second_moment: Tensor, attended_moment: Tensor | None, ridge: float
     return ridged(second_moment, ridge), None if attended_moment is None else ridged(attended_moment, ridge)
 
 
-def arrange_layer(layer: AttentionLayer, second_moment: Tensor, n_out: int, methods: str | Sequence[str], *,
+def arrange_layer(layer: AttentionWeights, second_moment: Tensor, n_out: int, methods: str | Sequence[str], *,
                   attended_moment: Tensor | None = None, ridge: float = DEFAULT_RIDGE,
-                  seed: int = 0) -> tuple[AttentionLayer, dict]:
+                  seed: int = 0) -> tuple[AttentionWeights, dict]:
     """Only the function-preserving part of METHODS: the layer, still with all its KV heads, after `grouped`'s
     permutation and `aligned`'s rotations (each future group contiguous and in one frame), and the record."""
     steps = parse_methods(methods)
@@ -226,9 +226,9 @@ def arrange_layer(layer: AttentionLayer, second_moment: Tensor, n_out: int, meth
     return from_heads(heads, layer), record
 
 
-def convert_layer(layer: AttentionLayer, second_moment: Tensor | None, n_out: int,
+def convert_layer(layer: AttentionWeights, second_moment: Tensor | None, n_out: int,
                   methods: str | Sequence[str] = "mean", *, attended_moment: Tensor | None = None,
-                  ridge: float = DEFAULT_RIDGE, seed: int = 0) -> tuple[AttentionLayer, dict]:
+                  ridge: float = DEFAULT_RIDGE, seed: int = 0) -> tuple[AttentionWeights, dict]:
     """Merge LAYER's KV heads into n_out by METHODS; returns the new layer (float32) and a JSON-able record.
 
     second_moment: [hidden + 1, hidden + 1] E[x~ x~^T] of the layer's attention input x~ = [x; 1]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from attnconv.convert.gqa_heads import AttentionLayer
+from attnconv.convert.attention_weights import AttentionWeights
 
 
 class InputMomentCollector:
@@ -47,14 +47,14 @@ class InputMomentCollector:
 class AttendedMomentCollector:
     """S and the attention-weighted second moment A of one layer's key inputs, recomputing the layer's attention.
 
-    layer: the source layer (gqa_heads.AttentionLayer); inv_freq [head_dim / 2]: the model's RoPE frequencies
+    layer: the source layer (gqa_heads.AttentionWeights); inv_freq [head_dim / 2]: the model's RoPE frequencies
     (rotary_emb.inv_freq, which holds any rope scaling of the frequencies); rope_scale: its attention_scaling
     (cos and sin are multiplied by it); scaling: the logit scale (head_dim ** -0.5 unless the family says
     otherwise); norm_eps: the q/k RMSNorm epsilon (Qwen3); sliding_window: keys older than this many positions
     are masked (Mistral, Qwen2 sliding layers). A new sequence starts wherever the position does not increase.
     """
 
-    def __init__(self, layer: AttentionLayer, inv_freq: Tensor, *, rope_scale: float = 1.0,
+    def __init__(self, layer: AttentionWeights, inv_freq: Tensor, *, rope_scale: float = 1.0,
                  scaling: float | None = None, norm_eps: float = 1e-6, sliding_window: int | None = None,
                  max_scores: int = 1 << 24):
         self.layer, self.inv_freq, self.rope_scale = layer, inv_freq.double(), rope_scale

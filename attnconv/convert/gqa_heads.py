@@ -1,6 +1,6 @@
 """One attention layer in a family-free form, and the calibration geometry of its heads.
 
-Calibrated GQA/MQA methods (gqa_calibrated.py) see a layer as `AttentionLayer`: q/k/v/o weights in Linear
+Calibrated GQA/MQA methods (gqa_calibrated.py) see a layer as `AttentionWeights`: q/k/v/o weights in Linear
 layout, optional q/k/v biases and optional per-head q/k RMSNorm weights (Qwen3). They work on `Heads`, the
 same layer in float64, one tensor per head, with each bias as an extra input column (inputs x~ = [x; 1]), so a
 bias follows every map its weight takes and a missing bias stays exactly zero.
@@ -20,42 +20,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """One decoder layer's attention projections (Linear layout [out, in]); what a family adapter extracts."""
-
-    q: Tensor  # [n_heads * head_dim, hidden]
-    k: Tensor  # [n_kv * head_dim, hidden]
-    v: Tensor  # [n_kv * head_dim, hidden]
-    o: Tensor  # [hidden, n_heads * head_dim]
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    q_bias: Tensor | None = None  # [n_heads * head_dim]
-    k_bias: Tensor | None = None  # [n_kv * head_dim]
-    v_bias: Tensor | None = None  # [n_kv * head_dim]
-    q_norm: Tensor | None = None  # [head_dim] RMSNorm weight shared by every query head (Qwen3)
-    k_norm: Tensor | None = None  # [head_dim] RMSNorm weight shared by every key head (Qwen3)
-
-    def __post_init__(self):
-        d, hidden = self.head_dim, self.q.shape[1]
-        if d % 2 or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"head_dim {d} must be even and n_kv_heads {self.n_kv_heads} divide n_heads")
-        shapes = {"q": (self.q, (self.n_heads * d, hidden)), "k": (self.k, (self.n_kv_heads * d, hidden)),
-                  "v": (self.v, (self.n_kv_heads * d, hidden)), "o": (self.o, (hidden, self.n_heads * d))}
-        for name, (t, shape) in shapes.items():
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-
-    @property
-    def hidden(self) -> int:
-        return self.q.shape[1]
+from attnconv.convert.attention_weights import AttentionWeights
 
 
 @dataclass(frozen=True)
 class Heads:
-    """An `AttentionLayer` per head in float64; the last input column is the bias."""
+    """An `AttentionWeights` per head in float64; the last input column is the bias."""
 
     q: Tensor  # [n_heads, d, hidden + 1]
     k: Tensor  # [n_kv, d, hidden + 1]
@@ -81,7 +51,7 @@ class Heads:
         return self.n_heads // self.n_kv
 
 
-def to_heads(layer: AttentionLayer) -> Heads:
+def to_heads(layer: AttentionWeights) -> Heads:
     def per_head(w: Tensor, b: Tensor | None, n: int) -> Tensor:
         b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
         return torch.cat([w, b[:, None]], dim=1).double().reshape(n, layer.head_dim, layer.hidden + 1)
@@ -92,7 +62,7 @@ def to_heads(layer: AttentionLayer) -> Heads:
                  per_head(layer.v, layer.v_bias, layer.n_kv_heads), o.contiguous(), *norm)
 
 
-def from_heads(heads: Heads, like: AttentionLayer) -> AttentionLayer:
+def from_heads(heads: Heads, like: AttentionWeights) -> AttentionWeights:
     """Back to Linear layout in float32; biases only where `like` has them (the others stayed exactly zero)."""
     def split(w: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
         flat = w.reshape(-1, w.shape[-1]).float()
@@ -102,7 +72,8 @@ def from_heads(heads: Heads, like: AttentionLayer) -> AttentionLayer:
     k, kb = split(heads.k, like.k_bias is not None)
     v, vb = split(heads.v, like.v_bias is not None)
     o = heads.o.transpose(0, 1).reshape(like.hidden, -1).float().contiguous()
-    return replace(like, q=q, k=k, v=v, o=o, n_kv_heads=heads.n_kv, q_bias=qb, k_bias=kb, v_bias=vb)
+    return replace(like, shape=replace(like.shape, n_kv_heads=heads.n_kv), q=q, k=k, v=v, o=o, q_bias=qb, k_bias=kb,
+                   v_bias=vb)
 
 
 def to_pairs(w: Tensor) -> Tensor:
