@@ -121,6 +121,11 @@ FAMILIES: dict[str, Family] = {
         Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
                layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha"),
+        # Decode only. MLA: every head reads one cached row per token, the latent and the shared RoPE key;
+        # head_dim is the value head size, so the K/V rows `attnconv info` sets beside it are its MHA equivalent.
+        Family("deepseek_v3", ("deepseek_v3",), "deepseek-ai/DeepSeek-V3", head_dim_key="v_head_dim", source=False,
+               decode=True, kv_heads=lambda c: 1,
+               kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
         # Outputs only: what GPT-2 conversions are written as.
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
                n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
