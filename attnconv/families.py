@@ -49,6 +49,7 @@ class CacheShape:
     n_kv_heads: int
     head_dim: int
     values_per_layer: int  # K and V together (2 x n_kv x head_dim for MHA/GQA/MQA; the latent + RoPE key for MLA)
+    latent: bool = False  # MLA: one row per token shared by every head, not per-head K and V
 
     def bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.layers * self.values_per_layer * dtype_bytes
@@ -83,6 +84,7 @@ class Family:
     allowed_kv_heads: str = "divisors"  # or "mqa_or_mha"
     kv_heads: Callable[[Any], int] | None = None
     kv_values: Callable[[Any], int] | None = None
+    latent_cache: bool = False  # MLA: kv_values counts a latent row per token, shared by every head
 
     def layout(self, config: Any) -> HeadLayout:
         n_heads = config_value(config, self.n_heads_key)
@@ -95,7 +97,7 @@ class Family:
     def cache_shape(self, config: Any) -> CacheShape:
         lay = self.layout(config)
         values = self.kv_values(config) if self.kv_values else 2 * lay.n_kv_heads * lay.head_dim
-        return CacheShape(lay.layers, lay.n_heads, lay.n_kv_heads, lay.head_dim, values)
+        return CacheShape(lay.layers, lay.n_heads, lay.n_kv_heads, lay.head_dim, values, self.latent_cache)
 
     def op_for(self, tensor_name: str) -> str:
         for pattern, op in self.ops.items():
@@ -124,7 +126,7 @@ FAMILIES: dict[str, Family] = {
         # Decode only. MLA: every head reads one cached row per token, the latent and the shared RoPE key;
         # head_dim is the value head size, so the K/V rows `attnconv info` sets beside it are its MHA equivalent.
         Family("deepseek_v3", ("deepseek_v3",), "deepseek-ai/DeepSeek-V3", head_dim_key="v_head_dim", source=False,
-               decode=True, kv_heads=lambda c: 1,
+               decode=True, kv_heads=lambda c: 1, latent_cache=True,
                kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
         # Outputs only: what GPT-2 conversions are written as.
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",

@@ -53,13 +53,16 @@ def model_info(model: str | Path) -> ModelInfo:
 
 
 def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int) -> list[dict]:
-    """One row per KV-head count that divides the query heads (the current one marked)."""
-    rows = []
+    """One row per KV-head count that divides the query heads (the current one marked); for an MLA model its own
+    latent row first, the K/V rows of its value head size beside it for comparison."""
+    rows = [{"kind": "MLA", "kv_heads": "latent", "current": True, "reachable": True,
+             "bytes_per_token": shape.bytes_per_token(nbytes), "total_bytes": shape.bytes(batch, context, nbytes)}
+            ] if shape.latent else []
     for n_kv in [d for d in range(shape.n_heads, 0, -1) if shape.n_heads % d == 0]:
         s = CacheShape(shape.layers, shape.n_heads, n_kv, shape.head_dim, 2 * n_kv * shape.head_dim)
         kind = "MHA" if n_kv == shape.n_heads else "MQA" if n_kv == 1 else f"GQA-{n_kv}"
-        rows.append({"kind": kind, "kv_heads": n_kv, "current": n_kv == shape.n_kv_heads,
-                     "reachable": n_kv <= shape.n_kv_heads and shape.n_kv_heads % n_kv == 0,
+        rows.append({"kind": kind, "kv_heads": n_kv, "current": not shape.latent and n_kv == shape.n_kv_heads,
+                     "reachable": not shape.latent and n_kv <= shape.n_kv_heads and shape.n_kv_heads % n_kv == 0,
                      "bytes_per_token": s.bytes_per_token(nbytes), "total_bytes": s.bytes(batch, context, nbytes)})
     return rows
 
@@ -72,16 +75,21 @@ def print_info(settings: InfoSettings, console: Console | None = None) -> ModelI
     s = info.shape
     console.print(f"[bold]{info.path}[/bold]  {info.architecture} ({info.model_type})")
     params = f"{info.parameters:,}" if info.parameters else "?"
-    console.print(f"layers {s.layers}  heads {s.n_heads}  KV heads {s.n_kv_heads}  head_dim {s.head_dim}  "
-                  f"parameters {params}  checkpoint dtype {info.checkpoint_dtype}")
-    table = Table(title=f"KV cache, batch {batch} x context {context}, {settings.dtype} "
-                        "(layers x batch x kv_heads x head_dim x context x 2 x bytes)")
+    cached = (f"MLA latent + RoPE key {s.values_per_layer} values per token and layer" if s.latent
+              else f"KV heads {s.n_kv_heads}  head_dim {s.head_dim}")
+    console.print(f"layers {s.layers}  heads {s.n_heads}  {cached}  parameters {params}  "
+                  f"checkpoint dtype {info.checkpoint_dtype}")
+    formula = "layers x batch x kv_heads x head_dim x context x 2 x bytes"
+    if s.latent:
+        formula = f"MLA: layers x batch x context x {s.values_per_layer} x bytes; K/V: {formula}"
+    table = Table(title=f"KV cache, batch {batch} x context {context}, {settings.dtype} ({formula})")
     for col in ("attention", "KV heads", "per token", "total", "vs now", ""):
         table.add_column(col, justify="right" if col not in ("attention", "") else "left")
     rows = kv_table_rows(s, batch, context, nbytes)
     now = next((r["total_bytes"] for r in rows if r["current"]), s.bytes(batch, context, nbytes))
     for r in rows:
-        note = "this model" if r["current"] else ("" if r["reachable"] else "needs more KV heads than it has")
+        note = ("this model" if r["current"] else "for comparison" if s.latent
+                else "" if r["reachable"] else "needs more KV heads than it has")
         table.add_row(r["kind"], str(r["kv_heads"]), human_bytes(r["bytes_per_token"]), human_bytes(r["total_bytes"]),
                       f"{r['total_bytes'] / now:.3g}x", note)
     console.print(table)
