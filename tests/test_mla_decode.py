@@ -173,3 +173,18 @@ def test_info_shows_the_latent_cache(cli, checkpoint):
     assert code == 0, err
     assert "MLA latent + RoPE key 24 values per token and layer" in out
     assert "this model" in out and "for comparison" in out
+
+
+def test_prefill_in_chunks_then_steps_equals_one_forward(checkpoint):
+    """A second prefill chunk attends to the cached rows (expanded) and its own, causally: the same logits as one
+    forward over the whole sequence."""
+    model = load_causal_lm(checkpoint("q-lora"), dtype="float32")
+    ids, _ = prompts(2, padded=False)
+    cache = LatentKVCache(model.config, 2, PROMPT, torch.float32, "cpu")
+    with torch.no_grad(), deepseek_v3.mla_decode(model) as patched:
+        first = model(ids[:, :4], cache=cache).logits
+        second = model(ids[:, 4:-1], cache=cache).logits
+        last = model(ids[:, -1:], cache=cache).logits
+    full = model(ids).logits
+    assert patched == 2
+    torch.testing.assert_close(torch.cat([first, second, last], dim=1), full, atol=1e-5, rtol=0)

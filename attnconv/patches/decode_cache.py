@@ -5,7 +5,9 @@ embeddings stay the model's own. K/V live in one buffer per layer, written in pl
 and are never repeated across query heads. On CPU the buffers are stored transposed, `[b, n_kv, head_dim,
 max_len]`: a decode step's two products (q @ K^T, p @ V) then read long contiguous rows. Where 2+ query heads share
 a KV head and attnconv's CPU kernels load, keys stay rows (`keys_as_rows`) for its grouped scores kernel; on GPUs
-the usual layout feeds SDPA's kernels. Measurements: docs/benchmarks.md.
+the usual layout feeds SDPA's kernels. MLA models (DeepseekV3) cache one row per token instead, `[latent;
+rotated RoPE key]`, shared by every head (`LatentKVCache`, used by patches/deepseek_v3.py). Measurements:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
