@@ -95,11 +95,12 @@ def test_absorbed_decode_logits_equal_the_unabsorbed_forward(checkpoint, variant
     assert torch.equal(ours.argmax(-1), result.tokens)
 
 
-@pytest.mark.parametrize("variant", ["q-full", "q-lora", "odd-rank"])
-def test_greedy_tokens_equal_generate_with_left_padding(checkpoint, variant):
+@pytest.mark.parametrize("variant,kernel", [("q-full", "auto"), ("q-lora", "auto"), ("odd-rank", "auto"),
+                                            ("q-lora", "torch")])
+def test_greedy_tokens_equal_generate_with_left_padding(checkpoint, variant, kernel):
     model = load_causal_lm(checkpoint(variant), dtype="float32")
     ids, mask = prompts(3, padded=True, seed=1)
-    ours = greedy_generate(model, ids, NEW, attention_mask=mask)
+    ours = greedy_generate(model, ids, NEW, attention_mask=mask, kernel=kernel)
     theirs = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                             pad_token_id=0)
     assert torch.equal(ours.tokens, theirs[:, PROMPT:])
