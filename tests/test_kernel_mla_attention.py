@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnconv.kernels import cpu_decode
+from attnconv.kernels import cpu_decode, cpu_mla
 from attnconv.kernels.mla_attention import (
     expand_latent,
     grouped_rope_scores,
+    latent_attention,
     latent_scores,
     mla_decode_attention,
     mla_decode_reference,
@@ -22,7 +23,18 @@ SHAPES = [(1, 1, 8, 8, 8, 8, 1), (3, 4, 16, 8, 16, 16, 5), (2, 12, 32, 16, 24, 8
           (1, 16, 64, 32, 32, 64, 300), (3, 5, 12, 6, 10, 14, 17)]
 # max abs error against float64, for outputs of magnitude ~1 (inputs scaled so softmax is not flat)
 TOLERANCE = {torch.float32: 5e-6, torch.bfloat16: 4e-2}
-BACKENDS = ["native", "torch"] if cpu_decode.unavailable_reason() is None else ["torch"]
+NATIVE = cpu_decode.unavailable_reason() is None
+BACKENDS = ["native", "torch"] if NATIVE else ["torch"]
+# CPU float32 paths: the fused kernel (cpu_mla.c), the scores kernel + torch softmax + BLAS, plain torch
+PATHS = (["fused", "scores"] if NATIVE and cpu_mla.available() else []) + ["torch"]
+
+
+@pytest.fixture
+def path(request, monkeypatch) -> str:
+    """The backend argument for a CPU path; "scores" hides the fused kernel."""
+    if request.param == "scores":
+        monkeypatch.setattr(cpu_mla, "available", lambda: False)
+    return "torch" if request.param == "torch" else "native"
 
 
 def make_inputs(batch, heads, rank, rope, nope, v_dim, length, seed=0, spare=3):
@@ -61,11 +73,11 @@ def test_reference_equals_unabsorbed_in_float64(shape):
     torch.testing.assert_close(ref, expected, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_absorbed_decode_matches_unabsorbed(shape, dtype, backend, masked):
+def test_absorbed_decode_matches_unabsorbed(shape, dtype, path, masked):
     batch, heads, rank, rope, nope, v_dim, length = shape
     kv_b, rows, q_nope, q_rot, keep = make_inputs(*shape, seed=length)
     keep = keep if masked else torch.ones_like(keep)
@@ -73,22 +85,66 @@ def test_absorbed_decode_matches_unabsorbed(shape, dtype, backend, masked):
     expected = unabsorbed(q_nope, q_rot, rows, kv_b, heads, nope, v_dim, scale, keep)
     w_uk, w_uv = split_kv_b(kv_b.to(dtype), heads, nope, v_dim)
     out = mla_decode_attention(q_nope.to(dtype), q_rot.to(dtype), rows.to(dtype), w_uk, w_uv, scale,
-                               keep if masked else None, backend)
+                               keep if masked else None, path)
     assert out.dtype == dtype and out.shape == (batch, heads, v_dim)
     err = (out.double() - expected).abs().max().item()
     assert err <= TOLERANCE[dtype], err
     assert expected.abs().max() > 0.3  # outputs of magnitude ~1: the tolerance is a real bound
 
 
-@pytest.mark.skipif("native" not in BACKENDS, reason=cpu_decode.unavailable_reason() or "")
-def test_native_scores_are_used_on_cpu_float32(monkeypatch):
+@pytest.mark.skipif("fused" not in PATHS, reason="attnconv's CPU kernels are not available here")
+def test_the_fused_kernel_runs_on_cpu_float32(monkeypatch):
     calls = []
-    real = cpu_decode.decode_scores
-    monkeypatch.setattr(cpu_decode, "decode_scores", lambda *a: calls.append(a[1].shape) or real(*a))
+    real = cpu_mla.latent_attention
+    monkeypatch.setattr(cpu_mla, "latent_attention", lambda *a: calls.append(a[1].shape) or real(*a))
     kv_b, rows, q_nope, q_rot, _ = make_inputs(2, 6, 16, 8, 8, 8, 9)
     w_uk, w_uv = split_kv_b(kv_b.float(), 6, 8, 8)
     mla_decode_attention(q_nope.float(), q_rot.float(), rows.float(), w_uk, w_uv, 0.3)
-    assert calls == [(2, 1, 9, 24)]  # one shared key head, all six query heads in one call
+    assert calls == [(2, 9, 24)]  # one call: all six heads over the shared rows
+
+
+@pytest.mark.skipif("fused" not in PATHS, reason="attnconv's CPU kernels are not available here")
+@pytest.mark.parametrize("heads,width,rank,length", [(1, 8, 8, 1), (7, 40, 24, 255), (12, 192, 128, 256),
+                                                     (5, 24, 16, 257), (3, 16, 8, 700)])
+def test_fused_kernel_against_float64_across_chunk_boundaries(heads, width, rank, length):
+    """Chunks of 256 keys merged by their maxima: lengths on both sides of a boundary, a chunk whose keys are all
+    masked, extra scores, head counts and ranks off the kernel's 4 x 16 register blocks."""
+    g = torch.Generator().manual_seed(length)
+    query = torch.randn(3, heads, width, generator=g, dtype=torch.float64)
+    rows = torch.randn(3, length + 5, width, generator=g, dtype=torch.float64)[:, :length]
+    extra = torch.randn(3, heads, length, generator=g, dtype=torch.float64)
+    keep = torch.rand(3, length, generator=g) > 0.4
+    keep[1, :min(length - 1, 300)] = False  # row 1: a whole chunk masked (when long enough), its last key kept
+    keep[:, -1] = True
+    scores = (query @ rows.transpose(-1, -2)) * 0.3 + extra
+    expected = scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1) @ rows[..., :rank]
+    out = cpu_mla.latent_attention(query.float(), rows.float(), rank, 0.3, keep, extra.float())
+    assert out.shape == (3, heads, rank)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
+    unmasked = (query @ rows.transpose(-1, -2) * 0.3).softmax(-1) @ rows[..., :rank]
+    torch.testing.assert_close(cpu_mla.latent_attention(query.float(), rows.float(), rank, 0.3).double(), unmasked,
+                               atol=TOLERANCE[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_latent_attention_with_a_grouped_rope_term_apart(path):
+    """attnconv's own MLA layout later: latent scores over the shared rows + RoPE scores per KV head, added."""
+    g = torch.Generator().manual_seed(2)
+    b, n_kv, group, rank, rope, length = 2, 3, 2, 16, 8, 40
+    latent = torch.randn(b, length + 1, rank, generator=g)[:, :length]
+    k_rot = torch.randn(b, n_kv, length, rope, generator=g)
+    q_lat = torch.randn(b, n_kv * group, rank, generator=g)
+    q_rot = torch.randn(b, n_kv, group, rope, generator=g)
+    keep = torch.rand(b, length, generator=g) > 0.2
+    keep[:, -1] = True
+    extra = grouped_rope_scores(q_rot, k_rot, 0.25, path)  # [b, H, L]
+    out = latent_attention(q_lat, latent, rank, 0.25, keep, extra, path)
+    scores = (q_lat.double() @ latent.double().transpose(-1, -2)
+              + (q_rot.double() @ k_rot.double().transpose(-1, -2)).reshape(b, n_kv * group, length)) * 0.25
+    expected = scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1) @ latent.double()
+    torch.testing.assert_close(out.double(), expected, atol=5e-6, rtol=0)
+    sdpa = latent_attention(q_lat.bfloat16(), latent.bfloat16(), rank, 0.25, keep, extra)  # the SDPA path
+    assert (sdpa.double() - expected).abs().max() <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

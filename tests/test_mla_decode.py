@@ -188,4 +188,4 @@ def test_prefill_in_chunks_then_steps_equals_one_forward(checkpoint):
         last = model(ids[:, -1:], cache=cache).logits
     full = model(ids).logits
     assert patched == 2
-    torch.testing.assert_close(torch.cat([first, second, last], dim=1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([first, second, last], dim=1), full, atol=1e-4, rtol=0)

@@ -9,10 +9,12 @@ transformers' DeepseekV3 does), the step moves the query into the latent space o
     scores = (q_abs . c_j + q_rot . k_rot_j) * scale              [b, H, L]
     out    = (softmax(scores) @ c) @ W_uv^T                       [b, H, d_v]
 
-so the step reads r + d_r values per cached token, once for all heads. The scores are a dot product of the row
-`[q_abs; q_rot]` with the cache row: on CPU in float32 exactly the grouped-heads case of attnconv's
-`decode_scores` (one KV head, g = H, d = r + d_r), and the value product reads the first r columns of the same
-rows. Elsewhere torch does it (SDPA over the latent, the H heads folded into the query axis).
+so the step reads r + d_r values per cached token, once for all heads, but does H x (2r + d_r) multiply-adds per
+token: ~5 per byte, compute-bound on a CPU. The scores are a dot product of the row `[q_abs; q_rot]` with the
+cache row. On CPU in float32, `cpu_mla.c` does scores, softmax and values in one pass per chunk of keys while the
+chunk is in cache (1.6-1.75x the separate passes below, one thread); without it, the scores are the grouped-heads
+case of attnconv's `decode_scores` (one KV head, g = H, d = r + d_r), then torch's softmax and BLAS over the first
+r columns of the same rows. Elsewhere torch does it (SDPA over the latent, the H heads folded into the query axis).
 
 The two score terms are separate functions too (`latent_scores`, `grouped_rope_scores`), for layouts whose RoPE
 keys are per KV head rather than shared: their sum is the same scores. No transformers imports here.
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnconv.kernels import cpu_decode
+from attnconv.kernels import cpu_decode, cpu_mla
 
 
 def split_kv_b(weight: torch.Tensor, n_heads: int, nope_dim: int, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,17 +76,26 @@ def latent_values(probs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
     return torch.matmul(probs.to(latent.dtype), latent)
 
 
-def _latent_attention(query: torch.Tensor, rows: torch.Tensor, rank: int, scale: float, keep: torch.Tensor | None,
-                      backend: str) -> torch.Tensor:
-    """softmax(query [b, H, r + d_r] . rows [b, L, r + d_r] * scale) @ rows[..., :r] -> [b, H, r]."""
+def latent_attention(query: torch.Tensor, rows: torch.Tensor, rank: int, scale: float,
+                     keep: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """softmax(query [b, H, D] . rows [b, L, D] * scale (+ extra [b, H, L]), keep [b, L]) @ rows[..., :rank]
+    -> [b, H, rank], for rows shared by all H heads. `extra`: scores computed apart (e.g. `grouped_rope_scores`)."""
     latent = rows[..., :rank]  # [b, L, r]
-    cpu_fp32 = rows.device.type == "cpu" and rows.dtype == torch.float32
-    if not cpu_fp32:  # SDPA's kernels, the H heads folded into the query axis of one shared "KV head"
+    if not (rows.device.type == "cpu" and rows.dtype == torch.float32):
+        # SDPA's kernels, the H heads folded into the query axis of one shared "KV head"
         mask = None if keep is None else keep[:, None, None, :]  # [b, 1, 1, L]
-        out = F.scaled_dot_product_attention(query[:, None], rows[:, None], latent[:, None], attn_mask=mask,
-                                             scale=scale)  # [b, 1, H, r]
-        return out[:, 0]
+        if extra is not None:
+            mask = extra[:, None].to(query.dtype) if mask is None else extra[:, None].to(query.dtype).masked_fill(
+                ~mask, float("-inf"))
+        return F.scaled_dot_product_attention(query[:, None], rows[:, None], latent[:, None], attn_mask=mask,
+                                              scale=scale)[:, 0]  # [b, H, r]
+    native = cpu_decode.resolve_backend(backend) == "native"
+    if native and cpu_mla.available() and cpu_mla.supports(query, rows, rank):  # one pass over the rows
+        return cpu_mla.latent_attention(query, rows, rank, scale, keep, extra)
     scores = latent_scores(query, rows, scale, backend)  # [b, H, L]
+    if extra is not None:
+        scores += extra
     if keep is not None:
         scores.masked_fill_(~keep[:, None, :], float("-inf"))
     return latent_values(scores.softmax(-1), latent)
@@ -102,7 +113,7 @@ def mla_decode_attention(q_nope: torch.Tensor, q_rot: torch.Tensor, rows: torch.
     """
     rank = w_uk.shape[-1]
     query = torch.cat([absorb_query(q_nope, w_uk), q_rot.to(w_uk.dtype)], dim=-1)  # [b, H, r + d_r]
-    out_latent = _latent_attention(query, rows, rank, scale, keep, backend)  # [b, H, r]
+    out_latent = latent_attention(query, rows, rank, scale, keep, backend=backend)  # [b, H, r]
     return unabsorb_output(out_latent.to(w_uv.dtype), w_uv)
 
 

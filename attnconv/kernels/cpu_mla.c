@@ -1,0 +1,185 @@
+// Fused MLA decode attention over a latent cache (AVX2 + FMA, float32), built by native.py, called by cpu_mla.py.
+//
+// Every head reads the same cached row per token, [latent (R); RoPE key (D - R)]. Absorbed MLA makes a step
+// compute-bound on a CPU: per token and layer H x (2R + D - R) multiply-adds over R + (D - R) floats read, ~5 per
+// byte. Done as separate passes (scores kernel, softmax, BLAS for the values) the rows come from DRAM twice and each
+// pass waits on memory; here one work item takes CHUNK keys of one sequence and does everything while they are in
+// L1/L2: the scores of all H heads (eight keys at a time, each row loaded once for all heads), the softmax against
+// the chunk's own maximum, and the probabilities times the latent columns, four heads by sixteen columns in
+// registers. The chunks' partial results are merged at the end (flash-decoding). The next rows are prefetched while
+// a block is computed.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define CHUNK 256  // keys per work item: the chunk's rows (256 x 768 B for R + d_r = 192) stay in L2
+
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
+                           __m256 a7) {
+  __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+  __m256 s45 = _mm256_hadd_ps(a4, a5), s67 = _mm256_hadd_ps(a6, a7);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// [v . r[i] for i = 0..7] over n floats (n % 8 == 0).
+static inline __m256 dot8(const float *v, const float *const r[8], int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t k = 0; k < n; k += 8) {
+    __m256 x = _mm256_loadu_ps(v + k);
+    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[0] + k), a0);
+    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[1] + k), a1);
+    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[2] + k), a2);
+    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[3] + k), a3);
+    a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[4] + k), a4);
+    a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[5] + k), a5);
+    a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[6] + k), a6);
+    a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[7] + k), a7);
+  }
+  return hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+}
+
+// exp(x) for x <= 0 in 8 lanes (Cephes expf, as cpu_softmax.c; within 1e-7 relative); -inf and x < -87.3 give 0.
+static inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.3f);
+  __m256 under = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  x = _mm256_max_ps(lowest, x);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+// Scores of one chunk: s[h * CHUNK + j] = scale * q[h] . row[j] (+ extra[h * el + j]), -inf where keep[j] == 0.
+static void chunk_scores(const float *q, const float *rows, int64_t rl, const uint8_t *keep, const float *extra,
+                         int64_t el, int64_t H, int64_t D, int64_t n, float scale, float *s) {
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t t0 = 0; t0 < n; t0 += 8) {
+    const int64_t m = n - t0 < 8 ? n - t0 : 8;
+    const float *r[8];
+    for (int i = 0; i < 8; i++) r[i] = rows + (t0 + (i < m ? i : 0)) * rl;  // a short block repeats its first key
+    for (int64_t i = 0; i < 8 && t0 + 8 + i < n; i++)  // the next block's rows, while this one computes
+      for (int64_t k = 0; k < D; k += 16) _mm_prefetch((const char *)(rows + (t0 + 8 + i) * rl + k), _MM_HINT_T0);
+    for (int64_t h = 0; h < H; h++) {
+      float out[8];
+      _mm256_storeu_ps(out, _mm256_mul_ps(dot8(q + h * D, r, D), sc));
+      for (int64_t i = 0; i < m; i++) s[h * CHUNK + t0 + i] = out[i];
+    }
+  }
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t j = 0; j < n; j++) {
+      if (extra) s[h * CHUNK + j] += extra[h * el + j];
+      if (keep && !keep[j]) s[h * CHUNK + j] = -INFINITY;
+    }
+}
+
+// Per head, in place: s = exp(s - max) over the chunk; stats[h] = (max, sum). A fully masked head: (-inf, 0).
+static void chunk_softmax(float *s, int64_t H, int64_t n, float *stats) {
+  for (int64_t h = 0; h < H; h++) {
+    float *sh = s + h * CHUNK, peak = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < n; j++) peak = sh[j] > peak ? sh[j] : peak;
+    for (int64_t j = n; j < (n + 7) / 8 * 8; j++) sh[j] = -INFINITY;  // lanes past the end give exp = 0
+    if (peak == -INFINITY) {
+      for (int64_t j = 0; j < n; j++) sh[j] = 0.0f;
+    } else {
+      const __m256 pk = _mm256_set1_ps(peak);
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; j += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sh + j), pk));
+        _mm256_storeu_ps(sh + j, e);
+        acc = _mm256_add_ps(acc, e);
+      }
+      float lanes[8];
+      _mm256_storeu_ps(lanes, acc);
+      for (int i = 0; i < 8; i++) total += lanes[i];
+    }
+    stats[2 * h] = peak;
+    stats[2 * h + 1] = total;
+  }
+}
+
+// acc[h * R + c] = sum_j p[h * CHUNK + j] * rows[j * rl + c], c < R (R % 8 == 0): four heads by sixteen columns in
+// eight registers; the sixteen-column stripe of the chunk's rows is reused by every group of four heads from L1.
+static void chunk_values(const float *p, const float *rows, int64_t rl, int64_t H, int64_t R, int64_t n, float *acc) {
+  for (int64_t c = 0; c < R; c += 16) {
+    const int wide = R - c >= 16;
+    for (int64_t h0 = 0; h0 < H; h0 += 4) {
+      const float *ph[4];
+      for (int i = 0; i < 4; i++) ph[i] = p + (h0 + i < H ? h0 + i : h0) * CHUNK;  // missing heads repeat h0
+      __m256 a[8];
+      for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; j++) {
+        const float *row = rows + j * rl + c;
+        __m256 x0 = _mm256_loadu_ps(row), x1 = wide ? _mm256_loadu_ps(row + 8) : _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+          __m256 w = _mm256_broadcast_ss(ph[i] + j);
+          a[2 * i] = _mm256_fmadd_ps(w, x0, a[2 * i]);
+          a[2 * i + 1] = _mm256_fmadd_ps(w, x1, a[2 * i + 1]);
+        }
+      }
+      for (int i = 0; i < 4 && h0 + i < H; i++) {
+        _mm256_storeu_ps(acc + (h0 + i) * R + c, a[2 * i]);
+        if (wide) _mm256_storeu_ps(acc + (h0 + i) * R + c + 8, a[2 * i + 1]);
+      }
+    }
+  }
+}
+
+// out [B, H, R] = softmax(scale * q . rows^T + extra, masked) @ rows[..., :R].
+// q [B, H, D] contiguous; rows [B, L, D] with strides (rb, rl, 1); keep [B, L] bytes with stride kb, or NULL;
+// extra [B, H, L] contiguous, or NULL; D % 8 == 0, R % 8 == 0, R <= D. Workspace: scores [B, chunks, H, CHUNK]
+// and parts [B, chunks, H, R + 2] floats (chunks = ceil(L / CHUNK)).
+void attnconv_mla_decode(const float *q, const float *rows, int64_t rb, int64_t rl, const uint8_t *keep, int64_t kb,
+                         const float *extra, int64_t B, int64_t H, int64_t D, int64_t R, int64_t L, float scale,
+                         float *scores, float *parts, float *out) {
+  const int64_t chunks = (L + CHUNK - 1) / CHUNK, width = R + 2;
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t c = 0; c < chunks; c++) {
+      const int64_t t0 = c * CHUNK, n = L - t0 < CHUNK ? L - t0 : CHUNK;
+      float *s = scores + (b * chunks + c) * H * CHUNK, *part = parts + (b * chunks + c) * H * width;
+      const float *chunk_rows = rows + b * rb + t0 * rl;
+      chunk_scores(q + b * H * D, chunk_rows, rl, keep ? keep + b * kb + t0 : NULL,
+                   extra ? extra + b * H * L + t0 : NULL, L, H, D, n, scale, s);
+      float stats[2 * H];
+      chunk_softmax(s, H, n, stats);
+      chunk_values(s, chunk_rows, rl, H, R, n, part);  // rows [H, R] of part, stats after them
+      for (int64_t h = 0; h < H; h++) {
+        part[H * R + 2 * h] = stats[2 * h];
+        part[H * R + 2 * h + 1] = stats[2 * h + 1];
+      }
+    }
+  }
+  // merge the chunks: out = sum_c exp(max_c - max) acc_c / sum_c exp(max_c - max) total_c
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t h = 0; h < H; h++) {
+      float peak = -INFINITY, total = 0.0f;
+      for (int64_t c = 0; c < chunks; c++) {
+        const float m = parts[(b * chunks + c) * H * width + H * R + 2 * h];
+        peak = m > peak ? m : peak;
+      }
+      float *o = out + (b * H + h) * R;
+      for (int64_t k = 0; k < R; k++) o[k] = 0.0f;
+      for (int64_t c = 0; c < chunks; c++) {
+        const float *part = parts + (b * chunks + c) * H * width;
+        const float m = part[H * R + 2 * h];
+        if (m == -INFINITY) continue;
+        const float w = expf(m - peak);
+        total += w * part[H * R + 2 * h + 1];
+        for (int64_t k = 0; k < R; k++) o[k] += w * part[h * R + k];
+      }
+      const float inv = total > 0.0f ? 1.0f / total : NAN;  // every key masked: NaN, as softmax over all -inf
+      for (int64_t k = 0; k < R; k++) o[k] *= inv;
+    }
+  }
+}
