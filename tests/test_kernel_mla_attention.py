@@ -104,11 +104,13 @@ def test_the_fused_kernel_runs_on_cpu_float32(monkeypatch):
 
 
 @pytest.mark.skipif("fused" not in PATHS, reason="attnconv's CPU kernels are not available here")
+@pytest.mark.parametrize("wide", [False, True] if cpu_mla.has_avx512() else [False])
 @pytest.mark.parametrize("heads,width,rank,length", [(1, 8, 8, 1), (7, 40, 24, 255), (12, 192, 128, 256),
-                                                     (5, 24, 16, 257), (3, 16, 8, 700)])
-def test_fused_kernel_against_float64_across_chunk_boundaries(heads, width, rank, length):
+                                                     (5, 24, 16, 257), (3, 16, 8, 700), (6, 96, 80, 300)])
+def test_fused_kernel_against_float64_across_chunk_boundaries(heads, width, rank, length, wide):
     """Chunks of 256 keys merged by their maxima: lengths on both sides of a boundary, a chunk whose keys are all
-    masked, extra scores, head counts and ranks off the kernel's 4 x 16 register blocks."""
+    masked, extra scores, head counts and ranks off the register blocks (4 heads x 16 or 64 columns), widths that
+    are not a multiple of 16 (AVX2 scores under AVX-512 values); AVX2 and AVX-512."""
     g = torch.Generator().manual_seed(length)
     query = torch.randn(3, heads, width, generator=g, dtype=torch.float64)
     rows = torch.randn(3, length + 5, width, generator=g, dtype=torch.float64)[:, :length]
@@ -118,12 +120,12 @@ def test_fused_kernel_against_float64_across_chunk_boundaries(heads, width, rank
     keep[:, -1] = True
     scores = (query @ rows.transpose(-1, -2)) * 0.3 + extra
     expected = scores.masked_fill(~keep[:, None], float("-inf")).softmax(-1) @ rows[..., :rank]
-    out = cpu_mla.latent_attention(query.float(), rows.float(), rank, 0.3, keep, extra.float())
+    out = cpu_mla.latent_attention(query.float(), rows.float(), rank, 0.3, keep, extra.float(), wide)
     assert out.shape == (3, heads, rank)
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
     unmasked = (query @ rows.transpose(-1, -2) * 0.3).softmax(-1) @ rows[..., :rank]
-    torch.testing.assert_close(cpu_mla.latent_attention(query.float(), rows.float(), rank, 0.3).double(), unmasked,
-                               atol=TOLERANCE[torch.float32], rtol=0)
+    torch.testing.assert_close(cpu_mla.latent_attention(query.float(), rows.float(), rank, 0.3, wide=wide).double(),
+                               unmasked, atol=TOLERANCE[torch.float32], rtol=0)
 
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)

@@ -5,14 +5,19 @@
 // byte. Done as separate passes (scores kernel, softmax, BLAS for the values) the rows come from DRAM twice and each
 // pass waits on memory; here one work item takes CHUNK keys of one sequence and does everything while they are in
 // L1/L2: the scores of all H heads (eight keys at a time, each row loaded once for all heads), the softmax against
-// the chunk's own maximum, and the probabilities times the latent columns, four heads by sixteen columns in
-// registers. The chunks' partial results are merged at the end (flash-decoding). The next rows are prefetched while
-// a block is computed.
+// the chunk's own maximum, and the probabilities times the latent columns, four heads by sixteen (AVX-512: sixty-four)
+// columns in registers. The chunks' partial results are merged at the end (flash-decoding). Rows further on are
+// prefetched while a block is computed. Compiled for AVX2; the AVX-512 variants (target attributes, twice the
+// multiply-adds per instruction) run where the CPU reports AVX-512F/DQ.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
 #define CHUNK 256  // keys per work item: the chunk's rows (256 x 768 B for R + d_r = 192) stay in L2
+#ifndef AHEAD
+#define AHEAD 16  // rows prefetched ahead of the block being computed
+#endif
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
 
 static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
                            __m256 a7) {
@@ -59,28 +64,51 @@ static inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
 }
 
-// Scores of one chunk: s[h * CHUNK + j] = scale * q[h] . row[j] (+ extra[h * el + j]), -inf where keep[j] == 0.
-static void chunk_scores(const float *q, const float *rows, int64_t rl, const uint8_t *keep, const float *extra,
-                         int64_t el, int64_t H, int64_t D, int64_t n, float scale, float *s) {
-  const __m256 sc = _mm256_set1_ps(scale);
-  for (int64_t t0 = 0; t0 < n; t0 += 8) {
-    const int64_t m = n - t0 < 8 ? n - t0 : 8;
-    const float *r[8];
-    for (int i = 0; i < 8; i++) r[i] = rows + (t0 + (i < m ? i : 0)) * rl;  // a short block repeats its first key
-    for (int64_t i = 0; i < 8 && t0 + 8 + i < n; i++)  // the next block's rows, while this one computes
-      for (int64_t k = 0; k < D; k += 16) _mm_prefetch((const char *)(rows + (t0 + 8 + i) * rl + k), _MM_HINT_T0);
-    for (int64_t h = 0; h < H; h++) {
-      float out[8];
-      _mm256_storeu_ps(out, _mm256_mul_ps(dot8(q + h * D, r, D), sc));
-      for (int64_t i = 0; i < m; i++) s[h * CHUNK + t0 + i] = out[i];
-    }
+// [v . r[i] for i = 0..7] over n floats (n % 16 == 0), sixteen lanes at a time.
+AVX512 static inline __m256 dot8_512(const float *v, const float *const r[8], int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t k = 0; k < n; k += 16) {
+    __m512 x = _mm512_loadu_ps(v + k);
+    a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[0] + k), a0);
+    a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[1] + k), a1);
+    a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[2] + k), a2);
+    a3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[3] + k), a3);
+    a4 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[4] + k), a4);
+    a5 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[5] + k), a5);
+    a6 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[6] + k), a6);
+    a7 = _mm512_fmadd_ps(x, _mm512_loadu_ps(r[7] + k), a7);
   }
-  for (int64_t h = 0; h < H; h++)
-    for (int64_t j = 0; j < n; j++) {
-      if (extra) s[h * CHUNK + j] += extra[h * el + j];
-      if (keep && !keep[j]) s[h * CHUNK + j] = -INFINITY;
-    }
+#define HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))
+  return hsum8(HALVES(a0), HALVES(a1), HALVES(a2), HALVES(a3), HALVES(a4), HALVES(a5), HALVES(a6), HALVES(a7));
+#undef HALVES
 }
+
+// Scores of one chunk: s[h * CHUNK + j] = scale * q[h] . row[j] (+ extra[h * el + j]), -inf where keep[j] == 0.
+// The eight rows AHEAD rows on from the current block are prefetched before its head loop.
+#define CHUNK_SCORES(NAME, DOT, ATTR)                                                                                \
+  ATTR static void NAME(const float *q, const float *rows, int64_t rl, const uint8_t *keep, const float *extra,      \
+                        int64_t el, int64_t H, int64_t D, int64_t n, int64_t ahead, float scale, float *s) {         \
+    const __m256 sc = _mm256_set1_ps(scale);                                                                         \
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {                                                                          \
+      const int64_t m = n - t0 < 8 ? n - t0 : 8;                                                                     \
+      const float *r[8];                                                                                             \
+      for (int i = 0; i < 8; i++) r[i] = rows + (t0 + (i < m ? i : 0)) * rl; /* a short block repeats key t0 */     \
+      for (int64_t i = t0 + AHEAD; i < t0 + AHEAD + 8 && i < ahead; i++)                                             \
+        for (int64_t k = 0; k < D; k += 16) _mm_prefetch((const char *)(rows + i * rl + k), _MM_HINT_T0);            \
+      for (int64_t h = 0; h < H; h++) {                                                                              \
+        float out[8];                                                                                                \
+        _mm256_storeu_ps(out, _mm256_mul_ps(DOT(q + h * D, r, D), sc));                                              \
+        for (int64_t i = 0; i < m; i++) s[h * CHUNK + t0 + i] = out[i];                                              \
+      }                                                                                                              \
+    }                                                                                                                \
+    for (int64_t h = 0; h < H; h++)                                                                                  \
+      for (int64_t j = 0; j < n; j++) {                                                                              \
+        if (extra) s[h * CHUNK + j] += extra[h * el + j];                                                            \
+        if (keep && !keep[j]) s[h * CHUNK + j] = -INFINITY;                                                          \
+      }                                                                                                              \
+  }
+CHUNK_SCORES(chunk_scores, dot8, )
+CHUNK_SCORES(chunk_scores_512, dot8_512, AVX512)
 
 // Per head, in place: s = exp(s - max) over the chunk; stats[h] = (max, sum). A fully masked head: (-inf, 0).
 static void chunk_softmax(float *s, int64_t H, int64_t n, float *stats) {
@@ -134,25 +162,70 @@ static void chunk_values(const float *p, const float *rows, int64_t rl, int64_t 
   }
 }
 
+// chunk_values with sixteen-lane registers: four heads by sixty-four columns in sixteen registers, the last
+// columns masked.
+AVX512 static void chunk_values_512(const float *p, const float *rows, int64_t rl, int64_t H, int64_t R, int64_t n,
+                                    float *acc) {
+  for (int64_t c = 0; c < R; c += 64) {
+    __mmask16 mask[4];
+    for (int v = 0; v < 4; v++) {
+      const int64_t left = R - c - 16 * v;
+      mask[v] = left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+    }
+    for (int64_t h0 = 0; h0 < H; h0 += 4) {
+      const float *ph[4];
+      for (int i = 0; i < 4; i++) ph[i] = p + (h0 + i < H ? h0 + i : h0) * CHUNK;
+      __m512 a[16];
+      for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j++) {
+        const float *row = rows + j * rl + c;
+        __m512 x[4];
+        for (int v = 0; v < 4; v++) x[v] = _mm512_maskz_loadu_ps(mask[v], row + 16 * v);
+        for (int i = 0; i < 4; i++) {
+          __m512 w = _mm512_set1_ps(ph[i][j]);
+          for (int v = 0; v < 4; v++) a[4 * i + v] = _mm512_fmadd_ps(w, x[v], a[4 * i + v]);
+        }
+      }
+      for (int i = 0; i < 4 && h0 + i < H; i++)
+        for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(acc + (h0 + i) * R + c + 16 * v, mask[v], a[4 * i + v]);
+    }
+  }
+}
+
 // out [B, H, R] = softmax(scale * q . rows^T + extra, masked) @ rows[..., :R].
 // q [B, H, D] contiguous; rows [B, L, D] with strides (rb, rl, 1); keep [B, L] bytes with stride kb, or NULL;
 // extra [B, H, L] contiguous, or NULL; D % 8 == 0, R % 8 == 0, R <= D. Workspace: scores [B, chunks, H, CHUNK]
-// and parts [B, chunks, H, R + 2] floats (chunks = ceil(L / CHUNK)).
+// and parts [B, chunks, H, R + 2] floats (chunks = ceil(L / CHUNK)). wide: use AVX-512 where the CPU has it
+// (its scores need D % 16 == 0); 0 keeps to AVX2.
+int attnconv_mla_has_avx512(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
+
 void attnconv_mla_decode(const float *q, const float *rows, int64_t rb, int64_t rl, const uint8_t *keep, int64_t kb,
                          const float *extra, int64_t B, int64_t H, int64_t D, int64_t R, int64_t L, float scale,
-                         float *scores, float *parts, float *out) {
+                         float *scores, float *parts, float *out, int wide) {
   const int64_t chunks = (L + CHUNK - 1) / CHUNK, width = R + 2;
+  const int zmm = wide && attnconv_mla_has_avx512(), zmm_scores = zmm && D % 16 == 0;
 #pragma omp parallel for schedule(static) collapse(2)
   for (int64_t b = 0; b < B; b++) {
     for (int64_t c = 0; c < chunks; c++) {
       const int64_t t0 = c * CHUNK, n = L - t0 < CHUNK ? L - t0 : CHUNK;
       float *s = scores + (b * chunks + c) * H * CHUNK, *part = parts + (b * chunks + c) * H * width;
       const float *chunk_rows = rows + b * rb + t0 * rl;
-      chunk_scores(q + b * H * D, chunk_rows, rl, keep ? keep + b * kb + t0 : NULL,
-                   extra ? extra + b * H * L + t0 : NULL, L, H, D, n, scale, s);
+      const uint8_t *k = keep ? keep + b * kb + t0 : NULL;
+      const float *e = extra ? extra + b * H * L + t0 : NULL;
+      const int64_t ahead = L - t0;  // rows left in this sequence: the prefetch may run into the next chunk
+      if (zmm_scores)
+        chunk_scores_512(q + b * H * D, chunk_rows, rl, k, e, L, H, D, n, ahead, scale, s);
+      else
+        chunk_scores(q + b * H * D, chunk_rows, rl, k, e, L, H, D, n, ahead, scale, s);
       float stats[2 * H];
       chunk_softmax(s, H, n, stats);
-      chunk_values(s, chunk_rows, rl, H, R, n, part);  // rows [H, R] of part, stats after them
+      if (zmm)  // rows [H, R] of part, stats after them
+        chunk_values_512(s, chunk_rows, rl, H, R, n, part);
+      else
+        chunk_values(s, chunk_rows, rl, H, R, n, part);
       for (int64_t h = 0; h < H; h++) {
         part[H * R + 2 * h] = stats[2 * h];
         part[H * R + 2 * h + 1] = stats[2 * h + 1];

@@ -27,13 +27,19 @@ def _library() -> ctypes.CDLL | str:
     if isinstance(lib, str):
         return lib
     lib.attnconv_mla_decode.argtypes = ([_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 5
-                                        + [ctypes.c_float, _ptr, _ptr, _ptr])
+                                        + [ctypes.c_float, _ptr, _ptr, _ptr, ctypes.c_int])
     lib.attnconv_mla_decode.restype = None
+    lib.attnconv_mla_has_avx512.argtypes, lib.attnconv_mla_has_avx512.restype = [], ctypes.c_int
     return lib
 
 
 def available() -> bool:
     return not isinstance(_library(), str)
+
+
+def has_avx512() -> bool:
+    """Whether the kernel runs its AVX-512 variants on this CPU (twice the multiply-adds per instruction)."""
+    return available() and bool(_library().attnconv_mla_has_avx512())
 
 
 def supports(query: torch.Tensor, rows: torch.Tensor, rank: int) -> bool:
@@ -45,11 +51,13 @@ def supports(query: torch.Tensor, rows: torch.Tensor, rank: int) -> bool:
 
 
 def latent_attention(query: torch.Tensor, rows: torch.Tensor, rank: int, scale: float,
-                     keep: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+                     keep: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                     wide: bool = True) -> torch.Tensor:
     """query [b, H, D] . rows [b, L, D] (shared by the H heads) -> softmax -> @ rows[..., :rank]: [b, H, rank].
 
     keep: boolean [b, L] (False: masked out) or None; extra: scores [b, H, L] added before the softmax (e.g. a RoPE
-    term computed apart), or None. Requires `supports(query, rows, rank)`."""
+    term computed apart), or None; wide: AVX-512 where the CPU has it (False: AVX2 only).
+    Requires `supports(query, rows, rank)`."""
     if not supports(query, rows, rank):
         raise ValueError(f"cpu_mla takes float32 CPU rows [b, L, D] with stride 1 along D, D and the rank "
                          f"multiples of 8; got {tuple(rows.shape)} {rows.dtype} strides {rows.stride()}, "
@@ -70,5 +78,5 @@ def latent_attention(query: torch.Tensor, rows: torch.Tensor, rank: int, scale: 
         q.data_ptr(), rows.data_ptr(), rows.stride(0), rows.stride(1),
         None if keep is None else keep.data_ptr(), 0 if keep is None else keep.stride(0),
         None if extra is None else extra.data_ptr(), b, heads, width, rank, length, float(scale),
-        scores.data_ptr(), parts.data_ptr(), out.data_ptr())
+        scores.data_ptr(), parts.data_ptr(), out.data_ptr(), int(wide))
     return out
