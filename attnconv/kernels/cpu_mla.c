@@ -11,6 +11,7 @@
 // multiply-adds per instruction) run where the CPU reports AVX-512F/DQ.
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 #define CHUNK 256  // keys per work item: the chunk's rows (256 x 768 B for R + d_r = 192) stay in L2
@@ -192,67 +193,92 @@ AVX512 static void chunk_values_512(const float *p, const float *rows, int64_t r
   }
 }
 
+// Whether this CPU runs the AVX-512 variants (asked once).
+int attnconv_mla_has_avx512(void) {
+  static int has = -1;
+  if (has < 0) {
+    __builtin_cpu_init();
+    has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  }
+  return has;
+}
+
+typedef struct {  // one call's arguments, as attnconv_mla_decode documents them
+  const float *q, *rows, *extra;
+  const uint8_t *keep;
+  int64_t rb, rl, kb, B, H, D, R, L, chunks;
+  float scale, *scores, *parts, *out;
+  int zmm, zmm_scores;
+} Job;
+
+// Chunk c of sequence b: its part [H, R] of probabilities times latent, then (max, sum) per head.
+static void run_chunk(const Job *j, int64_t b, int64_t c) {
+  const int64_t H = j->H, R = j->R, t0 = c * CHUNK, n = j->L - t0 < CHUNK ? j->L - t0 : CHUNK;
+  float *s = j->scores + (b * j->chunks + c) * H * CHUNK, *part = j->parts + (b * j->chunks + c) * H * (R + 2);
+  const float *rows = j->rows + b * j->rb + t0 * j->rl, *q = j->q + b * H * j->D;
+  const uint8_t *k = j->keep ? j->keep + b * j->kb + t0 : NULL;
+  const float *e = j->extra ? j->extra + b * H * j->L + t0 : NULL;
+  const int64_t ahead = j->L - t0;  // rows left in this sequence: the prefetch may run into the next chunk
+  if (j->zmm_scores)
+    chunk_scores_512(q, rows, j->rl, k, e, j->L, H, j->D, n, ahead, j->scale, s);
+  else
+    chunk_scores(q, rows, j->rl, k, e, j->L, H, j->D, n, ahead, j->scale, s);
+  chunk_softmax(s, H, n, part + H * R);
+  if (j->zmm)
+    chunk_values_512(s, rows, j->rl, H, R, n, part);
+  else
+    chunk_values(s, rows, j->rl, H, R, n, part);
+}
+
+// out[b, h] = sum_c exp(max_c - max) part_c / sum_c exp(max_c - max) total_c over the chunks of sequence b.
+static void merge(const Job *j, int64_t b, int64_t h) {
+  const int64_t H = j->H, R = j->R, width = H * (R + 2);
+  const float *parts = j->parts + b * j->chunks * width;
+  float peak = -INFINITY, total = 0.0f, *o = j->out + (b * H + h) * R;
+  for (int64_t c = 0; c < j->chunks; c++) {
+    const float m = parts[c * width + H * R + 2 * h];
+    peak = m > peak ? m : peak;
+  }
+  for (int64_t k = 0; k < R; k++) o[k] = 0.0f;
+  for (int64_t c = 0; c < j->chunks; c++) {
+    const float *part = parts + c * width;
+    const float m = part[H * R + 2 * h];
+    if (m == -INFINITY) continue;
+    const float w = expf(m - peak);
+    total += w * part[H * R + 2 * h + 1];
+    for (int64_t k = 0; k < R; k++) o[k] += w * part[h * R + k];
+  }
+  const float inv = total > 0.0f ? 1.0f / total : NAN;  // every key masked: NaN, as softmax over all -inf
+  for (int64_t k = 0; k < R; k++) o[k] *= inv;
+}
+
 // out [B, H, R] = softmax(scale * q . rows^T + extra, masked) @ rows[..., :R].
 // q [B, H, D] contiguous; rows [B, L, D] with strides (rb, rl, 1); keep [B, L] bytes with stride kb, or NULL;
 // extra [B, H, L] contiguous, or NULL; D % 8 == 0, R % 8 == 0, R <= D. Workspace: scores [B, chunks, H, CHUNK]
 // and parts [B, chunks, H, R + 2] floats (chunks = ceil(L / CHUNK)). wide: use AVX-512 where the CPU has it
-// (its scores need D % 16 == 0); 0 keeps to AVX2.
-int attnconv_mla_has_avx512(void) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-}
-
+// (its scores need D % 16 == 0); 0 keeps to AVX2. With at least as many sequences as threads each thread takes
+// whole sequences and merges them itself: one parallel region (a barrier costs a time slice on a busy machine).
 void attnconv_mla_decode(const float *q, const float *rows, int64_t rb, int64_t rl, const uint8_t *keep, int64_t kb,
                          const float *extra, int64_t B, int64_t H, int64_t D, int64_t R, int64_t L, float scale,
                          float *scores, float *parts, float *out, int wide) {
-  const int64_t chunks = (L + CHUNK - 1) / CHUNK, width = R + 2;
-  const int zmm = wide && attnconv_mla_has_avx512(), zmm_scores = zmm && D % 16 == 0;
-#pragma omp parallel for schedule(static) collapse(2)
-  for (int64_t b = 0; b < B; b++) {
-    for (int64_t c = 0; c < chunks; c++) {
-      const int64_t t0 = c * CHUNK, n = L - t0 < CHUNK ? L - t0 : CHUNK;
-      float *s = scores + (b * chunks + c) * H * CHUNK, *part = parts + (b * chunks + c) * H * width;
-      const float *chunk_rows = rows + b * rb + t0 * rl;
-      const uint8_t *k = keep ? keep + b * kb + t0 : NULL;
-      const float *e = extra ? extra + b * H * L + t0 : NULL;
-      const int64_t ahead = L - t0;  // rows left in this sequence: the prefetch may run into the next chunk
-      if (zmm_scores)
-        chunk_scores_512(q + b * H * D, chunk_rows, rl, k, e, L, H, D, n, ahead, scale, s);
-      else
-        chunk_scores(q + b * H * D, chunk_rows, rl, k, e, L, H, D, n, ahead, scale, s);
-      float stats[2 * H];
-      chunk_softmax(s, H, n, stats);
-      if (zmm)  // rows [H, R] of part, stats after them
-        chunk_values_512(s, chunk_rows, rl, H, R, n, part);
-      else
-        chunk_values(s, chunk_rows, rl, H, R, n, part);
-      for (int64_t h = 0; h < H; h++) {
-        part[H * R + 2 * h] = stats[2 * h];
-        part[H * R + 2 * h + 1] = stats[2 * h + 1];
-      }
+  const int zmm = wide && attnconv_mla_has_avx512();
+  const Job j = {q, rows, extra, keep, rb, rl, kb, B, H, D, R, L, (L + CHUNK - 1) / CHUNK, scale, scores, parts,
+                 out, zmm, zmm && D % 16 == 0};
+  if (B >= omp_get_max_threads()) {
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+      for (int64_t c = 0; c < j.chunks; c++) run_chunk(&j, b, c);
+      for (int64_t h = 0; h < H; h++) merge(&j, b, h);
     }
+    return;
   }
-  // merge the chunks: out = sum_c exp(max_c - max) acc_c / sum_c exp(max_c - max) total_c
-#pragma omp parallel for schedule(static) collapse(2)
-  for (int64_t b = 0; b < B; b++) {
-    for (int64_t h = 0; h < H; h++) {
-      float peak = -INFINITY, total = 0.0f;
-      for (int64_t c = 0; c < chunks; c++) {
-        const float m = parts[(b * chunks + c) * H * width + H * R + 2 * h];
-        peak = m > peak ? m : peak;
-      }
-      float *o = out + (b * H + h) * R;
-      for (int64_t k = 0; k < R; k++) o[k] = 0.0f;
-      for (int64_t c = 0; c < chunks; c++) {
-        const float *part = parts + (b * chunks + c) * H * width;
-        const float m = part[H * R + 2 * h];
-        if (m == -INFINITY) continue;
-        const float w = expf(m - peak);
-        total += w * part[H * R + 2 * h + 1];
-        for (int64_t k = 0; k < R; k++) o[k] += w * part[h * R + k];
-      }
-      const float inv = total > 0.0f ? 1.0f / total : NAN;  // every key masked: NaN, as softmax over all -inf
-      for (int64_t k = 0; k < R; k++) o[k] *= inv;
-    }
+#pragma omp parallel
+  {
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t c = 0; c < j.chunks; c++) run_chunk(&j, b, c);
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t h = 0; h < H; h++) merge(&j, b, h);
   }
 }
