@@ -233,13 +233,15 @@ def main() -> None:
             prof.update(step_s=step_s, weights_bytes=weight_bytes_per_step(models["MLA"]),
                         bandwidth=measure_bandwidth(torch.device("cpu")), matmul_gflops=matmul_gflops())
             summary["profile"] = prof
+            rest_s = step_s - prof["attention_s"]
+            rest = (f"the rest {1e3 * rest_s:.1f} ms ({prof['weights_bytes'] / 1e6:.0f} MB of weights: "
+                    f"{prof['weights_bytes'] / rest_s / 1e9:.1f} GB/s)" if rest_s > 0
+                    else "longer than the fastest whole step: the machine was busy, profile again")
             console.print(
                 f"  fastest MLA step {1e3 * step_s:.1f} ms: absorbed attention {1e3 * prof['attention_s']:.1f} ms "
                 f"({prof['attention_bytes'] / 1e6:.0f} MB, {prof['attention_flops'] / 1e9:.2f} GFLOP: "
                 f"{prof['attention_flops'] / prof['attention_s'] / 1e9:.0f} GFLOP/s, "
-                f"{prof['attention_bytes'] / prof['attention_s'] / 1e9:.1f} GB/s), the rest "
-                f"{1e3 * (step_s - prof['attention_s']):.1f} ms ({prof['weights_bytes'] / 1e6:.0f} MB of weights: "
-                f"{prof['weights_bytes'] / max(step_s - prof['attention_s'], 1e-9) / 1e9:.1f} GB/s); this CPU: "
+                f"{prof['attention_bytes'] / prof['attention_s'] / 1e9:.1f} GB/s), {rest}; this CPU: "
                 f"{prof['bandwidth'] / 1e9:.1f} GB/s read (torch.sum), {prof['matmul_gflops']:.0f} GFLOP/s fp32 GEMM")
         results["contexts"][context] = {"rounds": rounds, **summary}
     console.print(f"total {time.perf_counter() - started:.0f} s, load average at end {os.getloadavg()[0]:.1f}")
