@@ -12,12 +12,14 @@ transformers' DeepseekV3 does), the step moves the query into the latent space o
 so the step reads r + d_r values per cached token, once for all heads, but does H x (2r + d_r) multiply-adds per
 token: ~5 per byte, compute-bound on a CPU. The scores are a dot product of the row `[q_abs; q_rot]` with the
 cache row. On CPU in float32, `cpu_mla.c` does scores, softmax and values in one pass per chunk of keys while the
-chunk is in cache (1.6-1.75x the separate passes below, one thread); without it, the scores are the grouped-heads
-case of attnconv's `decode_scores` (one KV head, g = H, d = r + d_r), then torch's softmax and BLAS over the first
-r columns of the same rows. Elsewhere torch does it (SDPA over the latent, the H heads folded into the query axis).
+chunk is in cache (with AVX2 1.6-1.75x the separate passes below, with AVX-512 another 1.3-1.45x; one thread on
+this project's EPYC); without it, the scores are the grouped-heads case of attnconv's `decode_scores` (one KV head,
+g = H, d = r + d_r), then torch's softmax and BLAS over the first r columns of the same rows. Elsewhere torch does
+it (SDPA over the latent, the H heads folded into the query axis).
 
-The two score terms are separate functions too (`latent_scores`, `grouped_rope_scores`), for layouts whose RoPE
-keys are per KV head rather than shared: their sum is the same scores. No transformers imports here.
+For layouts whose RoPE keys are per KV head rather than shared, the two score terms are apart: `latent_scores`
+over the shared latent and `grouped_rope_scores` per KV head add up to the same scores, and `latent_attention`
+takes the RoPE term as `extra` scores over rows that hold the latent alone. No transformers imports here.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ def latent_attention(query: torch.Tensor, rows: torch.Tensor, rank: int, scale: 
     if not (rows.device.type == "cpu" and rows.dtype == torch.float32):
         # SDPA's kernels, the H heads folded into the query axis of one shared "KV head"
         mask = None if keep is None else keep[:, None, None, :]  # [b, 1, 1, L]
-        if extra is not None:
-            mask = extra[:, None].to(query.dtype) if mask is None else extra[:, None].to(query.dtype).masked_fill(
-                ~mask, float("-inf"))
+        if extra is not None:  # an additive mask: the extra scores, -inf where masked
+            bias = extra[:, None].to(query.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(query[:, None], rows[:, None], latent[:, None], attn_mask=mask,
                                               scale=scale)[:, 0]  # [b, H, r]
     native = cpu_decode.resolve_backend(backend) == "native"
@@ -109,7 +111,7 @@ def mla_decode_attention(q_nope: torch.Tensor, q_rot: torch.Tensor, rows: torch.
     q_nope [b, H, d_nope], q_rot [b, H, d_r] (rotated); rows [b, L, r + d_r] = [latent; rotated RoPE key] per
     cached token (this step's included; a view of the filled cache, stride 1 on the last axis); W_uk [H, d_nope, r],
     W_uv [H, d_v, r]; keep: None or a boolean [b, L] (False: a padding token no query may see).
-    backend: attnconv's CPU scores kernel ("auto", "native") or torch ("torch"). Returns [b, H, d_v].
+    backend: attnconv's CPU kernels ("auto", "native") or torch ("torch"). Returns [b, H, d_v].
     """
     rank = w_uk.shape[-1]
     query = torch.cat([absorb_query(q_nope, w_uk), q_rot.to(w_uk.dtype)], dim=-1)  # [b, H, r + d_r]
