@@ -189,3 +189,22 @@ def test_prefill_in_chunks_then_steps_equals_one_forward(checkpoint):
     full = model(ids).logits
     assert patched == 2
     torch.testing.assert_close(torch.cat([first, second, last], dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_prefill_gives_sdpa_one_head_size(checkpoint, monkeypatch):
+    """With value heads narrower than query/key heads, torch's CPU SDPA falls back to the math kernel, whose
+    [b, H, s, s] scores exhaust memory on long prompts (25.8 GB at 8 x 8192 tokens of 12 heads): prefill pads."""
+    import torch.nn.functional as F
+
+    model = load_causal_lm(checkpoint("q-lora"), dtype="float32")
+    config = model.config
+    assert config.v_head_dim != config.qk_nope_head_dim + config.qk_rope_head_dim
+    sizes, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        sizes.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    greedy_generate(model, prompts(2, padded=False)[0], 2)
+    assert sizes and all(len(set(s)) == 1 for s in sizes)

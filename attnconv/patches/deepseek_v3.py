@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from attnconv.errors import AttnconvError
 from attnconv.kernels.mla_attention import expand_latent, mla_decode_attention, split_kv_b
@@ -43,6 +44,18 @@ def _query(module, hidden: torch.Tensor) -> torch.Tensor:
         q = module.q_b_proj(module.q_a_layernorm(module.q_a_proj(hidden)))
     b, s, _ = hidden.shape
     return q.view(b, s, module.num_heads, module.qk_head_dim).transpose(1, 2)
+
+
+def _one_head_size(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """Zero columns that give queries/keys and values one head size: torch's fused SDPA kernels (CPU flash) need
+    it, and the math fallback they leave holds a [b, H, s, s] score matrix (25.8 GB for 8 x 8192 tokens of 12
+    heads). Zeros add nothing to q . k; the values' zero columns are dropped from the output."""
+    width = max(query.shape[-1], values.shape[-1])
+    if query.shape[-1] < width:
+        query, keys = F.pad(query, (0, width - query.shape[-1])), F.pad(keys, (0, width - keys.shape[-1]))
+    if values.shape[-1] < width:
+        values = F.pad(values, (0, width - values.shape[-1]))
+    return query, keys, values
 
 
 def _keep(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
@@ -77,7 +90,9 @@ def _forward(module, own_forward, backend: str):
             keys, values = expand_latent(source[..., :rank], source[..., rank:], module.kv_b_proj.weight,
                                          module.num_heads, nope, v_dim)  # [b, H, L, d_nope + d_r], [b, H, L, d_v]
             query = torch.cat([q_nope, q_rot], dim=-1)
+            query, keys, values = _one_head_size(query, keys, values)
             out, _ = sdpa_gqa_attention(module, query, keys, values, attention_mask, scaling=module.scaling)
+            out = out[..., :v_dim]  # [b, s, H, d_v]
         return module.o_proj(out.reshape(b, s, module.num_heads * v_dim)), None
 
     return forward
