@@ -50,6 +50,7 @@ class CacheShape:
     head_dim: int
     values_per_layer: float  # K and V together (2 x n_kv x head_dim for MHA/GQA/MQA; latent + RoPE keys for MLA;
     # the mean over layers where MLA ranks differ per layer)
+    latent: bool = False  # MLA: one row per token shared by every head, not per-head K and V
 
     def bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return round(self.layers * self.values_per_layer * dtype_bytes)
@@ -84,6 +85,7 @@ class Family:
     allowed_kv_heads: str = "divisors"  # or "mqa_or_mha"
     kv_heads: Callable[[Any], int] | None = None
     kv_values: Callable[[Any], int] | None = None
+    latent_cache: bool = False  # MLA: kv_values counts a latent row per token, shared by every head
 
     def layout(self, config: Any) -> HeadLayout:
         n_heads = config_value(config, self.n_heads_key)
@@ -96,7 +98,7 @@ class Family:
     def cache_shape(self, config: Any) -> CacheShape:
         lay = self.layout(config)
         values = self.kv_values(config) if self.kv_values else 2 * lay.n_kv_heads * lay.head_dim
-        return CacheShape(lay.layers, lay.n_heads, lay.n_kv_heads, lay.head_dim, values)
+        return CacheShape(lay.layers, lay.n_heads, lay.n_kv_heads, lay.head_dim, values, self.latent_cache)
 
     def op_for(self, tensor_name: str) -> str:
         for pattern, op in self.ops.items():
@@ -122,16 +124,19 @@ FAMILIES: dict[str, Family] = {
         Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
                layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha"),
-        # Outputs only: what GPT-2 conversions are written as, and the two MLA formats (a latent per token and
-        # layer plus RoPE keys: one shared key in DeepSeek-V3's format, one per KV head in attnconv's).
+        # Outputs (and decode) only. MLA in DeepSeek-V3's format: every head reads one cached row per token, the
+        # latent and the shared RoPE key; head_dim is the value head size, so the K/V rows `attnconv info` sets
+        # beside it are its MHA equivalent.
+        Family("deepseek_v3", ("deepseek_v3",), "deepseek-ai/DeepSeek-V3", head_dim_key="v_head_dim", source=False,
+               decode=True, kv_heads=lambda c: 1, latent_cache=True,
+               kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
+        # Outputs only: what GPT-2 conversions are written as, and attnconv's MLA format (a latent per token and
+        # layer plus one RoPE key per KV head).
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
                n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                source=False, kv_heads=lambda c: 1 if config_value(c, "multi_query") else config_value(c, "n_head")),
-        Family("deepseek_v3", ("deepseek_v3",), "deepseek-ai/DeepSeek-V3", source=False,
-               kv_heads=lambda c: 1,
-               kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
         Family("attnconv_mla", tuple(f"{f}_mla" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")),
-               "attnconv convert --to mla --format attnconv", source=False,
+               "attnconv convert --to mla --format attnconv", source=False, latent_cache=True,
                kv_values=lambda c: config_value(c, "kv_cache_dim_per_layer")),
     ]
 }

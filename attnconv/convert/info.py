@@ -54,15 +54,18 @@ def model_info(model: str | Path) -> ModelInfo:
 
 def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int, kv_rank: int | None = None,
                   rope_dim: int | None = None) -> list[dict]:
-    """One row per KV-head count that divides the query heads (the current one marked), and with `kv_rank` the two
-    MLA forms: a latent of kv_rank values plus one shared RoPE key of rope_dim (DeepSeek-V3), or plus rope_dim
-    per KV head (attnconv's format)."""
-    rows = []
+    """One row per KV-head count that divides the query heads (the current one marked). For an MLA model its own
+    latent row comes first, the K/V rows of its value head size beside it for comparison. With `kv_rank`, the two
+    MLA forms a conversion could reach: a latent of kv_rank values plus one shared RoPE key of rope_dim (DeepSeek-V3),
+    or plus rope_dim per KV head (attnconv's format)."""
+    rows = [{"kind": "MLA", "kv_heads": "latent", "current": True, "reachable": True,
+             "bytes_per_token": shape.bytes_per_token(nbytes), "total_bytes": shape.bytes(batch, context, nbytes)}
+            ] if shape.latent else []
     for n_kv in [d for d in range(shape.n_heads, 0, -1) if shape.n_heads % d == 0]:
         s = CacheShape(shape.layers, shape.n_heads, n_kv, shape.head_dim, 2 * n_kv * shape.head_dim)
         kind = "MHA" if n_kv == shape.n_heads else "MQA" if n_kv == 1 else f"GQA-{n_kv}"
-        rows.append({"kind": kind, "kv_heads": n_kv, "current": n_kv == shape.n_kv_heads,
-                     "reachable": n_kv <= shape.n_kv_heads and shape.n_kv_heads % n_kv == 0,
+        rows.append({"kind": kind, "kv_heads": n_kv, "current": not shape.latent and n_kv == shape.n_kv_heads,
+                     "reachable": not shape.latent and n_kv <= shape.n_kv_heads and shape.n_kv_heads % n_kv == 0,
                      "bytes_per_token": s.bytes_per_token(nbytes), "total_bytes": s.bytes(batch, context, nbytes)})
     if kv_rank is not None:
         d_r = shape.head_dim // 2 if rope_dim is None else rope_dim
@@ -82,8 +85,10 @@ def print_info(settings: InfoSettings, console: Console | None = None) -> ModelI
     s = info.shape
     console.print(f"[bold]{info.path}[/bold]  {info.architecture} ({info.model_type})")
     params = f"{info.parameters:,}" if info.parameters else "?"
-    console.print(f"layers {s.layers}  heads {s.n_heads}  KV heads {s.n_kv_heads}  head_dim {s.head_dim}  "
-                  f"parameters {params}  checkpoint dtype {info.checkpoint_dtype}")
+    cached = (f"MLA latent + RoPE keys {s.values_per_layer:g} values per token and layer" if s.latent
+              else f"KV heads {s.n_kv_heads}  head_dim {s.head_dim}")
+    console.print(f"layers {s.layers}  heads {s.n_heads}  {cached}  parameters {params}  "
+                  f"checkpoint dtype {info.checkpoint_dtype}")
     table = Table(title=f"KV cache, batch {batch} x context {context}, {settings.dtype} "
                         "(layers x batch x context x values per token and layer x bytes)")
     for col in ("attention", "KV heads", "per token", "total", "vs now", ""):
@@ -91,7 +96,8 @@ def print_info(settings: InfoSettings, console: Console | None = None) -> ModelI
     rows = kv_table_rows(s, batch, context, nbytes, settings.kv_rank, settings.rope_dim)
     now = next((r["total_bytes"] for r in rows if r["current"]), s.bytes(batch, context, nbytes))
     for r in rows:
-        note = "this model" if r["current"] else ("" if r["reachable"] else "needs more KV heads than it has")
+        note = ("this model" if r["current"] else "for comparison" if s.latent
+                else "" if r["reachable"] else "needs more KV heads than it has")
         table.add_row(r["kind"], str(r["kv_heads"]), human_bytes(r["bytes_per_token"]), human_bytes(r["total_bytes"]),
                       f"{r['total_bytes'] / now:.3g}x", note)
     console.print(table)

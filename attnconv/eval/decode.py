@@ -2,6 +2,7 @@
 
 `greedy_generate` runs the model's own transformers modules with `PreallocatedKVCache` and the decode attention
 (attnconv/patches/decode_cache.py, decode_attention.py): one prefill forward, then one forward per new token.
+MLA models (deepseek_v3) get a `LatentKVCache` and the absorbed latent attention instead (patches/deepseek_v3.py).
 `decode_benchmark` times it beside transformers' `generate()` over a grid of batch sizes and context lengths.
 """
 
@@ -27,8 +28,9 @@ from attnconv.eval.decode_measure import (
 from attnconv.families import FAMILIES, cache_shape, family_of, max_positions
 from attnconv.kernels.cpu_decode import resolve_backend
 from attnconv.patches.decode_attention import decode_attention
-from attnconv.patches.decode_cache import PreallocatedKVCache
+from attnconv.patches.decode_cache import LatentKVCache, PreallocatedKVCache
 from attnconv.patches.decode_linear import packed_linears
+from attnconv.patches.deepseek_v3 import mla_decode
 
 
 @dataclass
@@ -87,6 +89,15 @@ def _keys_as_rows(config, dtype: torch.dtype, device: torch.device, backend: str
     return shape.n_heads // shape.n_kv_heads >= 2 and shape.head_dim % 8 == 0
 
 
+def _cache_and_attention(model, batch: int, total: int, dtype: torch.dtype, device: torch.device, backend: str):
+    """The loop's cache for `batch x total` tokens and the context manager of its attention, by family."""
+    if family_of(model.config).name == "deepseek_v3":  # MLA: the latent cache, absorbed one-token steps
+        return LatentKVCache(model.config, batch, total, dtype, device), mla_decode(model, backend)
+    cache = PreallocatedKVCache(model.config, batch, total, dtype, device,
+                                keys_as_rows=_keys_as_rows(model.config, dtype, device, backend))
+    return cache, decode_attention(model)
+
+
 @torch.inference_mode()
 def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attention_mask: torch.Tensor | None = None,
                     keep_prefill_logits: bool = False, packed: bool = True, kernel: str = "auto") -> GreedyResult:
@@ -110,8 +121,7 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
                             "use a shorter context")
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     backend = resolve_backend(kernel)
-    cache = PreallocatedKVCache(model.config, batch, total, dtype, device,
-                                keys_as_rows=_keys_as_rows(model.config, dtype, device, backend))
+    cache, attention = _cache_and_attention(model, batch, total, dtype, device, backend)
     cache_kw = _cache_keyword(model)
     tokens = torch.empty(batch, new_tokens, dtype=torch.long, device=device)
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -121,7 +131,7 @@ def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, *, attentio
         positions = torch.arange(prompt_len, device=device)[None]
         prefill_mask = step_mask = None
         position = torch.full((1, 1), prompt_len - 1, dtype=torch.long, device=device)
-    with decode_attention(model), packed_linears(model, packed, backend):
+    with attention, packed_linears(model, packed, backend):
         synchronize(device)
         t0 = time.perf_counter()
         out = model(input_ids=input_ids, attention_mask=prefill_mask, position_ids=positions, **{cache_kw: cache},

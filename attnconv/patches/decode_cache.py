@@ -5,7 +5,9 @@ embeddings stay the model's own. K/V live in one buffer per layer, written in pl
 and are never repeated across query heads. On CPU the buffers are stored transposed, `[b, n_kv, head_dim,
 max_len]`: a decode step's two products (q @ K^T, p @ V) then read long contiguous rows. Where 2+ query heads share
 a KV head and attnconv's CPU kernels load, keys stay rows (`keys_as_rows`) for its grouped scores kernel; on GPUs
-the usual layout feeds SDPA's kernels. Measurements: docs/benchmarks.md.
+the usual layout feeds SDPA's kernels. MLA models (DeepseekV3) cache one row per token instead, `[latent;
+rotated RoPE key]`, shared by every head (`LatentKVCache`, used by patches/deepseek_v3.py). Measurements:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -82,3 +84,65 @@ class PreallocatedKVCache(Cache):
     def nbytes(self) -> int:
         """What the cache tensors really hold, for comparison with `attnconv.families.cache_shape` arithmetic."""
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+
+class LatentLayer(CacheLayerMixin):
+    """One MLA layer's cache: a row `[latent; rotated RoPE key]` per token, [b, max_len, r + d_r], shared by every
+    head and allocated for the whole run. `keys`/`values` are views of its two parts as transformers' DeepseekV3
+    caches them ([b, 1, max_len, r] and [b, 1, max_len, d_r]), so its own forward can use this cache too."""
+
+    is_sliding = False
+
+    def __init__(self, batch: int, max_len: int, rank: int, rope_dim: int, dtype, device):
+        super().__init__()
+        self.max_len, self.rank = max_len, rank
+        self.rows = torch.zeros(batch, max_len, rank + rope_dim, dtype=dtype, device=device)
+        self.keys = self.rows[:, None, :, :rank]
+        self.values = self.rows[:, None, :, rank:]
+        self.length = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # allocated up front instead
+        return None
+
+    def append(self, latent: torch.Tensor, k_rot: torch.Tensor) -> torch.Tensor:
+        """Write latent [b, s, r] and k_rot [b, s, d_r] after the filled rows; the filled rows [b, end, r + d_r]."""
+        start, end = self.length, self.length + latent.shape[1]
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} tokens > {self.max_len} preallocated")
+        self.rows[:, start:end, :self.rank].copy_(latent)
+        self.rows[:, start:end, self.rank:].copy_(k_rot)
+        self.length = end
+        return self.rows[:, :end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # transformers' DeepseekV3 passes the latent [b, 1, s, r] as keys and the RoPE key [b, 1, s, d_r] as values
+        rows = self.append(key_states[:, 0], value_states[:, 0])
+        return rows[:, None, :, :self.rank], rows[:, None, :, self.rank:]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class LatentKVCache(Cache):
+    """A `transformers.Cache` of `LatentLayer`s for MLA models (kv_lora_rank r, qk_rope_head_dim d_r)."""
+
+    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device):
+        super().__init__(layers=[
+            LatentLayer(batch, max_len, config.kv_lora_rank, config.qk_rope_head_dim, dtype, device)
+            for _ in range(config.num_hidden_layers)
+        ])
+
+    @property
+    def nbytes(self) -> int:
+        """What the cache tensors really hold: r + d_r values per token and layer."""
+        return sum(layer.rows.nbytes for layer in self.layers)
