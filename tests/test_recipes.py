@@ -265,7 +265,8 @@ def test_the_shipped_recipes_validate_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.chdir(tmp_path)
     shipped = sorted(RECIPES.glob("*.yaml"))
-    assert {p.name for p in shipped} >= {"demo.yaml", "qwen2.5-0.5b-mqa-distill.yaml", "llama2-7b-gqa8.yaml"}
+    assert {p.name for p in shipped} >= {"demo.yaml", "qwen2.5-0.5b-mqa-distill.yaml", "llama2-7b-gqa8.yaml",
+                                          "llama2-7b-mla-mha2mla.yaml", "llama3-8b-mla-transmla.yaml"}
     for path in shipped:
         recipe, _, decisions = prepare(path)
         assert all(d.run for d in decisions), path  # nothing done in an empty folder

@@ -183,3 +183,22 @@ def test_fused_loss_kernel_gives_the_reference_losses(env, tmp_path, family):
         # agree to 1e-3 (lr is 1e-2), and all but 0.1% of them to 1e-4.
         diff = (a[name] - b[name]).abs()
         assert diff.max() <= 1e-3 and (diff > 1e-4 + 1e-4 * b[name].abs()).float().mean() <= 1e-3, name
+
+
+def test_wsd_schedule_warms_up_holds_then_decays_as_one_minus_sqrt(env, tmp_path):
+    """MHA2MLA's schedule: linear warmup, a constant stage, then lr x (1 - sqrt(progress)) over the last
+    --decay-fraction of the steps; the rate each step used, against the closed form."""
+    steps, warmup, lr = 10, 2, 1e-3
+    r = uptrain(UptrainSettings(str(env["mqa"]), str(tmp_path / "wsd"), data=env["train"], steps=steps, lr=lr,
+                                warmup=warmup, schedule="wsd", decay_fraction=0.3, cache_dir=env["cache"], **STEPS))
+    decay = 3
+    stable = steps - warmup - decay
+
+    def closed_form(i: int) -> float:  # the rate of the i-th update (0-based)
+        if i < warmup:
+            return lr * i / warmup
+        if i < warmup + stable:
+            return lr
+        return lr * (1 - math.sqrt((i - warmup - stable) / decay))
+
+    assert [row["lr"] for row in r["log"]] == pytest.approx([closed_form(i) for i in range(steps)], abs=1e-12)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from attnconv.errors import AttnconvError
 from attnconv.settings import Settings, option
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("float32", "bfloat16")
 TRAIN_CHOICES = ("all", "only-attention")
 LOSS_KERNELS = ("auto", "torch", "liger", "reference")  # reference: plain logits + cross-entropy
@@ -32,7 +32,11 @@ class UptrainSettings(Settings):
     grad_accum: int = option(1, help="Micro-steps accumulated per optimizer step.", minimum=1)
     lr: float = option(1e-4, help="Peak AdamW learning rate.", above=0)
     warmup: int = option(0, help="Linear warmup steps.", minimum=0)
-    schedule: str = option("cosine", help="Learning-rate schedule.", choices=SCHEDULES)
+    schedule: str = option("cosine", help="Learning-rate schedule after the warmup: cosine or linear decay to 0, "
+                           "constant, or wsd (warmup-stable-decay: constant, then a 1-sqrt decay to 0 over the last "
+                           "--decay-fraction of the steps, as MHA2MLA trains).", choices=SCHEDULES)
+    decay_fraction: float = option(0.2, help="wsd: the fraction of the steps over which the rate decays.",
+                                   minimum=0, maximum=1)
     dtype: str = option("float32", help="float32, or bfloat16 (autocast; weights and optimizer stay float32).",
                         choices=PRECISIONS, aliases={"fp32": "float32", "bf16": "bfloat16"})
     teacher: str | None = option(None, help="Distil from this model (the unconverted source).",

@@ -28,7 +28,7 @@ from attnconv.uptrain.interrupt import StopRequest, stop_on_signals
 from attnconv.uptrain.optim import clip_and_step, evaluate, make_optimizer
 from attnconv.uptrain.settings import UptrainSettings
 
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
 
 
 @dataclass
@@ -129,6 +129,13 @@ def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, li
     return state["step"], read_log(run.log_path, state["step"])
 
 
+def _schedule_kwargs(s, steps: int) -> dict:
+    if s.schedule != "wsd":
+        return {}
+    decay = min(round(s.decay_fraction * steps), steps - min(s.warmup, steps))
+    return {"num_decay_steps": decay, "decay_type": "1-sqrt"}
+
+
 def _train(accelerator, model, blocks, run: Run, schedule: BlockSchedule, params, head, stop: StopRequest, *,
            teacher, eval_windows, resume: bool, show_progress: bool) -> dict:
     from transformers import get_scheduler
@@ -137,7 +144,7 @@ def _train(accelerator, model, blocks, run: Run, schedule: BlockSchedule, params
     distill = DistillConfig(s.distill_weight, s.temperature) if teacher is not None else None
     optimizer = make_optimizer(params, s.lr, s.weight_decay, accelerator.device)
     scheduler = get_scheduler(SCHEDULES[s.schedule], optimizer, num_warmup_steps=s.warmup,
-                              num_training_steps=run.steps)
+                              num_training_steps=run.steps, scheduler_specific_kwargs=_schedule_kwargs(s, run.steps))
     # The scheduler stays unprepared: accelerate would step it once per process.
     fsdp = sharded.is_sharded(accelerator)
     if fsdp:
