@@ -19,7 +19,9 @@ it (SDPA over the latent, the H heads folded into the query axis).
 
 For layouts whose RoPE keys are per KV head rather than shared, the two score terms are apart: `latent_scores`
 over the shared latent and `grouped_rope_scores` per KV head add up to the same scores, and `latent_attention`
-takes the RoPE term as `extra` scores over rows that hold the latent alone. No transformers imports here.
+takes the RoPE term as `extra` scores over rows that hold the latent alone. `grouped_mla_decode_attention` is the
+whole step for such a layout (attnconv's MLA format: per-KV-head up-projections and RoPE keys, optionally a cached
+per-token factor on the NoPE keys). No transformers imports here.
 """
 
 from __future__ import annotations
