@@ -251,3 +251,19 @@ def test_eval_decode_end_to_end(checkpoint, tmp_path, cli):
         assert rows["attnconv", ctx]["tokens_per_s"] > 0
     assert "greedy tokens equal generate()'s at every grid point" in bench["notes"]
     assert any(n.startswith("hf-static not measured") for n in bench["notes"])
+
+
+def test_ranks_per_layer(tmp_path):
+    """Layers of different latent ranks (a calibrated rank allocation): each layer's cache holds its own rank, and
+    the total is the family record's (mean over layers) formula."""
+    from attnconv.convert.mla_inmemory import to_attnconv_mla
+
+    source = load_causal_lm(build_tiny_model("qwen3", tmp_path / "src", n_heads=4, n_kv_heads=2), dtype="float32")
+    model = to_attnconv_mla(source, kv_rank=[16, 40], rope_dim=8, rope_select="high")
+    ids, mask = prompts(2, padded=True, seed=2)
+    ours = greedy_generate(model, ids, NEW, attention_mask=mask)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    assert torch.equal(ours.tokens, theirs[:, PROMPT:])
+    per_token = (16 + 2 * 8 + 2) + (40 + 2 * 8 + 2)  # both layers: latent + RoPE keys of 2 KV heads + 1/rms
+    assert ours.kv_bytes == 2 * (PROMPT + NEW) * per_token * 4 == cache_shape(model.config).bytes(2, PROMPT + NEW, 4)
