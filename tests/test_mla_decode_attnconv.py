@@ -179,9 +179,11 @@ def test_the_cache_serves_the_models_own_forward(checkpoint):
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 
 
-def test_torch_path_and_bfloat16(checkpoint):
-    """The torch kernels give the native ones' logits; bf16 (SDPA over the latent) stays within bf16 rounding."""
-    path = checkpoint("llama-16")[1]
+@pytest.mark.parametrize("variant", ["llama-16", "qwen3-16"])
+def test_torch_path_and_bfloat16(checkpoint, variant):
+    """The torch kernels give the native ones' logits; bf16 (SDPA or torch over the latent) stays within bf16
+    rounding of fp32."""
+    path = checkpoint(variant)[1]
     ids, mask = prompts(2, padded=True)
     native = step_logits(load_causal_lm(path, dtype="float32"), ids, mask)[1]
     plain = step_logits(load_causal_lm(path, dtype="float32"), ids, mask, kernel="torch")[1]
