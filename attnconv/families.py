@@ -131,12 +131,12 @@ FAMILIES: dict[str, Family] = {
                decode=True, kv_heads=lambda c: 1, latent_cache=True,
                kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
         # Outputs only: what GPT-2 conversions are written as, and attnconv's MLA format (a latent per token and
-        # layer plus one RoPE key per KV head).
+        # layer plus one RoPE key per KV head; decode: patches/attnconv_mla.py).
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
                n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                source=False, kv_heads=lambda c: 1 if config_value(c, "multi_query") else config_value(c, "n_head")),
         Family("attnconv_mla", tuple(f"{f}_mla" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")),
-               "attnconv convert --to mla --format attnconv", source=False, latent_cache=True,
+               "attnconv convert --to mla --format attnconv", source=False, decode=True, latent_cache=True,
                kv_values=lambda c: config_value(c, "kv_cache_dim_per_layer")),
     ]
 }

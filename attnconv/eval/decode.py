@@ -2,7 +2,8 @@
 
 `greedy_generate` runs the model's own transformers modules with `PreallocatedKVCache` and the decode attention
 (attnconv/patches/decode_cache.py, decode_attention.py): one prefill forward, then one forward per new token.
-MLA models (deepseek_v3) get a `LatentKVCache` and the absorbed latent attention instead (patches/deepseek_v3.py).
+MLA models get a latent cache and the absorbed latent attention instead: DeepSeek-V3's format a `LatentKVCache`
+(patches/deepseek_v3.py), attnconv's own format a `RopeLatentKVCache` (patches/attnconv_mla.py).
 `decode_benchmark` times it beside transformers' `generate()` over a grid of batch sizes and context lengths.
 """
 
@@ -27,6 +28,7 @@ from attnconv.eval.decode_measure import (
 )
 from attnconv.families import FAMILIES, cache_shape, family_of, max_positions
 from attnconv.kernels.cpu_decode import resolve_backend
+from attnconv.patches import attnconv_mla
 from attnconv.patches.decode_attention import decode_attention
 from attnconv.patches.decode_cache import LatentKVCache, PreallocatedKVCache
 from attnconv.patches.decode_linear import packed_linears
@@ -49,6 +51,8 @@ def unsupported_reason(model) -> str | None:
         supported = ", ".join(f.name for f in FAMILIES.values() if f.decode)
         return (f"attnconv's decode loop does not support model type "
                 f"{getattr(model.config, 'model_type', None)!r}; supported: {supported}")
+    if family.name == "attnconv_mla":
+        return attnconv_mla.unsupported_reason(model)
     return None
 
 
@@ -93,6 +97,9 @@ def _cache_and_attention(model, batch: int, total: int, dtype: torch.dtype, devi
     """The loop's cache for `batch x total` tokens and the context manager of its attention, by family."""
     if family_of(model.config).name == "deepseek_v3":  # MLA: the latent cache, absorbed one-token steps
         return LatentKVCache(model.config, batch, total, dtype, device), mla_decode(model, backend)
+    if family_of(model.config).name == "attnconv_mla":  # attnconv's MLA format: latent + RoPE keys per KV head
+        cache = attnconv_mla.RopeLatentKVCache(model, batch, total, dtype, device)
+        return cache, attnconv_mla.attnconv_mla_decode(model, backend)
     cache = PreallocatedKVCache(model.config, batch, total, dtype, device,
                                 keys_as_rows=_keys_as_rows(model.config, dtype, device, backend))
     return cache, decode_attention(model)
@@ -208,6 +215,15 @@ def _timed_runs(model, prompt, new_tokens, cache_impl, backend, repeats, device)
     return tokens, runs, timing[2], peak_bytes
 
 
+def _baselines(config, notes: list[str]) -> list[tuple[str, str]]:
+    """generate()'s cache implementations that can run this model."""
+    if family_of(config).name == "attnconv_mla":
+        notes.append("hf-static not measured: transformers' StaticCache gives the values slot the keys' head count, "
+                     "and attnconv's MLA format caches per-KV-head RoPE keys beside one latent")
+        return [b for b in BASELINES if b[1] != "static"]
+    return list(BASELINES)
+
+
 @torch.inference_mode()
 def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_tokens=32, baseline=True,
                      kernel: str = "auto", repeats: int = 1, progress: bool = True) -> dict:
@@ -239,7 +255,7 @@ def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_t
     notes.append(f"tokens/s: median of {repeats} timed run(s) after a warm-up, with the fastest and slowest")
     if device.type != "cuda":
         notes.append("peak_mem_bytes: process resident-set peak during the timed runs (VmHWM, reset per run)")
-    impls = [("attnconv", None)] + (list(BASELINES) if baseline else [])
+    impls = [("attnconv", None)] + (_baselines(config, notes) if baseline else [])
     generator = torch.Generator().manual_seed(0)
     rows, mismatches = [], []
     with Progress(transient=True, disable=not progress) as bar:

@@ -19,7 +19,9 @@ it (SDPA over the latent, the H heads folded into the query axis).
 
 For layouts whose RoPE keys are per KV head rather than shared, the two score terms are apart: `latent_scores`
 over the shared latent and `grouped_rope_scores` per KV head add up to the same scores, and `latent_attention`
-takes the RoPE term as `extra` scores over rows that hold the latent alone. No transformers imports here.
+takes the RoPE term as `extra` scores over rows that hold the latent alone. `grouped_mla_decode_attention` is the
+whole step for such a layout (attnconv's MLA format: per-KV-head up-projections and RoPE keys, optionally a cached
+per-token factor on the NoPE keys). No transformers imports here.
 """
 
 from __future__ import annotations
@@ -141,3 +143,49 @@ def expand_latent(latent: torch.Tensor, k_rot: torch.Tensor, kv_b_weight: torch.
     k_nope, values = kv.split([nope_dim, v_dim], dim=-1)  # [b, H, L, d_nope], [b, H, L, d_v]
     keys = torch.cat([k_nope, k_rot[:, None].expand(b, n_heads, length, k_rot.shape[-1])], dim=-1)
     return keys, values
+
+
+def grouped_mla_decode_attention(q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor,
+                                 k_rot: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
+                                 keep: torch.Tensor | None = None, key_scale: torch.Tensor | None = None,
+                                 backend: str = "auto") -> torch.Tensor:
+    """Absorbed MLA for one new token per sequence where the latent is shared but keys come per KV head: each
+    KV head g has its own up-projections and its own rotated RoPE key (attnconv's MLA format).
+
+    q_nope [b, n_kv, g, d_nope] and q_rot [b, n_kv, g, d_r] (rotated): the g query heads of each KV head;
+    latent [b, L, r] (a view of the cache rows, stride 1 along r); k_rot [b, n_kv, L, d_r]; W_uk [n_kv, d_nope, r],
+    W_uv [n_kv, d_v, r]; keep: None or boolean [b, L]; key_scale: None or [b, L, n_kv], a factor on each cached
+    NoPE key (Qwen3's per-head 1/rms): the NoPE score is linear in the key, so it scales the score instead.
+    Returns [b, n_kv, g, d_v].
+    """
+    b, n_kv, g, _ = q_nope.shape
+    heads, rank, length = n_kv * g, w_uk.shape[-1], latent.shape[1]
+    q_abs = torch.matmul(q_nope.to(w_uk.dtype), w_uk[None]).reshape(b, heads, rank)  # [b, H, r]
+    rope = grouped_rope_scores(q_rot.to(k_rot.dtype), k_rot, scale, backend)  # [b, H, L]
+    if key_scale is None:  # the RoPE term as extra scores: one fused pass over the latent rows where it can
+        out = latent_attention(q_abs, latent, rank, scale, keep, extra=rope, backend=backend)  # [b, H, r]
+    else:
+        scores = latent_scores(q_abs, latent, scale, backend).view(b, n_kv, g, length)
+        scores.mul_(key_scale.transpose(1, 2)[:, :, None].float())  # [b, n_kv, 1, L]
+        scores = scores.view(b, heads, length) + rope
+        if keep is not None:
+            scores.masked_fill_(~keep[:, None, :], float("-inf"))
+        out = latent_values(scores.softmax(-1), latent)
+    out = out.to(w_uv.dtype).view(b, n_kv, g, rank)
+    return torch.matmul(out, w_uv.transpose(1, 2)[None])  # [b, n_kv, g, d_v]
+
+
+def grouped_mla_decode_reference(q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor,
+                                 k_rot: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor, scale: float,
+                                 keep: torch.Tensor | None = None,
+                                 key_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`grouped_mla_decode_attention` unabsorbed, as plain torch math: NoPE keys and values expanded per KV head
+    from the latent, keys [k_nope * key_scale; k_rot], softmax attention; [b, n_kv, g, d_v]."""
+    k_nope = torch.einsum("knr,blr->bkln", w_uk, latent)  # [b, n_kv, L, d_nope]
+    if key_scale is not None:
+        k_nope = k_nope * key_scale.transpose(1, 2)[..., None]
+    values = torch.einsum("kvr,blr->bklv", w_uv, latent)  # [b, n_kv, L, d_v]
+    scores = (torch.einsum("bkgn,bkln->bkgl", q_nope, k_nope) + torch.einsum("bkgd,bkld->bkgl", q_rot, k_rot)) * scale
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.einsum("bkgl,bklv->bkgv", scores.softmax(-1), values)

@@ -120,8 +120,9 @@ class MLAAttention(nn.Module):
         kv = self.kv_b_proj(latent).view(b, t, self.n_kv, -1).transpose(1, 2)
         return kv.split([self.head_dim - self.qk_rope_dim, self.head_dim], dim=-1)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
+    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """hidden [b, t, D] -> query [b, H, t, d] (kept RoPE dims rotated, then NoPE dims), rotated RoPE keys
+        [b, n_kv, t, d_r] and what the cache's values slot holds: [b, 1, t, r (+ n_kv 1/rms for k norms)]."""
         b, t, _ = hidden_states.shape
         cos, sin = position_embeddings  # [b, t, rotary_dim]
         rot = self.rotary_dim
@@ -149,15 +150,26 @@ class MLAAttention(nn.Module):
         cos_k = cos[:, :, rope_dims_].transpose(1, 2)  # [b, n_kv, t, d_r]
         sin_k = sin[:, :, rope_dims_].transpose(1, 2)
         k_rope = k_rope * cos_k + _rotate_half(k_rope) * sin_k
+        return query, k_rope, latent
 
-        if cache is not None:
-            k_rope, latent = cache.update(k_rope, latent, self.layer_idx, kwargs=kwargs)
+    def keys_values(self, k_rope: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached RoPE keys [b, n_kv, T, d_r] and latent rows [b, 1, T, r (+ n_kv)] -> keys and values
+        [b, n_kv, T, d], the NoPE keys and values rebuilt from the latent (the unabsorbed form)."""
+        _, nope_dims_ = self._index(latent.device)
         k_nope, value = self._expand(latent[..., : self.kv_lora_rank])
         if self.k_norm is not None:
             inv_rms = latent[..., self.kv_lora_rank:].squeeze(1).transpose(1, 2)[..., None]  # [b, n_kv, T, 1]
             k_nope = self.k_norm.weight[nope_dims_][None, :, None] * (
                 k_nope.float() * inv_rms.float()).to(k_nope.dtype)
-        key = torch.cat([k_rope, k_nope], dim=-1)  # [b, n_kv, T, d]
+        return torch.cat([k_rope, k_nope], dim=-1), value  # [b, n_kv, T, d] each
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        query, k_rope, latent = self.project(hidden_states, position_embeddings)
+        if cache is not None:
+            k_rope, latent = cache.update(k_rope, latent, self.layer_idx, kwargs=kwargs)
+        key, value = self.keys_values(k_rope, latent)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         out, weights = attention(self, query, key, value, attention_mask,
