@@ -98,6 +98,9 @@ class Family:
     def cache_shape(self, config: Any) -> CacheShape:
         lay = self.layout(config)
         values = self.kv_values(config) if self.kv_values else 2 * lay.n_kv_heads * lay.head_dim
+        if isinstance(values, bool) or not isinstance(values, (int, float)) or not values > 0:
+            raise AttnconvError(f"config.json of this {self.name} model does not say how many values a token caches "
+                                f"per layer (got {values!r}); the checkpoint is incomplete: convert it again")
         return CacheShape(lay.layers, lay.n_heads, lay.n_kv_heads, lay.head_dim, values, self.latent_cache)
 
     def op_for(self, tensor_name: str) -> str:

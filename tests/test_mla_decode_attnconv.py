@@ -215,7 +215,7 @@ def test_grouped_kernel_equals_the_unabsorbed_reference(backend, key_scale):
     assert ref.abs().max() > 0.3 and (ours.double() - ref).abs().max() <= 1e-5
 
 
-def test_unsupported_model_is_refused_and_eval_notes_it(checkpoint, tmp_path):
+def test_unsupported_model_is_refused_and_eval_notes_it(checkpoint, tmp_path, cli):
     """A config without the cache size the family record reads: greedy_generate refuses in one line, and eval's
     decode measurement says "decode not measured" instead of reporting numbers."""
     import shutil
@@ -236,6 +236,10 @@ def test_unsupported_model_is_refused_and_eval_notes_it(checkpoint, tmp_path):
                             new_tokens=3, quiet=True)
     assert measure_decode(settings, model) == {"rows": [], "notes": [
         f"decode not measured: {unsupported_reason(model)}"]}
+    # A command that reads the cache size: one line naming what is missing, no traceback.
+    code, _, err = cli("info", path)
+    assert code != 0 and "does not say how many values a token caches per layer" in err, (code, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_eval_decode_end_to_end(checkpoint, tmp_path, cli):
