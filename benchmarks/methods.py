@@ -7,7 +7,7 @@ measures KL(source || converted) and perplexity on Tiny Shakespeare test (window
 uptraining; optionally after the same 5% uptraining as benchmarks/gqa_calibrated.py for chosen methods.
 
     python benchmarks/methods.py [--methods mean,first,grouped,...] [--kv-heads 4,2,1] [--calib-tokens 65536]
-        [--uptrain mean,grouped+aligned+fit] [--uptrain-kv 2,1] [--out benchmarks/results]
+        [--uptrain mean,grouped+aligned+fit] [--uptrain-kv 2,1] [--eval-tokens N] [--out benchmarks/results]
 
 Writes OUT/methods.md (the table), OUT/methods.json (with every conversion's attnconv.json) and OUT/methods.png
 (KL vs KV-cache bytes per token, one line per method; needs matplotlib).
@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=65536, help="calibration tokens (tinyshakespeare:train)")
     ap.add_argument("--uptrain", default="", help="methods to uptrain (5%% of pretraining tokens)")
     ap.add_argument("--uptrain-kv", default="2,1", help="KV-head counts at which --uptrain methods are uptrained")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="score only the first N test tokens (default all; "
+                    "the same tokens for every method)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for methods.{md,json,png}")
     args = ap.parse_args()
     out = Path(args.out)
@@ -82,7 +84,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(REFERENCE_DIR)
     source = AutoModelForCausalLM.from_pretrained(REFERENCE_DIR, dtype=torch.float32).eval()
     test = [tinyshakespeare_split("test")]
-    test_ids, stats_text = tokenize_corpus(tok, test), text_stats(test)
+    test_ids, stats_text = tokenize_corpus(tok, test)[:args.eval_tokens], text_stats(test)  # token ppl and KL only
     up_methods, up_kv = set(args.uptrain.split(",")) - {""}, {int(k) for k in args.uptrain_kv.split(",")}
     results, rows = [], []
     try:
@@ -121,7 +123,8 @@ def main() -> None:
     head = [f"Reference MHA model (KV cache {before:,} B/token in float32), test perplexity "
             f"{results[0]['source_ppl']:.2f}; converted with `attnconv convert`, calibrated methods on "
             f"{args.calib_tokens:,} tokens of tinyshakespeare:train (sequences of {SEQ_LEN}, attended metric); "
-            "KL(source || converted) and perplexity on tinyshakespeare:test (windows of 256, stride 128); "
+            f"KL(source || converted) and perplexity on {len(test_ids):,} tokens of tinyshakespeare:test (windows of "
+            "256, stride 128); "
             "uptraining: 71,680 tokens (5% of pretraining), the benchmarks/gqa_calibrated.py setting.", "",
             "| KV heads | method | KV B/token | KL | ppl | top-1 agreement | convert s | KL, +uptrain | "
             "ppl, +uptrain |", "|---|---|---|---|---|---|---|---|---|"]
