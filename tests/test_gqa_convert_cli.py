@@ -173,6 +173,11 @@ def test_records_say_every_choice_and_a_seed_reproduces_the_files(tmp_path):
         objective = layer["objective"]
         assert objective["final"]["keys"] <= objective["mean"]["keys"] * (1 + 1e-9)
         assert objective["final"]["values"] <= objective["mean"]["values"] * (1 + 1e-9)
+    from attnconv.push.card import model_card
+
+    card = " ".join(model_card(tmp_path / "a", "me/tiny-gqa").split())
+    assert "**8 -> 2 key/value heads** (GQA), by the `grouped+aligned+fit` method (group KV heads" in card
+    assert "calibrated on 512 tokens of `tinyshakespeare:train`" in card
 
 
 def test_dry_run_states_calibration_and_memory_and_writes_nothing(cli, tmp_path):
