@@ -115,25 +115,31 @@ def main() -> None:
                 rows.append(f"| {label(kv)} | {method} | {entry['kv_bytes_per_token']:,} | {r.kl:.3f} | "
                             f"{r.model.token_perplexity:.2f} | {r.top1_agreement:.3f} | {t_conv:.1f} |{up}")
                 print(rows[-1], flush=True)
+                write(out, args, results, rows, source)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(write(out, args, results, rows, source))
+    if plot(results, out / "methods.png"):
+        print(f"plot: {out / 'methods.png'}")
+
+
+def write(out: Path, args, results: list[dict], rows: list[str], source) -> str:
+    """The table so far to OUT/methods.md and the results to OUT/methods.json (after every row: nothing lost)."""
     c = source.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     before = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4
     head = [f"Reference MHA model (KV cache {before:,} B/token in float32), test perplexity "
             f"{results[0]['source_ppl']:.2f}; converted with `attnconv convert`, calibrated methods on "
             f"{args.calib_tokens:,} tokens of tinyshakespeare:train (sequences of {SEQ_LEN}, attended metric); "
-            f"KL(source || converted) and perplexity on {len(test_ids):,} tokens of tinyshakespeare:test (windows of "
-            "256, stride 128); "
-            "uptraining: 71,680 tokens (5% of pretraining), the benchmarks/gqa_calibrated.py setting.", "",
+            f"KL(source || converted) and perplexity on {args.eval_tokens or 'all'} tokens of tinyshakespeare:test "
+            "(windows of 256, stride 128); uptraining: 71,680 tokens (5% of pretraining), the "
+            "benchmarks/gqa_calibrated.py setting.", "",
             "| KV heads | method | KV B/token | KL | ppl | top-1 agreement | convert s | KL, +uptrain | "
             "ppl, +uptrain |", "|---|---|---|---|---|---|---|---|---|"]
     table = "\n".join(head + rows) + "\n"
-    print(table)
     (out / "methods.md").write_text(table)
     (out / "methods.json").write_text(json.dumps(results, indent=1) + "\n")
-    if plot(results, out / "methods.png"):
-        print(f"plot: {out / 'methods.png'}")
+    return table
 
 
 if __name__ == "__main__":
