@@ -126,14 +126,20 @@ def main() -> None:
 
 def uptrained(model, source, test_ids, stats_text, folder: Path) -> dict:
     """Save, uptrain on 5% of the reference's pretraining tokens (the paper_gqa setting), evaluate."""
-    from attnconv.uptrain.api import uptrain
-
-    conv, up = folder / "converted", folder / "uptrained"
+    conv = folder / "converted"
     model.save_pretrained(conv)
     AutoTokenizer.from_pretrained(REFERENCE_DIR).save_pretrained(conv)
-    uptrain(str(conv), str(up), data="tinyshakespeare:train", tokens=71680, seq_len=SEQ_LEN, batch_size=8,
-            lr=2e-3 / 3, warmup=5, schedule="cosine", dtype="fp32", seed=0, progress=False)
-    trained = AutoModelForCausalLM.from_pretrained(up, dtype=torch.float32).eval()
+    return uptrain_and_measure(conv, folder / "uptrained", source, test_ids, stats_text)
+
+
+def uptrain_and_measure(converted: Path, out: Path, source, test_ids, stats_text) -> dict:
+    """Uptrain a converted checkpoint folder on 5% of the reference's pretraining tokens, then KL and ppl."""
+    from attnconv.uptrain.api import uptrain
+    from attnconv.uptrain.settings import UptrainSettings
+
+    uptrain(UptrainSettings(str(converted), str(out), data="tinyshakespeare:train", tokens=71680, seq_len=SEQ_LEN,
+                            batch_size=8, lr=2e-3 / 3, warmup=5, schedule="cosine", dtype="fp32", seed=0, quiet=True))
+    trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     r = agreement(trained, source, test_ids, stats_text, max_length=SEQ_LEN, stride=SEQ_LEN // 2)
     return {"kl_up": r.kl, "ppl_up": r.model.token_perplexity}
 

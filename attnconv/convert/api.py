@@ -40,11 +40,17 @@ def _conversion(plan: Plan) -> dict:
               "dtype": str(plan.out_dtype).removeprefix("torch.") if plan.out_dtype else "auto",
               "kv_bytes_per_token_before": plan.kv_bytes_per_token("before"),
               "kv_bytes_per_token_after": plan.kv_bytes_per_token("after")}
-    if plan.target is not None:
+    if plan.settings.to == "mla":
         calibration = plan.calibration()
         return {"to": "mla", **plan.target.record(), **common,
                 "calibration": calibration.record() if calibration is not None else None}
-    return {"to": "mqa" if lay_out.n_kv_heads == 1 else "gqa", "method": plan.method.name,
+    to = "mqa" if lay_out.n_kv_heads == 1 else "gqa"
+    if plan.target is not None:  # calibrated GQA/MQA: groups and choices per layer
+        record = plan.target.record()
+        return {"to": to, "method": record.pop("method"), "seed": record.pop("seed"),
+                "kv_heads_after": lay_out.n_kv_heads, **common, **record,
+                "calibration": plan.calibration().record()}
+    return {"to": to, "method": plan.method.name,
             "seed": plan.settings.seed if plan.method.uses_seed else None, "kv_heads_after": lay_out.n_kv_heads,
             "groups": [list(range(g * lay_in.n_kv_heads // lay_out.n_kv_heads,
                                   (g + 1) * lay_in.n_kv_heads // lay_out.n_kv_heads))
@@ -89,7 +95,7 @@ def convert(settings: ConvertSettings, progress: bool = True) -> Plan:
         hasher = threading.Thread(target=sha256_files, args=(files, hashes), daemon=True)
         hasher.start()
         write_plan(plan, tmp, progress, copier)
-        if plan.target is not None:  # MLA: the config records what the layers chose (their RoPE pairs)
+        if plan.settings.to == "mla":  # the config records what the layers chose (their RoPE pairs)
             plan.config_out = finish_mla_config(plan)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2, sort_keys=True) + "\n")
         for name in plan.files_to_copy:

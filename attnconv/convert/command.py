@@ -19,8 +19,13 @@ def run_convert(settings: ConvertSettings) -> None:
       attnconv convert gpt2 ./gpt2-mqa --to mqa          (written as GPTBigCode, multi_query=True)
 
       attnconv convert ./llama ./x --to gqa --kv-heads 2 --dry-run
+
+      attnconv convert ./llama ./llama-gqa2 --to gqa --kv-heads 2 --method grouped+aligned+fit --calibrate DATA
     """
     from attnconv.convert.api import convert
+
+    if settings.needs_calibration and settings.calibrate is None and not settings.dry_run:
+        print("note: calibrating on the WikiText-2 test split shipped with attnconv (--calibrate DATA to choose)")
 
     plan = convert(settings)
     from attnconv.convert.report import print_plan, print_result  # imports torch: only once the work is done

@@ -23,9 +23,9 @@ def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch
     The thread reads and pools while the main thread writes, so compute hides behind IO.
     """
     todo, pending, waiting = deque(steps), deque(), 0
-    # GQA: one torch thread in the worker: pooling is small and memory-bound, and more threads spin-wait between
-    # torch's parallel regions, taking cores from the copy. MLA: every thread, for the calibration forward passes
-    # and the factorisations. torch's thread count is process-wide once set from any thread before the main
+    # GQA by mean/first/random: one torch thread in the worker: pooling is small and memory-bound, and more
+    # threads spin-wait between torch's parallel regions, taking cores from the copy. A layer at a time (MLA,
+    # calibrated GQA): every thread, for the calibration forward passes and the factorisations. torch's thread count is process-wide once set from any thread before the main
     # thread asked for it, so the caller's count is read first and put back after (a library caller, the demo,
     # goes on training and measuring in this process).
     caller = torch.get_num_threads()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attnconv.convert.methods import METHODS, MethodInfo
+from attnconv.convert.methods import MethodInfo, parse_method
 from attnconv.families import HeadLayout
 
 
@@ -24,7 +24,8 @@ class Method:
     """A registered method (convert/methods.py) with its tensor function."""
 
     info: MethodInfo
-    merge: Callable[[Tensor, torch.Generator | None, bool], Tensor]  # [n_out, g, ...] -> [n_out, ...]
+    merge: Callable[[Tensor, torch.Generator | None, bool], Tensor] | None  # [n_out, g, ...] -> [n_out, ...];
+    # None for the calibrated methods, which convert a whole layer at a time (gqa_calibrated.py)
 
     @property
     def name(self) -> str:
@@ -55,8 +56,9 @@ MERGES = {"mean": _mean, "first": _first, "random": _random}
 
 
 def method(name: str) -> Method:
-    """The registered method NAME with its merge function."""
-    return Method(METHODS[name], MERGES[name])
+    """The registered method NAME (or a '+' combination of calibrated ones) with its merge function."""
+    info = parse_method(name)
+    return Method(info, MERGES.get(info.name))
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -54,32 +54,15 @@ from attnconv.convert.gqa_heads import (
     to_pairs,
     value_objective,
 )
+from attnconv.convert.methods import CALIBRATED_STEPS as STEPS
+from attnconv.convert.methods import METHODS
 from attnconv.errors import AttnconvError
 
-STEPS = ("grouped", "aligned", "fit")
 DEFAULT_RIDGE = 1e-3
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """A registry entry (name, help, source) for gqa.METHODS."""
-
-    name: str
-    help: str
-    source: str
-
-
-CALIBRATED_METHODS = {m.name: m for m in [
-    MethodInfo("grouped", "group KV heads by the cost of merging them on calibration data (balanced groups), "
-               "then mean-pool", "activation-informed grouping as in AsymGQA, Chen et al. 2024, arXiv:2406.14963 "
-               "(here balanced, every group the same size)"),
-    MethodInfo("aligned", "rotate heads onto their group's frame (Procrustes on calibration data, RoPE-commuting "
-               "for keys; the unmerged model is unchanged), then mean-pool",
-               "Jin et al. 2025, Align Attention Heads Before Merging Them, arXiv:2412.20677"),
-    MethodInfo("fit", "least-squares merge of K/V with compensating query/o_proj maps, minimising logit and "
-               "output error on calibration data", "closed form by Eckart-Young (joint truncated SVD of a group's "
-               "heads, as TransMLA/MHA2MLA do for MLA: Meng et al. 2025, arXiv:2502.07864)"),
-]}
+# The registry entries (name, help, source) of the composable methods; convert/methods.py holds them torch-free.
+CALIBRATED_METHODS = {n: m for n, m in METHODS.items() if m.calibrated}
 
 
 def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:

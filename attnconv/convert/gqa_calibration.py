@@ -47,7 +47,7 @@ class InputMomentCollector:
 class AttendedMomentCollector:
     """S and the attention-weighted second moment A of one layer's key inputs, recomputing the layer's attention.
 
-    layer: the source layer (gqa_heads.AttentionWeights); inv_freq [head_dim / 2]: the model's RoPE frequencies
+    layer: the source layer (gqa_heads.AttentionWeights); inv_freq [rotary_dim / 2]: the model's RoPE frequencies
     (rotary_emb.inv_freq, which holds any rope scaling of the frequencies); rope_scale: its attention_scaling
     (cos and sin are multiplied by it); scaling: the logit scale (head_dim ** -0.5 unless the family says
     otherwise); norm_eps: the q/k RMSNorm epsilon (Qwen3); sliding_window: keys older than this many positions
@@ -71,11 +71,13 @@ class AttendedMomentCollector:
         y = y.reshape(len(x), n, d).transpose(0, 1)  # [n, t, d]
         if norm is not None:
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps) * norm.float()
-        freqs = pos.double()[:, None] * self.inv_freq[None]  # [t, d/2]
+        r = 2 * len(self.inv_freq)  # rotary dims: d, or a leading part of each head (partial rotary)
+        freqs = pos.double()[:, None] * self.inv_freq[None]  # [t, r/2]
         cos = (freqs.cos() * self.rope_scale).float().repeat(1, 2)
         sin = (freqs.sin() * self.rope_scale).float().repeat(1, 2)
-        rotated = torch.cat([-y[..., d // 2:], y[..., :d // 2]], dim=-1)
-        return y * cos + rotated * sin
+        y_rot, y_pass = y[..., :r], y[..., r:]
+        rotated = torch.cat([-y_rot[..., r // 2:], y_rot[..., :r // 2]], dim=-1)
+        return torch.cat([y_rot * cos + rotated * sin, y_pass], dim=-1)
 
     def update(self, x: Tensor, positions: Tensor) -> None:
         self.moments.update(x, positions)

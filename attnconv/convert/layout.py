@@ -1,9 +1,10 @@
 """What a conversion reads and how its output is laid out, known from config.json and shard headers alone.
 
 Torch-free on purpose for GQA/MQA: `convert` starts copying the tensors it leaves unchanged while the main thread
-is still importing torch, and the plan (which needs torch to infer the converted shapes) follows this layout. An
-MLA layout (mla_plan.py) imports torch: its conversion is dominated by the per-layer factorisations anyway.
-Within each output shard the unchanged tensors come first, in source order, then the converted ones (MLA layers
+is still importing torch, and the plan (which needs torch to infer the converted shapes) follows this layout. A
+layout converted a layer at a time (MLA: mla_plan.py; calibrated GQA methods: gqa_plan.py) imports torch: its
+conversion is dominated by calibration and the per-layer solves anyway.
+Within each output shard the unchanged tensors come first, in source order, then the converted ones (layers
 in layer order, the order calibration computes them in).
 """
 
@@ -68,7 +69,7 @@ class Source:
     config_in: dict = field(default_factory=dict)
     shards: dict[str, list[Entry]] = field(default_factory=dict)
 
-    target: object | None = None  # mla_plan.MlaTarget for --to mla
+    target: object | None = None  # converts a layer at a time: mla_plan.MlaTarget, gqa_plan.GqaTarget
 
     def reserve(self, shard: str) -> int:
         """Header bytes to reserve in an output shard (names may gain a 12-character prefix)."""
@@ -131,40 +132,54 @@ def _entry(family: Family, reader: CheckpointReader, meta: TensorMeta, dtype: st
     return Entry(out_name, meta, op, out_dtype, raw)
 
 
+def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
+    """Entries of a conversion computed a layer at a time (MLA, calibrated GQA: src.target): each layer's
+    attention tensors become the target's outputs (one computation per layer, written to the shard of the
+    layer's first attention tensor), every other tensor what the target makes of it."""
+    from attnconv.convert.mla_plan import attention_key
+
+    target, reader = src.target, src.reader
+    shard_of = {file: "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                for i, file in enumerate(files)}
+    ordered = sorted(reader.tensors.values(), key=lambda m: (files.index(m.file), m.start))
+    kept: dict[str, list[Entry]] = {shard: [] for shard in shard_of.values()}
+    layers: dict[int, tuple[str, str, dict[str, TensorMeta]]] = {}  # layer -> (shard, prefix, {key: meta})
+    for m in ordered:
+        where = attention_key(m.name)
+        if where is not None:  # a layer's tensors may straddle two shards: its outputs go to the first
+            layers.setdefault(where[0], (shard_of[m.file], where[1], {}))[2][where[2]] = m
+            continue
+        for out, shape, kind in target.other_outputs(m.name, m.shape):
+            floating = m.st_dtype.startswith(("F", "BF"))
+            out_dtype = st_dtype(dtype) if dtype is not None and floating else m.st_dtype
+            raw = kind == "copy" and reader.format == "safetensors" and out_dtype == m.st_dtype
+            kept[shard_of[m.file]].append(Entry(out, m, "copy" if kind == "copy" else "deepseek_tensor", out_dtype,
+                                                raw, shape=None if raw else shape, key=kind))
+    if not layers:
+        raise AttnconvError(f"no attention tensors (….layers.N.self_attn.*) found in {src.path}; the weights do not "
+                            f"match a {src.family.name} checkpoint")
+    converted: dict[str, list[Entry]] = {shard: [] for shard in shard_of.values()}
+    for layer, (shard, prefix, inputs) in sorted(layers.items()):
+        names = sorted(inputs)
+        first = inputs[names[0]]
+        out_dtype = st_dtype(dtype) if dtype is not None else first.st_dtype
+        shapes = {k: tuple(m.shape) for k, m in inputs.items()}
+        for key, shape in target.layer_outputs(layer, shapes).items():
+            converted[shard].append(Entry(prefix + key, first, target.op, out_dtype, False,
+                                          tuple(inputs[k] for k in names[1:]), tuple(shape), layer, key))
+    for shard, entries in kept.items():
+        src.shards[shard] = [e for e in entries if e.raw] + [e for e in entries if not e.raw] + converted[shard]
+    return src
+
+
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
-    """Entries of an MLA conversion: each layer's attention tensors become the format's outputs (one computation
-    per layer), every other tensor what the format makes of it."""
-    from attnconv.convert.mla_plan import MlaTarget, attention_key
+    from attnconv.convert.mla_plan import MlaTarget
 
     if src.family.name not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
         raise AttnconvError(f"--to mla needs RoPE attention (llama, mistral, qwen2, qwen3, gemma, phi3); "
                             f"{src.family.name} has learned positions: convert it with --to mqa")
     target = src.target = MlaTarget.create(settings, src.config_in)
-    n = len(files)
-    for i, file in enumerate(files):
-        shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        metas = sorted((m for m in src.reader.tensors.values() if m.file == file), key=lambda m: m.start)
-        kept, layers = [], {}
-        for m in metas:
-            where = attention_key(m.name)
-            if where is not None:
-                layers.setdefault(where[0], (where[1], {}))[1][where[2]] = m
-                continue
-            for out, shape, kind in target.other_outputs(m.name, m.shape):
-                floating = m.st_dtype.startswith(("F", "BF"))
-                out_dtype = st_dtype(dtype) if dtype is not None and floating else m.st_dtype
-                raw = kind == "copy" and src.reader.format == "safetensors" and out_dtype == m.st_dtype
-                kept.append(Entry(out, m, "copy" if kind == "copy" else "deepseek_tensor", out_dtype, raw,
-                                  shape=None if raw else shape, key=kind))
-        converted = []
-        for layer, (prefix, inputs) in sorted(layers.items()):
-            names = sorted(inputs)
-            first = inputs[names[0]]
-            out_dtype = st_dtype(dtype) if dtype is not None else first.st_dtype
-            for key, shape in target.layer_outputs(layer, set(names)).items():
-                converted.append(Entry(prefix + key, first, "mla_layer", out_dtype, False,
-                                       tuple(inputs[k] for k in names[1:]), tuple(shape), layer, key))
-        src.shards[shard] = [e for e in kept if e.raw] + [e for e in kept if not e.raw] + converted
+    _layer_layout(src, files, dtype)
     src.config_out = target.config_out() if settings.format == "deepseek-v3" else {}
     return src
 
@@ -196,6 +211,11 @@ def inspect_source(settings: ConvertSettings) -> Source:
                  {} if mla else _config_out(family, config, kv_heads, dtype), copy, config_in=config)
     if mla:
         return _mla_layout(settings, src, files, dtype)
+    if settings.needs_calibration:  # the calibrated GQA methods convert a layer's attention as a whole
+        from attnconv.convert.gqa_plan import GqaTarget
+
+        src.target = GqaTarget.create(settings, config, family.name)
+        return _layer_layout(src, files, dtype)
     n = len(files)
     for i, file in enumerate(files):
         shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

@@ -51,6 +51,7 @@ class MlaTarget:
     kv_ranks: list[int]
     notes: list[str] = field(default_factory=list)
     pairs: dict[int, Tensor] = field(default_factory=dict)  # attnconv format: kept pairs per layer, as converted
+    op = "mla_layer"  # the convert op (ops.py) of every output of a layer
 
     @classmethod
     def create(cls, settings: ConvertSettings, config: dict) -> MlaTarget:
@@ -72,7 +73,7 @@ class MlaTarget:
         return target
 
     # --- layout ---
-    def layer_outputs(self, layer: int, keys: set[str]) -> dict[str, tuple[int, ...]]:
+    def layer_outputs(self, layer: int, keys: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Output tensor names (relative to the layer's attention module) and shapes of one layer."""
         s, rank = self.settings, self.kv_ranks[layer]
         if s.format == "deepseek-v3":
@@ -126,12 +127,16 @@ class MlaTarget:
         return convert_attnconv_layer(w, kv_rank=self.kv_ranks[layer], pairs=self.pairs[layer], init=s.init,
                                       moments=moments, phases=phases)
 
-    def collectors(self, weights: AttentionWeights, inv_freq: Tensor) -> list:
+    def collectors(self, weights: AttentionWeights, inv_freq: Tensor, attention=None, rotary=None) -> list:
         s = self.settings
         out: list = [MomentCollector(self.shape.hidden), PairNormCollector(weights)]
         if s.phases:
             out.append(AttentionPhaseCollector(weights, inv_freq))
         return out
+
+    def collector_bytes(self, seq_len: int) -> int:
+        """One layer's statistics: the input moments and the pair norms, float64."""
+        return 2 * 8 * (self.shape.hidden + 1) ** 2
 
     @staticmethod
     def statistics(collectors: list) -> LayerStatistics:
@@ -141,9 +146,10 @@ class MlaTarget:
 
 
 class Calibration:
-    """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order)."""
+    """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order).
+    target: an MlaTarget or a gqa_plan.GqaTarget (collectors, statistics and weights of a layer)."""
 
-    def __init__(self, target: MlaTarget, source: Path, read_layer, progress: bool):
+    def __init__(self, target, source: Path, read_layer, progress: bool):
         from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
         from attnconv.families import max_positions
         from attnconv.loading import load_tokenizer
@@ -156,12 +162,13 @@ class Calibration:
         self.target, self.tokens = target, tokens
 
         def make(layer: int) -> list:
-            return target.collectors(target.weights(read_layer(layer)), inv_freq)
+            return target.collectors(target.weights(read_layer(layer)), inv_freq, model.layers[layer].self_attn,
+                                     model.base.rotary_emb)
 
         self._layers = run_layers(model, tokens, make, progress=progress)
-        self._ready: dict[int, LayerStatistics] = {}
+        self._ready: dict[int, Any] = {}  # statistics of layers computed ahead of their conversion
 
-    def get(self, layer: int) -> LayerStatistics:
+    def get(self, layer: int):
         """Layer's statistics (the source is run up to it; earlier layers not yet asked for are kept)."""
         while layer not in self._ready:
             try:

@@ -57,6 +57,8 @@ OPS: dict[str, Op] = {
         Op("gpt2_c_attn", "GPT-2 c_attn -> GPTBigCode c_attn", _gpt2_c_attn),
         Op("mla_layer", "the layer's attention as MLA (one computation per layer)",
            lambda plan, step, x: plan.layer_output(step, x)),
+        Op("gqa_layer", "the layer's attention with K/V heads merged by a calibrated method (one computation per "
+           "layer)", lambda plan, step, x: plan.layer_output(step, x)),
         Op("deepseek_tensor", "renamed, split or folded for DeepSeek-V3", _deepseek_tensor),
     ]
 }

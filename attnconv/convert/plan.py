@@ -24,7 +24,8 @@ from attnconv.families import Family, HeadLayout
 
 @dataclass(frozen=True)
 class Step:
-    """One output tensor: `op` (a name in ops.py) applied to `inputs` (one input for GQA; MLA steps take several)."""
+    """One output tensor: `op` (a name in ops.py) applied to `inputs` (one input for GQA by mean/first/random;
+    a layer's steps (MLA, calibrated GQA) take all its attention tensors)."""
 
     output: str
     inputs: tuple[str, ...]
@@ -33,8 +34,8 @@ class Step:
     shape: tuple[int, ...]
     shard: str
     raw: bool = False  # copied as bytes, never decoded
-    layer: int | None = None  # MLA: the layer whose one computation gives this output
-    key: str | None = None  # MLA: which output of it; deepseek_tensor: the transform
+    layer: int | None = None  # MLA, calibrated GQA: the layer whose one computation gives this output
+    key: str | None = None  # which output of it; deepseek_tensor: the transform
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +65,8 @@ class Plan:
 
     @property
     def target(self):
-        """The MLA target (mla_plan.MlaTarget), or None for GQA/MQA."""
+        """What converts a layer at a time (mla_plan.MlaTarget, gqa_plan.GqaTarget), or None for GQA/MQA by
+        mean/first/random (one tensor at a time)."""
         return self.layout.target if self.layout is not None else None
 
     def layer_inputs(self, layer: int) -> dict[str, torch.Tensor]:
@@ -126,7 +128,7 @@ class Plan:
         if dtype is None:
             k_name = next(s.inputs[0] for s in self.steps if s.op not in ("copy", "deepseek_tensor"))
             dtype = self.reader.tensors[k_name].dtype
-        if which == "after" and self.target is not None:
+        if which == "after" and self.settings.to == "mla":
             from attnconv.convert.mla_attnconv import cache_per_token
 
             t = self.target

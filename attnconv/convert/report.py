@@ -28,8 +28,9 @@ def plan_summary(plan: Plan) -> dict:
 
 def _what(plan: Plan, s: dict) -> str:
     target = plan.target
-    if target is None:
-        return f"KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} ({plan.method.name})"
+    if plan.settings.to != "mla":
+        calibrated = ", calibrated" if plan.method.info.calibrated else ""
+        return f"KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} ({plan.method.name}{calibrated})"
     set_ = plan.settings
     ranks = sorted(set(target.kv_ranks))
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
@@ -68,10 +69,12 @@ def _calibration_line(plan: Plan) -> str:
 
     s = plan.settings
     seq_len = s.calib_seq_len or min(2048, max_positions(plan.layout.config_in) or 2048)
-    hidden = plan.layout_in.hidden
-    memory = estimate_memory(plan.layout.config_in, s.calib_tokens, 2 * 8 * (hidden + 1) ** 2, seq_len=seq_len)
-    return (f"calibration: {s.calib_tokens:,} tokens of {s.calibrate or 'wikitext-2-test'} in sequences of "
-            f"{seq_len}, run layer by layer (about {human_bytes(memory)} beside the conversion)")
+    memory = estimate_memory(plan.layout.config_in, s.calib_tokens, plan.target.collector_bytes(seq_len),
+                             seq_len=seq_len)
+    tokens = -(-s.calib_tokens // seq_len) * seq_len
+    data = s.calibrate or "wikitext-2-test (the default; --calibrate DATA to choose)"
+    return (f"calibration: {tokens:,} tokens of {data} in sequences of {seq_len}, run layer by layer (about "
+            f"{human_bytes(memory)} beside the conversion)")
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnconv.convert.methods import METHODS
+from attnconv.convert.methods import METHODS_HELP, parse_method
 from attnconv.dtypes import ALIASES, DTYPES
 from attnconv.errors import AttnconvError
 from attnconv.settings import Settings, option
@@ -26,9 +26,9 @@ class ConvertSettings(Settings):
     to: str = option("gqa", help="Target attention: gqa (needs --kv-heads), mqa (1 KV head) or mla (multi-head "
                      "latent attention; needs --kv-rank).", choices=TARGETS)
     kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads.", minimum=1)
-    method: str = option("mean", help="How each group's K/V heads become one: "
-                         + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values()) + ".", choices=tuple(METHODS))
-    seed: int = option(0, help="Seed for --method random.", minimum=0)
+    method: str = option("mean", help=METHODS_HELP, metavar="[mean|first|random|grouped+aligned+fit|...]")
+    seed: int = option(0, help="Seed for --method random and for the grouping search of --method grouped.",
+                       minimum=0)
     dtype: str = option("auto", help="Output dtype; auto keeps the source's. Pooling is computed in float32 either "
                         "way.", choices=("auto", *DTYPES), aliases=ALIASES)
     kv_rank: tuple[int, ...] | None = option(None, help="MLA: the latent's dims per token and layer (one value, or one "
@@ -50,8 +50,8 @@ class ConvertSettings(Settings):
     q_rank: int | None = option(None, help="MLA deepseek-v3: factor the query through a latent of this size too.",
                                 minimum=1)
     calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default the "
-                                   "WikiText-2 test split shipped with attnconv), for --init pca, --phases, "
-                                   "--rope-select 2-norm.", io="data")
+                                   "WikiText-2 test split shipped with attnconv), for the calibrated GQA/MQA "
+                                   "methods and MLA's --init pca, --phases, --rope-select 2-norm.", io="data")
     calib_tokens: int = option(131072, help="Calibration tokens.", minimum=1)
     calib_seq_len: int | None = option(None, help="Tokens per calibration sequence (default min(2048, the model's "
                                        "maximum positions)).", minimum=2)
@@ -68,6 +68,10 @@ class ConvertSettings(Settings):
         if self.out is None and not self.dry_run:
             raise AttnconvError(f"an output folder {self.label('out')} is needed (or pass --dry-run to only print "
                                 "the plan)")
+        parse_method(self.method, self.label("method"))
+        if self.to == "mla" and self.method != "mean":
+            raise AttnconvError(f"{self.label('method')} is for {to} gqa/mqa; MLA's latent is set by "
+                                f"{self.label('init')}")
         mla_only = ("kv_rank", "rope_dim", "q_rank")
         if self.to == "mla":
             if self.kv_rank is None:
@@ -88,7 +92,9 @@ class ConvertSettings(Settings):
     @property
     def needs_calibration(self) -> bool:
         """Whether the conversion reads activations on calibration text."""
-        return self.to == "mla" and (self.init == "pca" or self.phases or self.rope_select == "2-norm")
+        if self.to != "mla":
+            return parse_method(self.method).calibrated
+        return self.init == "pca" or self.phases or self.rope_select == "2-norm"
 
     @property
     def target_kv_heads(self) -> int:

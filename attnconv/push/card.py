@@ -39,6 +39,21 @@ def _mla_section(prov: dict, conv: dict) -> list[str]:
     return lines + [f"- {note}" for note in conv.get("notes") or []]
 
 
+def _calibrated_method(conv: dict) -> str:
+    """A calibrated method's description from the registry, with its calibration text."""
+    from attnconv.convert.methods import parse_method
+    from attnconv.errors import AttnconvError
+
+    name = str(conv.get("method", "?"))
+    try:
+        info = parse_method(name)
+    except AttnconvError:
+        return name
+    calib = conv.get("calibration")
+    data = f", calibrated on {calib['tokens']:,} tokens of `{calib['data']}`" if calib else ""
+    return f"the `{info.name}` method ({info.help}; {info.source}){data}"
+
+
 def _conversion_section(prov: dict) -> list[str]:
     conv = prov.get("conversion") or {}
     if not conv:
@@ -51,11 +66,12 @@ def _conversion_section(prov: dict) -> list[str]:
     method = {"mean": "mean-pooling the key/value heads of each group (Ainslie et al. 2023, GQA)",
               "first": "keeping the first key/value head of each group (the GQA paper's ablation)",
               "random": "random initialisation of the new key/value heads (the GQA paper's ablation)"}
+    how = method.get(conv.get("method")) or _calibrated_method(conv)
     lines = [
         f"Converted from `{prov.get('source', '?')}` ({prov.get('source_family', '?')}) with "
         f"attnconv {prov.get('attnconv_version', '?')}: "
         f"{conv.get('n_heads', '?')} query heads, **{before} -> {after} key/value heads** "
-        f"({str(conv.get('to', '')).upper()}), by {method.get(conv.get('method'), conv.get('method', '?'))}.",
+        f"({str(conv.get('to', '')).upper()}), by {how}.",
         "",
         "| | source | this model |",
         "|---|---|---|",
