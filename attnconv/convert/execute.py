@@ -25,9 +25,10 @@ def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch
     todo, pending, waiting = deque(steps), deque(), 0
     # GQA by mean/first/random: one torch thread in the worker: pooling is small and memory-bound, and more
     # threads spin-wait between torch's parallel regions, taking cores from the copy. A layer at a time (MLA,
-    # calibrated GQA): every thread, for the calibration forward passes and the factorisations. torch's thread count is process-wide once set from any thread before the main
-    # thread asked for it, so the caller's count is read first and put back after (a library caller, the demo,
-    # goes on training and measuring in this process).
+    # calibrated GQA): every thread, for the calibration forward passes and the factorisations. torch's thread
+    # count is process-wide once set from any thread before the main thread asked for it, so the caller's count
+    # is read first and put back after (a library caller, the demo, goes on training and measuring in this
+    # process).
     caller = torch.get_num_threads()
     threads = 1 if plan.target is None else caller
     try:
