@@ -16,22 +16,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from attnconv.testing import build_tiny_model
 
-_PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-
-
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of CMD, measured through its own parent so that runs do not mix."""
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _PEAK, *cmd], check=True, capture_output=True, text=True)
-    return time.perf_counter() - t0, int(done.stdout.split()[-1]) * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert import timed_child as timed  # noqa: E402  (peak RSS through a small parent)
 
 
 def main() -> None:
