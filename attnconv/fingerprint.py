@@ -11,6 +11,37 @@ HASH_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file, remembered across runs while the file is provably the same (device, inode, size, mtime and
+    ctime, which no user call can set back): converting one source several ways reads it once."""
+    path = Path(path)
+    st = path.stat()
+    signature = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+    memo = _memo_path(path)
+    try:
+        sig, digest = memo.read_text().rsplit(" ", 1)
+        if sig == signature and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = _sha256_uncached(path)
+    try:  # best effort: a read-only or full cache only costs the next run a re-hash
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{signature} {digest}")
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def _memo_path(path: Path) -> Path:
+    from attnconv.errors import cache_root
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return cache_root() / "sha256" / key
+
+
+def _sha256_uncached(path: Path) -> str:
     """sha256 of a file, read through the page cache in mapped windows: read() would copy every byte once more,
     and one whole-file mapping would count the file in the process's resident memory."""
     h = hashlib.sha256()

@@ -158,6 +158,7 @@ def test_source_hash_over_mapped_windows(tmp_path, monkeypatch):
 
     from attnconv import fingerprint
 
+    monkeypatch.setenv("ATTNCONV_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fingerprint, "HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)
     sizes = [0, 1, mmap.ALLOCATIONGRANULARITY, 3 * mmap.ALLOCATIONGRANULARITY + 5]
     files = []
@@ -167,6 +168,31 @@ def test_source_hash_over_mapped_windows(tmp_path, monkeypatch):
     got: dict[str, str] = {}
     fingerprint.sha256_files(files, got)
     assert got == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_source_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    """A second conversion of one source does not read it again; a file rewritten in place, even with the same
+    size and mtime, is hashed anew."""
+    import hashlib
+    import os
+
+    from attnconv import fingerprint
+
+    monkeypatch.setenv("ATTNCONV_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    assert fingerprint.sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest()
+    reads = []
+    real = fingerprint._sha256_uncached
+    monkeypatch.setattr(fingerprint, "_sha256_uncached", lambda p: reads.append(p) or real(p))
+    assert fingerprint.sha256_file(f) == hashlib.sha256(b"a" * 1000).hexdigest() and reads == []
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime; ctime moves on
+    assert fingerprint.sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest() and reads == [f]
+    (tmp_path / "not-a-folder").write_text("")  # a cache that cannot be written only costs a re-hash
+    monkeypatch.setenv("ATTNCONV_CACHE", str(tmp_path / "not-a-folder"))
+    assert fingerprint.sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest() and reads == [f, f]
 
 
 def test_provenance_config_and_copied_files(tmp_path):
