@@ -58,3 +58,18 @@ def attention_implementation(model, name: str, function: Callable,
         finally:
             if switched:
                 model.set_attn_implementation(previous)
+
+
+@contextmanager
+def instance_forwards(modules: list, make_forward: Callable) -> Iterator[int]:
+    """Within this block each module's `forward` is `make_forward(module, its own forward)`, set on the instance
+    (the class and other models are untouched) and deleted after; modules already patched are left alone.
+    Yields how many were patched."""
+    modules = [m for m in modules if "forward" not in m.__dict__]
+    for module in modules:
+        module.forward = make_forward(module, module.forward)
+    try:
+        yield len(modules)
+    finally:
+        for module in modules:
+            del module.forward

@@ -21,22 +21,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from attnconv.errors import AttnconvError
 from attnconv.kernels.mla_attention import grouped_mla_decode_attention, split_kv_b
-from attnconv.patches.attention import attention_implementation
+from attnconv.patches.attention import attention_implementation, instance_forwards
 from attnconv.patches.decode_attention import sdpa_gqa_attention
+from attnconv.patches.decode_cache import GrowingLayer
 
 NAME = "attnconv_mla_fmt_decode"
 
 
-class RopeLatentLayer(CacheLayerMixin):
+class RopeLatentLayer(GrowingLayer):
     """One layer's cache, allocated for the whole run: rotated RoPE keys per KV head [b, n_kv, max_len, d_r]
     (`keys`) and latent rows [b, max_len, r (+ n_kv)] (`rows`; `values` is the [b, 1, max_len, ...] view
     `MLAAttention` caches), so the model's own forward can use it too."""
-
-    is_sliding = False
 
     def __init__(self, batch: int, max_len: int, n_kv: int, rope_dim: int, latent_dim: int, dtype, device):
         super().__init__()
@@ -68,17 +67,6 @@ class RopeLatentLayer(CacheLayerMixin):
             return key_states, value_states
         return keys, rows[:, None]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.max_len
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 def mla_modules(model) -> list:
@@ -161,12 +149,6 @@ def attnconv_mla_decode(model, backend: str = "auto") -> Iterator[int]:
     reason = unsupported_reason(model)
     if reason is not None:
         raise AttnconvError(f"attnconv's MLA decode cannot run this model: {reason}")
-    modules = [m for m in mla_modules(model) if "forward" not in m.__dict__]
-    with attention_implementation(model, NAME, sdpa_gqa_attention):
-        for module in modules:
-            module.forward = _forward(module, module.forward, backend)
-        try:
-            yield len(modules)
-        finally:
-            for module in modules:
-                del module.forward
+    with attention_implementation(model, NAME, sdpa_gqa_attention), \
+            instance_forwards(mla_modules(model), lambda m, own: _forward(m, own, backend)) as patched:
+        yield patched

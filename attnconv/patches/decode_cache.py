@@ -18,10 +18,28 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from attnconv.families import cache_shape
 
 
-class PreallocatedLayer(CacheLayerMixin):
-    """One layer's K and V, allocated for the whole run; `update` writes in place and returns the filled views."""
+class GrowingLayer(CacheLayerMixin):
+    """A cache layer allocated for max_len tokens, filled from the start: `length` tokens are in."""
 
     is_sliding = False
+    length = 0  # a Python int: slicing with it costs no device sync
+    max_len = 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class PreallocatedLayer(GrowingLayer):
+    """One layer's K and V, allocated for the whole run; `update` writes in place and returns the filled views."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device,
                  keys_as_rows: bool = False):
@@ -57,17 +75,6 @@ class PreallocatedLayer(CacheLayerMixin):
             return key_states, value_states
         return keys, values  # [b, n_kv, end, d], views into the buffers
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.max_len
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 class PreallocatedKVCache(Cache):
@@ -86,12 +93,10 @@ class PreallocatedKVCache(Cache):
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
 
 
-class LatentLayer(CacheLayerMixin):
+class LatentLayer(GrowingLayer):
     """One MLA layer's cache: a row `[latent; rotated RoPE key]` per token, [b, max_len, r + d_r], shared by every
     head and allocated for the whole run. `keys`/`values` are views of its two parts as transformers' DeepseekV3
     caches them ([b, 1, max_len, r] and [b, 1, max_len, d_r]), so its own forward can use this cache too."""
-
-    is_sliding = False
 
     def __init__(self, batch: int, max_len: int, rank: int, rope_dim: int, dtype, device):
         super().__init__()
@@ -120,17 +125,6 @@ class LatentLayer(CacheLayerMixin):
         rows = self.append(key_states[:, 0], value_states[:, 0])
         return rows[:, None, :, :self.rank], rows[:, None, :, self.rank:]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return self.max_len
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 class LatentKVCache(Cache):

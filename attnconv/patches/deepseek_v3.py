@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from attnconv.errors import AttnconvError
 from attnconv.kernels.mla_attention import expand_latent, mla_decode_attention, split_kv_b
-from attnconv.patches.attention import attention_implementation
+from attnconv.patches.attention import attention_implementation, instance_forwards
 from attnconv.patches.decode_attention import sdpa_gqa_attention
 from attnconv.patches.decode_cache import LatentKVCache
 
@@ -114,15 +114,10 @@ def mla_decode(model, backend: str = "auto") -> Iterator[int]:
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 
     check_mla_model(model)
-    modules = [m for m in model.modules() if isinstance(m, DeepseekV3Attention) and "forward" not in m.__dict__]
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
-    with attention_implementation(model, NAME, sdpa_attention_forward, sdpa_mask):
-        for module in modules:
-            module.forward = _forward(module, module.forward, backend)
-        try:
-            yield len(modules)
-        finally:
-            for module in modules:
-                del module.forward
+    modules = [m for m in model.modules() if isinstance(m, DeepseekV3Attention)]
+    with attention_implementation(model, NAME, sdpa_attention_forward, sdpa_mask), \
+            instance_forwards(modules, lambda m, own: _forward(m, own, backend)) as patched:
+        yield patched
