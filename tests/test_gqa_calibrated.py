@@ -30,15 +30,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 IDS = torch.randint(0, 250, (2, 13), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 250, (4, 48), generator=torch.Generator().manual_seed(1))
 RIDGE = 1e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add synchronisation (10x slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only synchronise
 
 
 @pytest.fixture(scope="module")

@@ -8,36 +8,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "simd8.h"
+
 #define PREFETCH_FLOATS 1024  // 4 KiB ahead in a weight row: 2-4 rows of a typical hidden size
 
-// The eight lanes' sums of a0..a7, as one vector [sum(a0), ..., sum(a7)].
-static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                           __m256 a7) {
-  __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-  __m256 s45 = _mm256_hadd_ps(a4, a5), s67 = _mm256_hadd_ps(a6, a7);
-  __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-
-// [sum_k v[k] * r[i][k] for i = 0..7] over k in [0, n), n a multiple of 8: v is loaded once per step and
-// multiplied into all eight rows, each row's partial sums in its own register. prefetch: where to fetch ahead of
-// v (NULL: no prefetch; the branch disappears where the function is inlined).
-static inline __m256 dot8(const float *v, const float *const r[8], int64_t n, const float *prefetch) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t k = 0; k < n; k += 8) {
-    if (prefetch) _mm_prefetch((const char *)(prefetch + k), _MM_HINT_T0);
-    __m256 x = _mm256_loadu_ps(v + k);
-    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[0] + k), a0);
-    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[1] + k), a1);
-    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[2] + k), a2);
-    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[3] + k), a3);
-    a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[4] + k), a4);
-    a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[5] + k), a5);
-    a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[6] + k), a6);
-    a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(r[7] + k), a7);
-  }
-  return hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
-}
 
 // y [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), 1 <= M <= 8; x, w, y contiguous.
 // One pass over w: each row of w is loaded once and multiplied into all M rows of x (which stay in L1/L2).

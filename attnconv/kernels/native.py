@@ -34,7 +34,7 @@ def cpu_supports_avx2() -> bool:
 
 def build(source: Path) -> Path:
     """Compile `source` (once per source and flags) and return the shared library's path."""
-    text = source.read_bytes()
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # includes
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(text + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
