@@ -1,7 +1,8 @@
 """MLA conversion cost: time against the GQA conversion of the same source, and peak memory against its bound.
 
 A synthetic Llama (random bf16 weights, 2 shards) is converted, each in a fresh process, to GQA-4, to MLA
-(deepseek-v3, --init svd: no calibration) and to MLA with calibration (--init pca and phases over N tokens).
+(deepseek-v3, --init svd: no calibration), to MLA with calibration (--init pca and phases over N tokens) and to
+GQA-4 by the calibrated grouped+aligned+fit.
 Target (issue 17): peak RSS <= largest shard + 1 GiB + the calibration memory the dry run states.
 
     python benchmarks/mla_convert.py [--hidden 1024] [--layers 12] [--calib-tokens 8192] [--workdir DIR]
@@ -47,11 +48,13 @@ def main() -> None:
     head = args.hidden // args.heads
     base = [sys.executable, "-m", "attnconv", "convert", str(src)]
     mla = ["--to", "mla", "--kv-rank", str(4 * head), "--rope-dim", str(head // 2)]
+    calib = ["--calibrate", "tinyshakespeare:train", "--calib-tokens", str(args.calib_tokens), "--calib-seq-len", "512"]
     runs = {"GQA-4 (mean)": ["--kv-heads", "4"],
             "MLA deepseek-v3, svd (no calibration)": [*mla, "--init", "svd", "--no-phases"],
             f"MLA deepseek-v3, pca + phases, {args.calib_tokens} calibration tokens":
-                [*mla, "--calibrate", "tinyshakespeare:train", "--calib-tokens", str(args.calib_tokens),
-                 "--calib-seq-len", "512"]}
+                [*mla, *calib],
+            f"GQA-4, grouped+aligned+fit, {args.calib_tokens} calibration tokens":
+                ["--kv-heads", "4", "--method", "grouped+aligned+fit", *calib]}
     rows = []
     for name, extra in runs.items():
         out = work / re.sub(r"\W+", "-", name)
