@@ -180,6 +180,16 @@ class Settings:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each setting's default, in the form `record()` writes (for records made before a setting existed)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING:
+                continue
+            out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+        return out
+
     def run_values(self) -> dict[str, Any]:
         """The settings that change what the command computes (compared when a run resumes)."""
         fields = {f.name: f.metadata["spec"] for f in dataclasses.fields(self) if "spec" in f.metadata}

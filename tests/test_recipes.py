@@ -3,6 +3,7 @@ starts, and a rerun skips what is done, resumes what was killed and redoes what 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -141,6 +142,39 @@ def test_a_changed_uptrain_key_reruns_uptrain_and_what_follows_but_not_convert(e
     assert "--from" in stdout.splitlines()[2]
     code, _, err = cli("run", recipe, "--dry-run", "--from", "uptrian")
     assert_one_line_error(code, err, "--from uptrian", "did you mean 'uptrain'?")
+
+
+def test_a_setting_added_since_a_stage_ran_reruns_nothing_while_at_its_default(env, tmp_path, monkeypatch, cli):
+    """A newer attnconv has a setting the recorded run did not: at its default the stages stay done (the run was
+    made with that behaviour) and uptrain's own resume check agrees; set to anything else, they run."""
+    monkeypatch.chdir(tmp_path)
+    recipe_stages = stages(env)
+    recipe = write(tmp_path / "r.yaml", recipe_stages)
+    run_recipe(recipe, echo=lambda line: None)
+    state_file = tmp_path / ".r.attnconv-run.json"
+    state = json.loads(state_file.read_text())
+    entry = state["outputs"][str((tmp_path / "out" / "gqa-up").resolve())]
+    done = entry["done"]
+    assert done["settings"].pop("decay_fraction") == 0.2  # as recorded before the setting existed
+    body = {"command": "uptrain", "settings": done["settings"], "inputs": done["inputs"]}
+    old_print = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    state_text = json.dumps(state).replace(done["fingerprint"], old_print)  # eval recorded it as its input too
+    assert state_text.count(old_print) >= 2
+    state_file.write_text(state_text)
+    code, stdout, err = cli("run", recipe, "--dry-run")
+    assert code == 0, err
+    assert [line.split()[3] for line in stdout.splitlines()[1:]] == ["skip", "skip", "skip"], stdout
+    from attnconv.uptrain.trainer import identity_differences
+
+    assert identity_differences({"lr": 0.01}, {"lr": 0.01, "decay_fraction": 0.2}) == []
+    assert identity_differences({"lr": 0.01}, {"lr": 0.01, "decay_fraction": 0.5}) == [
+        "decay_fraction: None -> 0.5"]
+    recipe_stages[1]["uptrain"]["decay_fraction"] = 0.5
+    write(recipe, recipe_stages)
+    code, stdout, err = cli("run", recipe, "--dry-run")
+    assert code == 0, err
+    assert [line.split()[3] for line in stdout.splitlines()[1:]] == ["skip", "run", "run"], stdout
+    assert "uptrain.decay_fraction 'unset' -> 0.5" in stdout
 
 
 def test_sigkill_during_uptrain_then_the_rerun_skips_convert_and_resumes(env, tmp_path, monkeypatch):

@@ -229,6 +229,19 @@ def _record(stage: Stage, inputs: list[Input], records: dict[int, dict], state: 
     return {"fingerprint": fingerprint, "settings": settings, "inputs": given}
 
 
+def _only_new_defaults(stage: Stage, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether the records differ only by settings attnconv added since OLD ran, at their defaults: then OLD
+    stands, and NEW takes its fingerprint so the stages after it do not run again either."""
+    defaults = type(stage.settings).defaults()
+    before, after = old.get("settings", {}), new["settings"]
+    added = set(after) - set(before)
+    if old.get("inputs") != new["inputs"] or set(before) - set(after) or any(
+            before[k] != after[k] for k in before) or any(k not in defaults or after[k] != defaults[k] for k in added):
+        return False
+    new.update(fingerprint=old["fingerprint"], settings=before)
+    return True
+
+
 def _changes(stage: Stage, old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = []
     before, after = old.get("settings", {}), new["settings"]
@@ -256,7 +269,7 @@ def _decide(stage: Stage, record: dict[str, Any], state: State, forced: bool,
         reason = f"{s.out} is missing" if entry.get("done") else "not run yet"
     elif previous is None:
         reason = f"replaces {s.out} (overwrite: true)" if out is not None else "not pushed yet"
-    elif previous["fingerprint"] != record["fingerprint"]:
+    elif previous["fingerprint"] != record["fingerprint"] and not _only_new_defaults(stage, previous, record):
         reason = _changes(stage, previous, record)
     else:
         where = s.out if out is not None else f"{s.repo_id}"

@@ -75,9 +75,13 @@ def read_log(path: Path, upto: int) -> list[dict]:
 
 
 def identity_differences(saved: dict, now: dict) -> list[str]:
-    """`key: old -> new` for every part of a run's identity that changed."""
+    """`key: old -> new` for every part of a run's identity that changed. A setting added to attnconv after the
+    saved run is no difference while it keeps its default (the run was made with that behaviour)."""
+    from attnconv.uptrain.settings import UptrainSettings
+
+    defaults = UptrainSettings.defaults()
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+            if saved.get(k) != now.get(k) and not (k not in saved and k in defaults and now.get(k) == defaults[k])]
 
 
 def train(accelerator, model, blocks, run: Run, *, teacher=None, eval_windows: torch.Tensor | None = None,
