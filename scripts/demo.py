@@ -1,7 +1,8 @@
 """`make demo`: run recipes/demo.yaml through the library, then print the side-by-side table.
 
-The recipe converts the embedded reference MHA model to GQA (2 KV heads) and MQA by mean pooling, uptrains each
-for 5% of the reference's pretraining tokens and evaluates all of them on the held-out text against the source;
+The recipe converts the embedded reference MHA model to GQA (2 KV heads) and MQA by mean pooling and to MLA at the
+same KV bytes, uptrains each for 5% of the reference's pretraining tokens and evaluates all of them on the held-out
+text against the source;
 this script adds the narrow summaries: quality (perplexity before and after uptraining, KL to the source, KV bytes
 per token) and decode speed per architecture (median of the timed runs, with the slowest and fastest). The
 report (results.json, results.md, PNG plots) is in demo-out/report.
@@ -61,8 +62,9 @@ def summary_table(models: dict[str, str], results: dict) -> Table:
     rows = {r["name"]: r for r in results["models"]}
     for name, path in models.items():
         r = rows[path]
-        table.add_row(name, str(r["n_kv_heads"]), f"{r['kv_bytes_per_token']:,}", f"{r['token_perplexity']:.1f}",
-                      f"{r['kl']:.3f}", f"{r['top1_agreement']:.3f}")
+        latent = r["architecture"].endswith("MLAForCausalLM") or r["architecture"].startswith("DeepseekV3")
+        table.add_row(name, "latent" if latent else str(r["n_kv_heads"]), f"{r['kv_bytes_per_token']:,}",
+                      f"{r['token_perplexity']:.1f}", f"{r['kl']:.3f}", f"{r['top1_agreement']:.3f}")
     return table
 
 
