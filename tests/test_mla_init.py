@@ -74,3 +74,31 @@ def test_rope_selection_and_phases_at_full_rank(reference):
     assert kl["high"] < kl["2-norm"] < kl["uniform"] < kl["low"], kl
     phased = to_attnconv_mla(model, kv_rank=rank, rope_dim=8, rope_select="high", calibration=stats, phases=True)
     assert _kl(phased, source, windows) < kl["high"] - 0.05
+
+
+@pytest.mark.parametrize("tokens", [4000, 40, 10])  # full-rank moments; rank-deficient; fewer than the rank
+def test_factored_low_rank_equals_the_full_eigenproblem(tokens):
+    """The latent from B^T B (m x m, m = hidden + 1) spans the same subspace as from E[zz^T] (n x n): the
+    projectors agree, with the K/V balance, biases and a calibration too short for full-rank moments."""
+    g = torch.Generator().manual_seed(0)
+    hidden, n, rank = 48, 96, 20
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64) @ torch.randn(hidden, hidden, generator=g,
+                                                                                    dtype=torch.float64) + 0.3
+    moments = InputMoments(x.mean(0), x.T @ x / tokens, tokens)
+    w, b = torch.randn(n, hidden, generator=g), torch.randn(n, generator=g)
+    k_rows = torch.arange(n) < n // 2
+    full = joint_low_rank(moments.of_linear(w, b), rank, k_rows, balance=True)
+    fast = joint_low_rank(None, rank, k_rows, balance=True, factor=moments.factor_of_linear(w, b))
+    torch.testing.assert_close(moments.factor_of_linear(w, b) @ moments.factor_of_linear(w, b).T,
+                               moments.of_linear(w, b), rtol=1e-9, atol=1e-9 * moments.of_linear(w, b).abs().max())
+
+    def projector(low):
+        return (low.up.double() @ low.down.double())
+
+    assert abs(full.energy - fast.energy) < 1e-9
+    if tokens > rank:
+        assert (projector(full) - projector(fast)).abs().max() < 1e-4
+    else:  # all the energy is kept; the zero-energy directions are any orthonormal completion, finite
+        assert fast.energy > 1 - 1e-9 and torch.isfinite(fast.up).all() and torch.isfinite(fast.down).all()
+        eye = fast.down.double() @ fast.up.double()
+        assert (eye - torch.eye(rank, dtype=torch.float64)).abs().max() < 1e-4

@@ -92,7 +92,8 @@ def convert_attnconv_layer(w: AttentionWeights, *, kv_rank: int, pairs: Tensor, 
     check_rank(kv_rank, max_kv_rank(s, rope_dim))
     stats = input_moments(init, moments, s.hidden)
     target, target_bias, k_rows = latent_target(w, pairs)
-    low = joint_low_rank(stats.of_linear(target, target_bias), kv_rank, k_rows, balance=init == "pca")
+    low = joint_low_rank(None, kv_rank, k_rows, balance=init == "pca",
+                         factor=stats.factor_of_linear(target, target_bias))
     rope = rope_dims(pairs, s.rotary_dim)
     q, q_bias = w.q, w.q_bias
     if phases is not None and w.q_norm is None and pairs.shape[1] < s.rotary_pairs:

@@ -35,6 +35,25 @@ class InputMoments:
         """The weight-only stand-in (E[xx^T] = I, E[x] = 0): PCA under it is the SVD of the weights."""
         return cls(torch.zeros(hidden, dtype=torch.float64), torch.eye(hidden, dtype=torch.float64), 0)
 
+    def root(self) -> Tensor:
+        """L [hidden + 1, hidden + 1] with L L^T = E[[x; 1][x; 1]^T] (computed once): the factor of every
+        `of_linear`, so a factorisation can work in the input's dimension instead of the outputs'."""
+        if getattr(self, "_root", None) is None:
+            h = self.mean.shape[0]
+            aug = torch.empty(h + 1, h + 1, dtype=torch.float64)
+            aug[:h, :h], aug[:h, h], aug[h, :h], aug[h, h] = self.second, self.mean, self.mean, 1.0
+            root, info = torch.linalg.cholesky_ex(aug)
+            if int(info):  # only positive semi-definite (fewer tokens than dims): the symmetric square root
+                vals, vecs = torch.linalg.eigh(aug)
+                root = vecs * vals.clamp_min(0).sqrt()
+            self._root = root
+        return self._root
+
+    def factor_of_linear(self, w: Tensor, b: Tensor | None = None) -> Tensor:
+        """B [n, hidden + 1] with B B^T = of_linear(w, b)."""
+        wb = torch.cat([w.double(), (b.double() if b is not None else w.new_zeros(w.shape[0]).double())[:, None]], 1)
+        return wb @ self.root()
+
     def of_linear(self, w: Tensor, b: Tensor | None = None) -> Tensor:
         """E[(Wx+b)(Wx+b)^T] for w [n, hidden], b [n] -> [n, n] float64."""
         w = w.double()

@@ -100,7 +100,8 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     target = torch.cat([k_nope, w.heads("v")], dim=1).reshape(-1, s.hidden)  # [n_kv * 2d, hidden]
     k_rows = torch.zeros(s.n_kv_heads, 2 * d, dtype=torch.bool)
     k_rows[:, :d] = True
-    low = joint_low_rank(stats.of_linear(target), kv_rank, k_rows.flatten(), balance=init == "pca")
+    low = joint_low_rank(None, kv_rank, k_rows.flatten(), balance=init == "pca",
+                         factor=stats.factor_of_linear(target))
     down = low.down @ target  # [kv_rank, hidden]
     kv_b = low.up.reshape(s.n_kv_heads, 2 * d, kv_rank)[s.kv_head_of()]  # [n_heads, 2d, kv_rank]: GQA copies
 
@@ -128,7 +129,7 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     else:
         check_rank(q_rank, min(s.hidden, q_flat.shape[0]), "--q-rank")
         q_stats = moments if moments is not None else stats
-        q_low = joint_low_rank(q_stats.of_linear(q_flat), q_rank)
+        q_low = joint_low_rank(None, q_rank, factor=q_stats.factor_of_linear(q_flat))
         q_down = q_low.down @ q_flat
         rms = float(q_stats.of_linear(q_down).diagonal().mean().sqrt())
         out.update({"q_a_proj.weight": q_down, "q_a_layernorm.weight": torch.full((q_rank,), rms),
