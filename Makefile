@@ -33,6 +33,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/uptrain.py
 	$(PY) benchmarks/paper_gqa.py
+	$(PY) benchmarks/mla.py
+	$(PY) benchmarks/mla_convert.py
+	$(PY) benchmarks/mla_quality.py
+	$(PY) benchmarks/methods.py --uptrain mean,grouped+aligned+fit --uptrain-kv 2,1
+	$(PY) benchmarks/recipe_overhead.py
 
 clean:
 	rm -rf $(VENV) demo-out recipes/.demo.attnconv-run.json
