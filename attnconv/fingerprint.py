@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import re
 from pathlib import Path
 
 HASH_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
@@ -14,6 +15,9 @@ def sha256_file(path: Path) -> str:
     """sha256 of a file, remembered across runs while the file is provably the same (device, inode, size, mtime and
     ctime, which no user call can set back): converting one source several ways reads it once."""
     path = Path(path)
+    named = _hub_blob_sha256(path)
+    if named is not None:
+        return named
     st = path.stat()
     signature = f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
     memo = _memo_path(path)
@@ -32,6 +36,20 @@ def sha256_file(path: Path) -> str:
     except OSError:
         pass
     return digest
+
+
+def _hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 a huggingface_hub cache names the file by, without reading it.
+
+    In that cache, snapshots/<revision>/<file> links to blobs/<etag>, and a weight file's etag is the sha256 of its
+    content (the LFS object id the hub shows); git files are named by a 40-digit sha1 instead, and are hashed.
+    """
+    if not path.is_symlink():
+        return None
+    blob = path.resolve()
+    if blob.parent.name != "blobs" or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return None
+    return blob.name
 
 
 def _memo_path(path: Path) -> Path:

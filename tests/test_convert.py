@@ -195,6 +195,36 @@ def test_source_hash_is_remembered_only_while_the_file_is_unchanged(tmp_path, mo
     assert fingerprint.sha256_file(f) == hashlib.sha256(b"b" * 1000).hexdigest() and reads == [f, f]
 
 
+def test_hub_cache_files_are_named_by_their_sha256(tmp_path, monkeypatch):
+    """A weight file in the huggingface_hub cache (snapshots/<rev>/<file> -> blobs/<sha256>) is not read to hash
+    it; a link to anything else, a git blob's sha1 name included, is hashed."""
+    import hashlib
+
+    from attnconv import fingerprint
+
+    monkeypatch.setenv("ATTNCONV_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / ("c" * 40)
+    snap.mkdir(parents=True)
+    lfs, git = hashlib.sha256(b"weights").hexdigest(), "d" * 40
+    (repo / "blobs" / lfs).write_bytes(b"weights")
+    (repo / "blobs" / git).write_bytes(b"{}")
+    (snap / "model.safetensors").symlink_to(f"../../blobs/{lfs}")
+    (snap / "config.json").symlink_to(f"../../blobs/{git}")
+    other = tmp_path / "elsewhere" / ("e" * 64)
+    other.parent.mkdir()
+    other.write_bytes(b"x")
+    (snap / "linked.safetensors").symlink_to(other)
+    reads = []
+    real = fingerprint._sha256_uncached
+    monkeypatch.setattr(fingerprint, "_sha256_uncached", lambda p: reads.append(p.name) or real(p))
+    assert fingerprint.sha256_file(snap / "model.safetensors") == lfs and reads == []
+    assert fingerprint.sha256_file(snap / "config.json") == hashlib.sha256(b"{}").hexdigest()
+    assert fingerprint.sha256_file(snap / "linked.safetensors") == hashlib.sha256(b"x").hexdigest()
+    assert reads == ["config.json", "linked.safetensors"]
+
+
 def test_provenance_config_and_copied_files(tmp_path):
     src = build_tiny_model("llama", tmp_path / "src", with_tokenizer=True)
     convert(ConvertSettings(src, tmp_path / "out", kv_heads=2, dtype="bfloat16"), progress=False)

@@ -27,7 +27,7 @@ from attnconv.kernels import native
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 MAX_ROWS = 8  # attnconv_linear_rows keeps 8 rows' partial sums in registers
 BACKENDS = ("auto", "native", "torch")
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_i64, _ptr = native.I64, native.PTR
 _cpu_supports_avx2 = native.cpu_supports_avx2
 
 
@@ -38,13 +38,8 @@ def _build() -> Path:
 @cache
 def _library() -> ctypes.CDLL | str:
     """The loaded kernels, or why they are not available (a string)."""
-    lib = native.load(SOURCE)
-    if isinstance(lib, str):
-        return lib
-    lib.attnconv_linear_rows.argtypes = [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64]
-    lib.attnconv_decode_scores.argtypes = [_ptr, _ptr, _ptr] + [_i64] * 8 + [ctypes.c_float]
-    lib.attnconv_linear_rows.restype = lib.attnconv_decode_scores.restype = None
-    return lib
+    return native.load(SOURCE, {"attnconv_linear_rows": ([_ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64], None),
+                                "attnconv_decode_scores": ([_ptr, _ptr, _ptr] + [_i64] * 8 + [native.F32], None)})
 
 
 def unavailable_reason() -> str | None:

@@ -18,19 +18,15 @@ from attnconv.kernels import native
 
 SOURCE = Path(__file__).with_name("cpu_mla.c")
 CHUNK = 256  # keys per work item, as in cpu_mla.c
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_i64, _ptr = native.I64, native.PTR
 
 
 @cache
 def _library() -> ctypes.CDLL | str:
-    lib = native.load(SOURCE)
-    if isinstance(lib, str):
-        return lib
-    lib.attnconv_mla_decode.argtypes = ([_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 5
-                                        + [ctypes.c_float, _ptr, _ptr, _ptr, ctypes.c_int])
-    lib.attnconv_mla_decode.restype = None
-    lib.attnconv_mla_has_avx512.argtypes, lib.attnconv_mla_has_avx512.restype = [], ctypes.c_int
-    return lib
+    return native.load(SOURCE, {
+        "attnconv_mla_decode": ([_ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr] + [_i64] * 5
+                                + [native.F32, _ptr, _ptr, _ptr, native.INT], None),
+        "attnconv_mla_has_avx512": ([], native.INT)})
 
 
 def available() -> bool:

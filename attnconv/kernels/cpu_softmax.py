@@ -17,18 +17,13 @@ import torch
 from attnconv.kernels import native
 
 SOURCE = Path(__file__).with_name("cpu_softmax.c")
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_i64, _ptr = native.I64, native.PTR
 
 
 @cache
 def _library() -> ctypes.CDLL | str:
-    lib = native.load(SOURCE)
-    if isinstance(lib, str):
-        return lib
-    lib.attnconv_column_max.argtypes = [_ptr, _i64, _i64, _i64, _ptr]
-    lib.attnconv_exp_column_sums.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr]
-    lib.attnconv_column_max.restype = lib.attnconv_exp_column_sums.restype = None
-    return lib
+    return native.load(SOURCE, {"attnconv_column_max": ([_ptr, _i64, _i64, _i64, _ptr], None),
+                                "attnconv_exp_column_sums": ([_ptr, _i64, _i64, _i64, _ptr, _ptr], None)})
 
 
 def native_available() -> bool:

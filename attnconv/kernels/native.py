@@ -52,11 +52,19 @@ def build(source: Path) -> Path:
     return target
 
 
-def load(source: Path) -> ctypes.CDLL | str:
-    """The built and loaded library, or why it is not available (a string)."""
+I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+
+
+def load(source: Path, signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | str:
+    """The built and loaded library with each function's {name: (argument types, result type)} declared, or why it
+    is not available (a string)."""
     if not cpu_supports_avx2():
         return "this CPU has no AVX2/FMA"
     try:
-        return ctypes.CDLL(str(build(source)))
+        lib = ctypes.CDLL(str(build(source)))
     except (OSError, RuntimeError) as e:
         return f"could not build or load {source.name}: {e}"
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
