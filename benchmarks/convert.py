@@ -94,6 +94,19 @@ def timed_child(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     return time.perf_counter() - t0, int(done.stdout.split()[-1]) * 1024
 
 
+def free_page_reporting() -> bool:
+    """Whether this is a VM whose balloon hands free memory back to its host (virtio-balloon free page reporting):
+    there a page the kernel allocates may first cost a fault in the host, so a copy's speed swings by 2-3x with
+    what ran before, for cp and convert alike (docs/benchmarks.md)."""
+    for dev in Path("/sys/bus/virtio/devices").glob("*"):
+        try:
+            if (dev / "device").read_text().strip() == "0x0005":  # balloon
+                return (dev / "features").read_text().strip()[5:6] == "1"  # VIRTIO_BALLOON_F_REPORTING
+        except OSError:
+            continue
+    return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=None)
@@ -132,7 +145,11 @@ def main() -> None:
     evict(files)
     repeat_s = timed_child(convert_cmd, cold)[0]
     copy_s, conv_s = statistics.median(copies), statistics.median(converts)
+    pairs = sorted(c / p for c, p in zip(converts, copies, strict=True))  # each pair ran back to back
     print("page cache: checkpoint evicted before each run (read from disk by both), programs warm")
+    if free_page_reporting():
+        print("note: this VM returns free memory to its host (free page reporting): expect copies of either kind to "
+              "swing 2-3x between runs; the side-by-side ratios are the figure to read")
     print("runs (s): copy " + ", ".join(f"{t:.1f}" for t in copies) + "; convert " +
           ", ".join(f"{t:.1f}" for t in converts))
     written = sum(f.stat().st_size for f in (work / "gqa4").glob("*.safetensors"))
@@ -140,6 +157,7 @@ def main() -> None:
         "plain copy + sync, median (s)": f"{copy_s:.1f}",
         "convert to GQA-4 incl. start-up, median (s)": f"{conv_s:.1f}",
         "time ratio convert/copy (target <= 1.5)": f"{conv_s / copy_s:.2f}",
+        "side-by-side ratios, lowest..highest": f"{pairs[0]:.2f}..{pairs[-1]:.2f}",
         "second conversion of the source (hash remembered) (s)": f"{repeat_s:.1f}",
         "convert peak RSS (GiB)": f"{conv_rss / 2**30:.2f}",
         "largest shard + 1 GiB (GiB, the RSS limit)": f"{(largest + 2**30) / 2**30:.2f}",
