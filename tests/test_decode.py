@@ -159,7 +159,11 @@ ROW_KEYS = {"impl", "batch", "context", "prefill_s", "tokens_per_s", "tokens_per
             "bandwidth_fraction"}
 
 
-def test_decode_benchmark_tiny_grid(tiny):
+def test_decode_benchmark_tiny_grid(tiny, monkeypatch):
+    import transformers.utils.generic as hf_generic
+
+    deprecated = []
+    monkeypatch.setattr(hf_generic.logger, "warning_once", lambda msg, *a, **k: deprecated.append(msg))
     model = load_causal_lm(tiny("llama", 2, max_positions=64), dtype="float32")
     new = 4
     result = decode_benchmark(model, contexts=(8, 100), batches=(1, 2), new_tokens=new, repeats=3)
@@ -188,6 +192,7 @@ def test_decode_benchmark_tiny_grid(tiny):
             assert r["kv_bytes_measured"] == r["kv_bytes_theoretical"]
         if r["impl"] == "hf-dynamic":  # the last token is never fed back, so never cached
             assert r["kv_bytes_measured"] == b * (c + new - 1) * per_token
+    assert not deprecated, deprecated  # the current transformers names only (the old ones warn on stderr)
     only_ours = decode_benchmark(model, contexts=(8,), batches=(1,), new_tokens=2, baseline=False)
     assert [r["impl"] for r in only_ours["rows"]] == ["attnconv"]
     with pytest.raises(AttnconvError, match="at least 2 new tokens"):

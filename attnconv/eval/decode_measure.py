@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from pathlib import Path
@@ -97,6 +98,11 @@ class _StepClock:
         return scores
 
 
+def _cache_field(output) -> str:
+    """transformers renamed outputs' `past_key_values` to `cache` (reading the old name warns, then goes)."""
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(output)} else "past_key_values"
+
+
 def time_generate(model, input_ids: torch.Tensor, new_tokens: int, cache_implementation: str | None):
     """Greedy `generate()` of exactly `new_tokens` tokens. Returns (tokens, prefill_s, decode_s, kv_bytes)
     where decode_s covers the new_tokens - 1 forwards after the prefill, like attnconv's loop."""
@@ -115,7 +121,7 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, cache_impleme
                          logits_processor=LogitsProcessorList([clock]), pad_token_id=pad,
                          return_dict_in_generate=True)
     synchronize(device)
-    cache = out.past_key_values
+    cache = getattr(out, _cache_field(out))
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) if cache is not None else None
     tokens = out.sequences[:, input_ids.shape[1]:]
     return tokens, clock.times[0] - t0, clock.times[-1] - clock.times[0], kv_bytes
