@@ -40,6 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's layout: at 80 columns rich's option table left help a 22-column strip
 )
 COMMANDS = {"convert": (ConvertSettings, run_convert), "info": (InfoSettings, run_info),
             "eval": (EvalSettings, run_eval), "uptrain": (UptrainSettings, run_uptrain),

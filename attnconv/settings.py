@@ -57,6 +57,19 @@ def option(default: Any = MISSING, *, help: str, **spec: Any) -> Any:
     return dataclasses.field(default=default, metadata={"spec": Spec(help=help, **spec)})
 
 
+# The options several commands share, declared once so that they read the same everywhere.
+def overwrite_option(what: str = "OUT") -> Any:
+    return option(False, help=f"Replace {what} if it exists (in one step, once the new one is complete).", run=False)
+
+
+def allow_pickle_option() -> Any:
+    return option(False, help="Accept pickle weights (pytorch_model*.bin), read with torch.load(weights_only=True).")
+
+
+def quiet_option() -> Any:
+    return option(False, help="No progress bars; print only the result.", run=False, recorded=False)
+
+
 def _unwrap_optional(tp) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -284,6 +297,15 @@ def _cli_parameter(cls: type[Settings], f: dataclasses.Field, tp) -> inspect.Par
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
+def _help_text(doc: str | None) -> str | None:
+    """A docstring as click shows it: prose paragraphs rewrapped to the terminal, indented ones (examples) kept
+    line for line (click's \\b marker)."""
+    if not doc:
+        return doc
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join("\b\n" + p if p.startswith((" ", "\t")) else p for p in paragraphs)
+
+
 def command(cls: type[Settings], run: Callable[[Any], Any]) -> Callable[..., None]:
     """A typer command over the settings' CLI fields that builds the settings and calls `run(settings)`; its help
     is run's docstring."""
@@ -296,6 +318,6 @@ def command(cls: type[Settings], run: Callable[[Any], Any]) -> Callable[..., Non
 
     cli.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     cli.__annotations__ = {p.name: p.annotation for p in params}
-    cli.__doc__ = run.__doc__
+    cli.__doc__ = _help_text(run.__doc__)
     cli.__name__ = getattr(run, "__name__", cls.__name__)
     return cli

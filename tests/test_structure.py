@@ -97,3 +97,31 @@ def test_decode_attention_runs_after_an_uptrain_in_the_same_process(tmp_path, mo
     assert len(calls) == 2 * 4  # 2 layers x (prefill + 3 steps)
     assert net.config._attn_implementation == "sdpa"
     assert not [k for k in AttentionInterface._global_mapping if k.startswith("attnconv")]
+
+
+@pytest.mark.parametrize("name", [*COMMANDS, "run"])
+def test_help_is_readable_at_80_columns(name):
+    """At 80 columns each option's text starts by column 40, so it wraps into lines of several words (rich's
+    three-column table left it a 22-column strip: a word or two per line), and no line but an example is wider."""
+    import re
+
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, [name, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    starts = [m.start(2) for ln in lines if (m := re.match(r"^\s+(-\S.*?)\s{2,}(\S.*)$", ln))]
+    assert len(starts) >= 3 and max(starts) <= 40, result.output
+    assert max(len(ln) for ln in lines if not ln.lstrip().startswith("attnconv ")) <= 80, result.output
+
+
+def test_common_options_read_the_same_in_every_command():
+    from attnconv.convert.settings import ConvertSettings
+    from attnconv.eval.settings import EvalSettings
+
+    for option_name in ("overwrite", "allow_pickle", "quiet"):
+        helps = {cls.__name__: f.metadata["spec"].help for cls in (ConvertSettings, EvalSettings, UptrainSettings)
+                 for f in dataclasses.fields(cls) if f.name == option_name}
+        assert len(helps) == 3, (option_name, helps)
+        if option_name != "overwrite":  # overwrite names what it replaces: OUT or --out
+            assert len(set(helps.values())) == 1, helps

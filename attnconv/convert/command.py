@@ -6,11 +6,12 @@ from attnconv.convert.settings import ConvertSettings, InfoSettings
 
 
 def run_convert(settings: ConvertSettings) -> None:
-    """Convert an MHA (or GQA) checkpoint to GQA/MQA by merging the key/value heads of each group.
+    """Convert an MHA (or GQA) checkpoint to GQA/MQA by merging the key/value heads of each group, or to MLA
+    (multi-head latent attention) by a low-rank factorisation of its keys and values.
 
-    Tensors are read and written shard by shard, one tensor in memory at a time; the output is a
-    standard checkpoint that loads with AutoModelForCausalLM.from_pretrained(OUT), with the
-    tokenizer and generation config copied and provenance in OUT/attnconv.json.
+    Tensors are read and written shard by shard (MLA: a layer at a time); the output is a standard checkpoint
+    that loads with AutoModelForCausalLM.from_pretrained(OUT), with the tokenizer and generation config copied
+    and provenance in OUT/attnconv.json.
 
     Examples:
 
@@ -21,13 +22,15 @@ def run_convert(settings: ConvertSettings) -> None:
       attnconv convert ./llama ./x --to gqa --kv-heads 2 --dry-run
 
       attnconv convert ./llama ./llama-gqa2 --to gqa --kv-heads 2 --method grouped+aligned+fit --calibrate DATA
+
+      attnconv convert ./llama ./llama-mla --to mla --kv-rank 512 --rope-dim 64
     """
     from attnconv.convert.api import convert
 
     if settings.needs_calibration and settings.calibrate is None and not settings.dry_run:
         print("note: calibrating on the WikiText-2 test split shipped with attnconv (--calibrate DATA to choose)")
 
-    plan = convert(settings)
+    plan = convert(settings, progress=not settings.quiet)
     from attnconv.convert.report import print_plan, print_result  # imports torch: only once the work is done
 
     if settings.dry_run:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from attnconv.convert.methods import METHODS_HELP, parse_method
 from attnconv.dtypes import ALIASES, DTYPES
 from attnconv.errors import AttnconvError
-from attnconv.settings import Settings, option
+from attnconv.settings import Settings, allow_pickle_option, option, overwrite_option, quiet_option
 
 TARGETS = ("gqa", "mqa", "mla")
 MLA_FORMATS = ("deepseek-v3", "attnconv")
@@ -56,8 +56,9 @@ class ConvertSettings(Settings):
     calib_seq_len: int | None = option(None, help="Tokens per calibration sequence (default min(2048, the model's "
                                        "maximum positions)).", minimum=2)
     dry_run: bool = option(False, help="Print the plan (tensors, sizes, KV cache) and exit.", run=False)
-    overwrite: bool = option(False, help="Replace OUT if it exists.", run=False)
-    allow_pickle: bool = option(False, help="Accept pytorch_model*.bin pickles (read with weights_only=True).")
+    overwrite: bool = overwrite_option()
+    allow_pickle: bool = allow_pickle_option()
+    quiet: bool = quiet_option()
 
     def check(self) -> None:
         to, kv = self.label("to"), self.label("kv_heads")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from attnconv.dtypes import ALIASES, DTYPES
 from attnconv.errors import AttnconvError
-from attnconv.settings import Settings, option
+from attnconv.settings import Settings, allow_pickle_option, option, overwrite_option, quiet_option
 
 DECODE_KERNELS = ("auto", "native", "torch")
 
@@ -54,10 +54,9 @@ class EvalSettings(Settings):
     device: str = option("auto", help="auto (CUDA when available), cpu, cuda or cuda:N.")
     out: str | None = option(None, help="Write results.json, results.md and PNG plots here.", short="-o", run=False,
                              io="out")
-    overwrite: bool = option(False, help="Replace --out if it exists.", run=False)
-    allow_pickle: bool = option(False, help="Allow pytorch_model*.bin weights (loaded with "
-                                "torch.load(weights_only=True)).")
-    quiet: bool = option(False, help="No progress bars.", run=False, recorded=False)
+    overwrite: bool = overwrite_option("--out")
+    allow_pickle: bool = allow_pickle_option()
+    quiet: bool = quiet_option()
 
     def check(self) -> None:
         if not self.perplexity and not self.decode and not self.tasks:

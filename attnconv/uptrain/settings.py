@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnconv.errors import AttnconvError
-from attnconv.settings import Settings, option
+from attnconv.settings import Settings, allow_pickle_option, option, quiet_option
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("float32", "bfloat16")
@@ -57,7 +57,7 @@ class UptrainSettings(Settings):
     weight_decay: float = option(0.0, help="AdamW weight decay.", minimum=0)
     gradient_checkpointing: bool = option(False, help="Recompute activations in backward to save memory.")
     tokenizer: str | None = option(None, help="Tokenizer folder or hub id, if MODEL has none.", io="model")
-    allow_pickle: bool = option(False, help="Allow pytorch_model*.bin weights.")
+    allow_pickle: bool = allow_pickle_option()
     keep_checkpoints: bool = option(False, help="Keep OUT.uptrain-run/ (last checkpoint) after a successful run.",
                                     run=False)
     loss_kernel: str = option("auto", help="How the loss is computed without the full logits: auto (Liger on CUDA "
@@ -65,7 +65,7 @@ class UptrainSettings(Settings):
                               "logits + cross-entropy). Distillation always uses the logits.", choices=LOSS_KERNELS)
     max_eval_windows: int = option(64, help="Held-out windows scored at each evaluation.", minimum=1)
     cache_dir: str | None = option(None, help="Token cache folder (default $ATTNCONV_CACHE/tokens).", run=False)
-    quiet: bool = option(False, help="No progress bar; print only the summary.", run=False, recorded=False)
+    quiet: bool = quiet_option()
 
     def check(self) -> None:
         if self.steps is not None and self.tokens is not None:
