@@ -68,9 +68,13 @@ def summary_table(models: dict[str, str], results: dict) -> Table:
     return table
 
 
+NOISY = 0.5  # runs spread over more than half the median: another process shared the cores, no result to show
+
+
 def decode_table(models: dict[str, str], results: dict) -> Table:
     """Decode tokens/s of attnconv's loop at batch 8 and the largest context, once per architecture (an uptrained
-    model decodes like its converted one): the median of the timed runs, with the slowest and fastest."""
+    model decodes like its converted one): the median of the timed runs, with the slowest and fastest; where the
+    runs spread over more than NOISY of the median, the machine was busy and the median says nothing."""
     table = Table(title="decode tokens/s, batch 8 (median of the timed runs; slowest-fastest)")
     for col in ("architecture", "KV B/tok", "context", "tokens/s", "spread"):
         table.add_column(col, justify="left" if col == "architecture" else "right")
@@ -81,9 +85,10 @@ def decode_table(models: dict[str, str], results: dict) -> Table:
         if not dec or name.endswith("+ uptrain"):
             continue
         d = max(dec, key=lambda d: d["context"])
-        table.add_row(name, f"{rows[path]['kv_bytes_per_token']:,}", str(d["context"]), f"{d['tokens_per_s']:.0f}",
-                      f"{d.get('tokens_per_s_min', d['tokens_per_s']):.0f}-"
-                      f"{d.get('tokens_per_s_max', d['tokens_per_s']):.0f}")
+        low, high = d.get("tokens_per_s_min", d["tokens_per_s"]), d.get("tokens_per_s_max", d["tokens_per_s"])
+        median = f"{d['tokens_per_s']:.0f}" if high - low <= NOISY * d["tokens_per_s"] else "busy machine"
+        table.add_row(name, f"{rows[path]['kv_bytes_per_token']:,}", str(d["context"]), median,
+                      f"{low:.0f}-{high:.0f}")
     return table
 
 

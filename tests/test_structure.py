@@ -125,3 +125,32 @@ def test_common_options_read_the_same_in_every_command():
         assert len(helps) == 3, (option_name, helps)
         if option_name != "overwrite":  # overwrite names what it replaces: OUT or --out
             assert len(set(helps.values())) == 1, helps
+
+
+def test_demo_and_uptrain_print_sentences_and_tables_not_json():
+    import importlib.util
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from attnconv.uptrain.command import summary_line
+
+    line = summary_line("out", {"steps": 140, "tokens": 71680, "final_loss": 3.2, "eval_ppl": 158.04,
+                                "tokens_per_s": 1234.5})
+    assert line == "uptrain: out: 140 steps, 71,680 tokens, final loss 3.2000, held-out perplexity 158.04, " \
+                   "1,234 tokens/s"
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).parents[1] / "scripts" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    row = {"impl": "attnconv", "batch": 8, "context": 480}
+    results = {"models": [{"name": "q", "kv_bytes_per_token": 3072}, {"name": "n", "kv_bytes_per_token": 1536}],
+               "decode": {"q": {"rows": [{**row, "tokens_per_s": 3000.0, "tokens_per_s_min": 2900.0,
+                                          "tokens_per_s_max": 3100.0}]},
+                          "n": {"rows": [{**row, "tokens_per_s": 3000.0, "tokens_per_s_min": 900.0,
+                                          "tokens_per_s_max": 3900.0}]}}}
+    console = Console(width=100, record=True)
+    console.print(demo.decode_table({"quiet": "q", "noisy": "n"}, results))
+    text = console.export_text()
+    quiet, noisy = (next(ln for ln in text.splitlines() if name in ln) for name in ("quiet", "noisy"))
+    assert "3000" in quiet and "busy machine" not in quiet
+    assert "busy machine" in noisy and " 3000 " not in noisy and "900-3900" in noisy

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from attnconv.uptrain.settings import UptrainSettings
 
 
@@ -28,6 +26,16 @@ def run_uptrain(settings: UptrainSettings) -> None:
         r = result["results"]
         if result.get("already_finished"):
             typer.echo(f"uptrain: {result['out']} already holds this finished run; nothing to do", err=True)
-        typer.echo(json.dumps({"out": result["out"], "steps": r["steps"], "tokens": r["tokens"],
-                               "final_loss": r["final_loss"], "eval_ppl": r["eval_ppl"],
-                               "tokens_per_s": r["tokens_per_s"]}))
+        typer.echo(summary_line(result["out"], r))
+
+
+def summary_line(out: str, r: dict) -> str:
+    """One line a person reads (the same figures are in OUT/attnconv.json for programs)."""
+    parts = [f"{r['steps']:,} steps", f"{r['tokens']:,} tokens"]
+    if r.get("final_loss") is not None:
+        parts.append(f"final loss {r['final_loss']:.4f}")
+    if r.get("eval_ppl") is not None:
+        parts.append(f"held-out perplexity {r['eval_ppl']:.2f}")
+    if r.get("tokens_per_s"):
+        parts.append(f"{r['tokens_per_s']:,.0f} tokens/s")
+    return f"uptrain: {out}: " + ", ".join(parts)
