@@ -28,10 +28,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attnconv.convert.gqa import convert_kv_proj
-from attnconv.convert.gqa import method as gqa_method
 from attnconv.convert.gqa_calibrated import convert_layer
 from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
 from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
+from attnconv.convert.methods import parse_method
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
 from attnconv.families import HeadLayout
@@ -57,8 +57,8 @@ def convert_model(source, stats, kv_heads: int, method: str, ridge: float):
     if method in ("first", "random"):  # gqa.py's uncalibrated methods, for the table
         layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads, layers[0].head_dim,
                             config.hidden_size, config.num_hidden_layers)
-        new = [replace(layer, k=convert_kv_proj(layer.k, layout, kv_heads, gqa_method(method)),
-                       v=convert_kv_proj(layer.v, layout, kv_heads, gqa_method(method)),
+        new = [replace(layer, k=convert_kv_proj(layer.k, layout, kv_heads, parse_method(method)),
+                       v=convert_kv_proj(layer.v, layout, kv_heads, parse_method(method)),
                        shape=replace(layer.shape, n_kv_heads=kv_heads))
                for layer in layers]
         records = [{"methods": [method]}] * len(layers)

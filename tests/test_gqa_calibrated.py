@@ -16,12 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from attnconv.convert.gqa import convert_kv_proj, method
-from attnconv.convert.gqa_calibrated import arrange_layer, convert_layer, parse_methods
+from attnconv.convert.gqa import convert_kv_proj
+from attnconv.convert.gqa_calibrated import arrange_layer, calibrated_steps, convert_layer
 from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
 from attnconv.convert.gqa_grouping import best_grouping, count_groupings
 from attnconv.convert.gqa_heads import AttentionWeights
 from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
+from attnconv.convert.methods import parse_method
 from attnconv.errors import AttnconvError
 from attnconv.families import HeadLayout
 from attnconv.testing import build_tiny_model
@@ -295,8 +296,8 @@ def test_mean_is_gqa_mean_and_contiguous_grouping_is_exactly_the_mean(sources):
     layout = HeadLayout(8, 8, 8, 64, 2)
     new, rec = convert_layer(layer, None, 2, "mean")
     assert rec["groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    torch.testing.assert_close(new.k, convert_kv_proj(layer.k, layout, 2, method("mean")), rtol=0, atol=1e-7)
-    torch.testing.assert_close(new.v_bias, convert_kv_proj(layer.v_bias, layout, 2, method("mean")), rtol=0,
+    torch.testing.assert_close(new.k, convert_kv_proj(layer.k, layout, 2, parse_method("mean")), rtol=0, atol=1e-7)
+    torch.testing.assert_close(new.v_bias, convert_kv_proj(layer.v_bias, layout, 2, parse_method("mean")), rtol=0,
                                atol=1e-7)
     equal = restructure(src, 4, "equal")  # contiguous groups are then free: grouping keeps them
     layer = attention_layers(equal.state_dict(), equal.config)[0]
@@ -360,10 +361,12 @@ def test_attended_moment_matches_transformers_attention(sources, family):
 
 
 def test_bad_method_names_and_missing_statistics_are_refused(sources):
-    for bad in ("mean+fit", "fit+fit", "pca", ""):
-        with pytest.raises(AttnconvError, match="not valid"):
-            parse_methods(bad)
-    assert parse_methods("fit+grouped") == ("grouped", "fit")
+    for bad in ("mean+fit", "fit+fit", "pca", ""):  # the one grammar of --method
+        with pytest.raises(AttnconvError, match="is not a method"):
+            calibrated_steps(bad)
+    assert calibrated_steps("fit+grouped") == ("grouped", "fit") == parse_method("grouped+fit").steps
+    with pytest.raises(AttnconvError, match="one tensor at a time"):
+        calibrated_steps("first")
     layer = attention_layers(load(sources["llama"]).state_dict(), load(sources["llama"]).config)[0]
     with pytest.raises(AttnconvError, match="calibration statistics"):
         convert_layer(layer, None, 2, "fit")

@@ -10,30 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from attnconv.convert.methods import MethodInfo, parse_method
+from attnconv.convert.methods import Method
 from attnconv.families import HeadLayout
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered method (convert/methods.py) with its tensor function."""
-
-    info: MethodInfo
-    merge: Callable[[Tensor, torch.Generator | None, bool], Tensor] | None  # [n_out, g, ...] -> [n_out, ...];
-    # None for the calibrated methods, which convert a whole layer at a time (gqa_calibrated.py)
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def uses_seed(self) -> bool:
-        return self.info.uses_seed
 
 
 def _mean(groups: Tensor, gen: torch.Generator | None, is_bias: bool) -> Tensor:
@@ -52,13 +34,10 @@ def _random(groups: Tensor, gen: torch.Generator | None, is_bias: bool) -> Tenso
     return torch.randn(shape, generator=gen, dtype=torch.float32) * groups.float().std()
 
 
-MERGES = {"mean": _mean, "first": _first, "random": _random}
-
-
-def method(name: str) -> Method:
-    """The registered method NAME (or a '+' combination of calibrated ones) with its merge function."""
-    info = parse_method(name)
-    return Method(info, MERGES.get(info.name))
+# The tensor function of each method that merges one tensor at a time: [n_out, g, ...] -> [n_out, ...]. The
+# calibrated methods convert a whole layer at a time (gqa_calibrated.py).
+MERGES: dict[str, Callable[[Tensor, torch.Generator | None, bool], Tensor]] = {
+    "mean": _mean, "first": _first, "random": _random}
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -79,7 +58,7 @@ def pool_heads(heads: Tensor, n_out: int, method: Method, gen: torch.Generator |
     if heads.is_meta:  # shape inference for the plan; meta reductions go through slow Python decompositions
         return heads.new_empty((n_out, *heads.shape[1:]), dtype=torch.float32)
     groups = heads.float().reshape(n_out, n_in // n_out, *heads.shape[1:])  # [n_out, g, head_dim, *rest]
-    return method.merge(groups, gen, is_bias)
+    return MERGES[method.name](groups, gen, is_bias)
 
 
 def convert_kv_proj(w: Tensor, layout: HeadLayout, n_out: int, method: Method,

@@ -30,7 +30,7 @@ p + d/2); models without RoPE (GPT-2) are not handled here.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -54,25 +54,19 @@ from attnconv.convert.gqa_heads import (
     to_pairs,
     value_objective,
 )
-from attnconv.convert.methods import CALIBRATED_STEPS as STEPS
-from attnconv.convert.methods import METHODS
+from attnconv.convert.methods import Method, parse_method
 from attnconv.errors import AttnconvError
 
 DEFAULT_RIDGE = 1e-3
 
 
-# The registry entries (name, help, source) of the composable methods; convert/methods.py holds them torch-free.
-CALIBRATED_METHODS = {n: m for n, m in METHODS.items() if m.calibrated}
-
-
-def parse_methods(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """'grouped+aligned+fit' -> ('grouped', 'aligned', 'fit') in pipeline order; 'mean' alone is the plain mean."""
-    names = spec.split("+") if isinstance(spec, str) else list(spec)
-    unknown = [n for n in names if n not in (*STEPS, "mean")]
-    if unknown or not names or ("mean" in names and len(names) > 1) or len(set(names)) != len(names):
-        raise AttnconvError(f"GQA method {'+'.join(names)!r} is not valid: use 'mean' or one or more of "
-                            f"{', '.join(STEPS)} joined by '+' (e.g. grouped+aligned+fit)")
-    return tuple(n for n in STEPS if n in names)
+def calibrated_steps(method: Method | str) -> tuple[str, ...]:
+    """The calibrated steps of METHOD in pipeline order (() for mean); a string is parsed as --method is."""
+    method = parse_method(method) if isinstance(method, str) else method
+    if not method.calibrated and method.name != "mean":
+        raise AttnconvError(f"--method {method.name} merges one tensor at a time (convert/gqa.py), not a layer: "
+                            "use mean or the calibrated methods here")
+    return method.steps
 
 
 def rotatable_pairs(heads: Heads) -> Tensor:
@@ -196,12 +190,12 @@ def _metrics(second_moment: Tensor, attended_moment: Tensor | None, ridge: float
     return ridged(second_moment, ridge), None if attended_moment is None else ridged(attended_moment, ridge)
 
 
-def arrange_layer(layer: AttentionWeights, second_moment: Tensor, n_out: int, methods: str | Sequence[str], *,
+def arrange_layer(layer: AttentionWeights, second_moment: Tensor, n_out: int, method: Method | str, *,
                   attended_moment: Tensor | None = None, ridge: float = DEFAULT_RIDGE,
                   seed: int = 0) -> tuple[AttentionWeights, dict]:
-    """Only the function-preserving part of METHODS: the layer, still with all its KV heads, after `grouped`'s
+    """Only the function-preserving part of METHOD: the layer, still with all its KV heads, after `grouped`'s
     permutation and `aligned`'s rotations (each future group contiguous and in one frame), and the record."""
-    steps = parse_methods(methods)
+    steps = calibrated_steps(method)
     _check(layer, second_moment, n_out, steps)
     record: dict = {"methods": list(steps), "kv_heads": n_out, "ridge": ridge,
                     "key_value_metric": "input" if attended_moment is None else "attended"}
@@ -210,9 +204,9 @@ def arrange_layer(layer: AttentionWeights, second_moment: Tensor, n_out: int, me
 
 
 def convert_layer(layer: AttentionWeights, second_moment: Tensor | None, n_out: int,
-                  methods: str | Sequence[str] = "mean", *, attended_moment: Tensor | None = None,
+                  method: Method | str = "mean", *, attended_moment: Tensor | None = None,
                   ridge: float = DEFAULT_RIDGE, seed: int = 0) -> tuple[AttentionWeights, dict]:
-    """Merge LAYER's KV heads into n_out by METHODS; returns the new layer (float32) and a JSON-able record.
+    """Merge LAYER's KV heads into n_out by METHOD; returns the new layer (float32) and a JSON-able record.
 
     second_moment: [hidden + 1, hidden + 1] E[x~ x~^T] of the layer's attention input x~ = [x; 1]
     (gqa_calibration.InputMomentCollector); not needed for 'mean'. attended_moment: the same weighted by the
@@ -224,7 +218,7 @@ def convert_layer(layer: AttentionWeights, second_moment: Tensor | None, n_out: 
     head), the grouping search, alignment angles/maps, and the objectives (relative to the layer's logit and
     output energy) of the contiguous plain mean and of the result.
     """
-    steps = parse_methods(methods)
+    steps = calibrated_steps(method)
     _check(layer, second_moment, n_out, steps)
     heads, size = to_heads(layer), layer.n_kv_heads // n_out
     record: dict = {"methods": list(steps) or ["mean"], "kv_heads": n_out, "ridge": ridge,

@@ -20,7 +20,7 @@ from torch import Tensor
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
 from attnconv.convert.gqa_calibrated import convert_layer
 from attnconv.convert.gqa_calibration import AttendedMomentCollector
-from attnconv.convert.methods import parse_method
+from attnconv.convert.methods import Method
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
 
@@ -35,14 +35,14 @@ class GqaTarget:
     config: dict  # the source's config.json
     shape: AttentionShape
     n_out: int
-    steps: tuple[str, ...]  # calibrated steps in pipeline order
+    method: Method
     records: dict[int, dict] = field(default_factory=dict)  # per layer: what convert_layer chose
     notes: list[str] = field(default_factory=list)
     op = "gqa_layer"  # the convert op (ops.py) of every output of a layer
 
     @classmethod
     def create(cls, settings: ConvertSettings, config: dict, family: str) -> GqaTarget:
-        info = parse_method(settings.method)
+        info = settings.merge_method
         if family not in ROPE_FAMILIES:
             raise AttnconvError(f"--method {info.name} needs a RoPE attention family ({', '.join(ROPE_FAMILIES)}); "
                                 f"{family} has learned positions and a fused Conv1D c_attn: use --method mean, "
@@ -52,11 +52,11 @@ class GqaTarget:
             raise AttnconvError(f"--method {info.name} maps each key head's RoPE pairs, which needs RoPE on the whole "
                                 f"head; this model rotates {shape.rotary_dim} of {shape.head_dim} dims (partial "
                                 "rotary): use --method grouped or mean")
-        return cls(settings, config, shape, settings.target_kv_heads, info.steps)
+        return cls(settings, config, shape, settings.target_kv_heads, info)
 
     @property
-    def method(self) -> str:
-        return "+".join(self.steps)
+    def steps(self) -> tuple[str, ...]:
+        return self.method.steps
 
     # --- layout ---
     def layer_outputs(self, layer: int, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
@@ -83,7 +83,7 @@ class GqaTarget:
     def convert_layer(self, layer: int, tensors: dict[str, Tensor], stats: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         """One layer's output tensors (names relative to its attention module), from its source tensors."""
         second, attended = stats
-        new, record = convert_layer(self.weights(tensors), second, self.n_out, self.steps, attended_moment=attended,
+        new, record = convert_layer(self.weights(tensors), second, self.n_out, self.method, attended_moment=attended,
                                     seed=self.settings.seed)
         self.records[layer] = summary(record)
         out = dict(tensors)  # norms, o_proj.bias and anything else: unchanged
@@ -121,7 +121,7 @@ class GqaTarget:
 
     def record(self) -> dict[str, Any]:
         """What provenance says: the method, its steps, and per layer what it chose."""
-        return {"method": self.method, "steps": list(self.steps), "seed": self.settings.seed,
+        return {"method": self.method.name, "steps": list(self.steps), "seed": self.settings.seed,
                 "key_value_metric": "attended", "layers": {i: r for i, r in sorted(self.records.items())}}
 
 

@@ -13,7 +13,9 @@ CALIBRATED_STEPS = ("grouped", "aligned", "fit")  # pipeline order of the compos
 
 
 @dataclass(frozen=True)
-class MethodInfo:
+class Method:
+    """A merge method as the settings parse it once (`parse_method`); plan, ops and targets receive this."""
+
     name: str
     help: str
     source: str  # where the method comes from
@@ -26,23 +28,23 @@ class MethodInfo:
         return tuple(s for s in CALIBRATED_STEPS if s in self.name.split("+")) if self.calibrated else ()
 
 
-METHODS: dict[str, MethodInfo] = {
+METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        MethodInfo("mean", "mean-pool the K/V heads of each group (the GQA paper's choice)",
+        Method("mean", "mean-pool the K/V heads of each group (the GQA paper's choice)",
                    "Ainslie et al. 2023, GQA"),
-        MethodInfo("first", "keep the first head of each group (paper ablation)", "Ainslie et al. 2023, GQA"),
-        MethodInfo("random", "random initialisation scaled to the source's std, biases zero (paper ablation)",
+        Method("first", "keep the first head of each group (paper ablation)", "Ainslie et al. 2023, GQA"),
+        Method("random", "random initialisation scaled to the source's std, biases zero (paper ablation)",
                    "Ainslie et al. 2023, GQA", uses_seed=True),
-        MethodInfo("grouped", "group KV heads by the cost of merging them on calibration data (balanced groups; "
+        Method("grouped", "group KV heads by the cost of merging them on calibration data (balanced groups; "
                    "query rows and o_proj columns follow their KV head), then mean-pool",
                    "activation-informed grouping as in AsymGQA, Chen et al. 2024, arXiv:2406.14963 (here balanced, "
                    "every group the same size)", uses_seed=True, calibrated=True),
-        MethodInfo("aligned", "rotate heads onto their group's frame before mean-pooling (Procrustes on "
+        Method("aligned", "rotate heads onto their group's frame before mean-pooling (Procrustes on "
                    "calibration data, RoPE-commuting for keys; the unmerged model is unchanged)",
                    "Jin et al. 2025, Align Attention Heads Before Merging Them, arXiv:2412.20677",
                    uses_seed=True, calibrated=True),
-        MethodInfo("fit", "least-squares merge of K/V with compensating query/o_proj maps, minimising logit and "
+        Method("fit", "least-squares merge of K/V with compensating query/o_proj maps, minimising logit and "
                    "output error on calibration data", "closed form by Eckart-Young (joint truncated SVD of a "
                    "group's heads, as TransMLA does for MLA: Meng et al. 2025, arXiv:2502.07864)",
                    uses_seed=True, calibrated=True),
@@ -55,7 +57,7 @@ METHODS_HELP = ("How each group's K/V heads become one: " + "; ".join(
     + " (e.g. grouped+aligned+fit).")
 
 
-def parse_method(spec: str, label: str = "--method") -> MethodInfo:
+def parse_method(spec: str, label: str = "--method") -> Method:
     """The registry entry of SPEC: a registered name, or calibrated steps joined by '+' (any order; the result
     is named in pipeline order). Anything else is a one-line AttnconvError."""
     if spec in METHODS:
@@ -67,5 +69,5 @@ def parse_method(spec: str, label: str = "--method") -> MethodInfo:
                             f"{', '.join(CALIBRATED_STEPS)} joined by '+' (e.g. grouped+aligned+fit); only "
                             "the calibrated methods combine")
     steps = [METHODS[n] for n in CALIBRATED_STEPS if n in names]
-    return MethodInfo("+".join(m.name for m in steps), ", then ".join(m.help for m in steps),
+    return Method("+".join(m.name for m in steps), ", then ".join(m.help for m in steps),
                       "; ".join(m.source for m in steps), uses_seed=True, calibrated=True)

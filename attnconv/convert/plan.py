@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from attnconv.convert.gqa import Method, method, tensor_generator
+from attnconv.convert.gqa import tensor_generator
 from attnconv.convert.layout import Source, inspect_source
+from attnconv.convert.methods import Method
 from attnconv.convert.ops import OPS
 from attnconv.convert.settings import ConvertSettings
 from attnconv.convert.tensor_io import CheckpointReader, torch_dtype
@@ -150,7 +151,7 @@ class Plan:
 def plan_for(src: Source) -> Plan:
     """Every output tensor with its shape, dtype and shard, in the order of the source's layout."""
     settings, lay = src.settings, src.layout_in
-    plan = Plan(settings, src.path, src.family, lay, src.layout_out, method(settings.method),
+    plan = Plan(settings, src.path, src.family, lay, src.layout_out, settings.merge_method,
                 getattr(torch, src.dtype) if src.dtype else None, src.reader, src.config_out, src.files_to_copy,
                 layout=src)
     for shard, entries in src.shards.items():

@@ -29,7 +29,7 @@ def plan_summary(plan: Plan) -> dict:
 def _what(plan: Plan, s: dict) -> str:
     target = plan.target
     if plan.settings.to != "mla":
-        calibrated = ", calibrated" if plan.method.info.calibrated else ""
+        calibrated = ", calibrated" if plan.method.calibrated else ""
         return f"KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} ({plan.method.name}{calibrated})"
     set_ = plan.settings
     ranks = sorted(set(target.kv_ranks))

@@ -69,7 +69,8 @@ class ConvertSettings(Settings):
         if self.out is None and not self.dry_run:
             raise AttnconvError(f"an output folder {self.label('out')} is needed (or pass --dry-run to only print "
                                 "the plan)")
-        parse_method(self.method, self.label("method"))
+        # parsed once: plan, ops and targets receive this Method
+        object.__setattr__(self, "merge_method", parse_method(self.method, self.label("method")))
         if self.to == "mla" and self.method != "mean":
             raise AttnconvError(f"{self.label('method')} is for {to} gqa/mqa; MLA's latent is set by "
                                 f"{self.label('init')}")
@@ -94,7 +95,7 @@ class ConvertSettings(Settings):
     def needs_calibration(self) -> bool:
         """Whether the conversion reads activations on calibration text."""
         if self.to != "mla":
-            return parse_method(self.method).calibrated
+            return self.merge_method.calibrated
         return self.init == "pca" or self.phases or self.rope_select == "2-norm"
 
     @property
