@@ -19,9 +19,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from attnconv.kernels import LOSS_KERNELS as BACKENDS
 from attnconv.kernels.cpu_softmax import exp_columns_
 
-BACKENDS = ("auto", "torch", "liger", "reference")
 # float32 logits per chunk: on CPU, 256-512 rows of a 50k vocabulary keep BLAS at full speed while the chunk
 # stays small next to the model; on GPUs large chunks keep the matmuls efficient.
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from attnconv.kernels import LOSS_KERNELS
 from attnconv.kernels.linear_cross_entropy import BACKENDS, linear_cross_entropy, resolve_backend
-from attnconv.uptrain.settings import LOSS_KERNELS  # reference: plain logits + cross_entropy
 
 # Config keys of families that transform the logits after lm_head (the fused loss would skip that).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

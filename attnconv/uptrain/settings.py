@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnconv.errors import AttnconvError
+from attnconv.kernels import LOSS_KERNELS
 from attnconv.settings import Settings, allow_pickle_option, option, quiet_option
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("float32", "bfloat16")
 TRAIN_CHOICES = ("all", "only-attention")
-LOSS_KERNELS = ("auto", "torch", "liger", "reference")  # reference: plain logits + cross-entropy
 
 
 @dataclass(frozen=True)
