@@ -34,7 +34,7 @@ from attnconv.loading import (
     resolve_source,
     weight_files,
 )
-from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
+from attnconv.outputs import RUN_SUFFIX, atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
 from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
@@ -45,7 +45,7 @@ from attnconv.uptrain.trainer import train as run_training
 
 
 def run_dir_for(out: Path) -> Path:
-    return out.parent / f"{out.name}.uptrain-run"
+    return out.parent / f"{out.name}{RUN_SUFFIX}"
 
 
 def _input_dtype(folder: ModelFolder) -> torch.dtype:
@@ -150,7 +150,8 @@ def uptrain(settings: UptrainSettings) -> dict:
                               gradient_accumulation_steps=s.grad_accum, cpu=not torch.cuda.is_available())
     setup_fsdp(accelerator, bf16=s.dtype == "bfloat16")
     main = accelerator.is_main_process
-    with output_lock(out_path) if main else nullcontext():
+    # The run folder is locked like OUT: no other command may write into it while this one trains.
+    with output_lock(out_path) if main else nullcontext(), output_lock(run_dir) if main else nullcontext():
         if s.resume and latest_checkpoint(run_dir / "checkpoints") is None and out_path.exists():
             done = _finished(out_path, s.run_values())
             if done is not None:
@@ -239,8 +240,9 @@ def _write_output(s: UptrainSettings, src: ModelFolder, out: Path, net, tok, log
     provenance = read_provenance(src.path)
     provenance["uptrain"] = summary
     net = net.to(_input_dtype(src))
-    with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer]) \
-            as tmp:
+    # OUT was checked before training: one that appeared since is found at publish, which keeps this work.
+    with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer],
+                           recheck=False) as tmp:
         with quiet_transformers():
             net.save_pretrained(tmp)
             tok.save_pretrained(tmp)
