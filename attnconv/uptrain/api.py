@@ -184,12 +184,13 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
         stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir)
         eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir)[0] \
             if s.eval_data else None
-    blocks = pack_blocks(stream, s.seq_len + 1)  # [n_blocks, seq_len + 1]
+    vocab = net.get_input_embeddings().num_embeddings
+    blocks = pack_blocks(stream, s.seq_len + 1, vocab)  # [n_blocks, seq_len + 1]
     plan = BlockSchedule(len(blocks), s.batch_size, s.grad_accum, accelerator.num_processes, s.seed)
     plan.check(f"--data {s.data} ({len(stream)} tokens)")
     windows = None
     if eval_stream is not None:
-        windows = eval_windows(eval_stream, s.seq_len, s.max_eval_windows)
+        windows = eval_windows(eval_stream, s.seq_len, s.max_eval_windows, vocab)
         if len(windows) == 0:
             raise AttnconvError(f"--eval-data {s.eval_data} has {len(eval_stream)} tokens, fewer than one window of "
                                 f"{s.seq_len + 1}; give more held-out text or lower --seq-len")
