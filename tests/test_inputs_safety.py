@@ -43,3 +43,14 @@ def test_a_missing_tokenizer_json_is_named(cli, tiny, tmp_path):
     (broken / "tokenizer.json").unlink()
     code, _, err = cli("eval", broken, "--data", root / "text.txt", "-L", "16")
     assert_one_line_error(code, err, "has no vocabulary", "tokenizer.json or vocabulary files are missing")
+
+
+@pytest.mark.parametrize("args, needle", [(["--batch-size", "²"], "--batch-size must be an integer >= 1, not '²'"),
+                                          (["--batch-size", "+-5"], "not '+-5'"),
+                                          (["--batch-size", "9" * 5000], "(5002 characters)")])
+def test_bad_integers_on_the_command_line_are_one_line(cli, tiny, args, needle):
+    root, model = tiny
+    code, _, err = cli("eval", model, "--data", root / "text.txt", *args)
+    assert_one_line_error(code, err, needle)
+    code, _, err = cli("convert", model, root / "o", "--to", "mla", "--kv-rank", args[1], "--dry-run")
+    assert_one_line_error(code, err, "--kv-rank must be an integer")
