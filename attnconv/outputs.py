@@ -3,8 +3,11 @@
 A command writes into a hidden temporary sibling of OUT and renames it into place at the end. With
 `--overwrite` the new folder and the old OUT are swapped in one step (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere
 two renames, the old folder kept under a hidden name the next run restores), so a kill at any moment leaves the
-old or the new output, never neither. A lock file beside OUT makes a second writer fail at once, naming the
-first. Hidden siblings of killed runs are cleaned (or restored) by the next run for the same OUT.
+old or the new output, never neither. Without `--overwrite` the rename never replaces anything another program put
+at OUT meanwhile (`renameat2(RENAME_NOREPLACE)`): the finished work is then kept under a printed, visible name. A
+lock file beside OUT makes a second writer fail at once, naming the first. Hidden siblings of killed runs are
+cleaned (or restored) by the next run for the same OUT. OUT may not be empty, the current folder or one above it,
+the home folder, a link, or another command's working folder.
 """
 
 from __future__ import annotations

@@ -92,18 +92,23 @@ def test_overwrite_replaces_only_a_folder(tmp_path):
     assert out.read_text() == "theirs"
 
 
-def test_convert_keeps_a_folder_made_at_out_while_it_runs(cli, tiny, tmp_path, monkeypatch):
-    root, model = tiny
-    out = tmp_path / "out"
-    from attnconv.convert import execute
-
-    real = execute.write_plan
+def _race_before(monkeypatch, module, name, out):
+    """Make a folder at OUT (as another program would) when MODULE.NAME, a step of the command's work, starts."""
+    real = getattr(module, name)
 
     def racing(*args, **kwargs):
         _raced(out, "folder")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(execute, "write_plan", racing)
+    monkeypatch.setattr(module, name, racing)
+
+
+def test_convert_keeps_a_folder_made_at_out_while_it_runs(cli, tiny, tmp_path, monkeypatch):
+    root, model = tiny
+    out = tmp_path / "out"
+    from attnconv.convert import execute
+
+    _race_before(monkeypatch, execute, "write_plan", out)
     code, _, err = cli("convert", model, out, "--to", "mqa")
     assert_one_line_error(code, err, "a folder appeared at", "the finished output is kept in")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
@@ -117,13 +122,7 @@ def test_uptrain_keeps_its_finished_training_when_out_appears(tiny, tmp_path, mo
 
     root, model = tiny
     out = tmp_path / "up"
-    real = api.run_training
-
-    def racing(*args, **kwargs):
-        _raced(out, "folder")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(api, "run_training", racing)
+    _race_before(monkeypatch, api, "run_training", out)
     with pytest.raises(AttnconvError, match="kept in"):
         api.uptrain(UptrainSettings(str(model), str(out), data=str(root / "text.txt"), steps=1, seq_len=8,
                                     batch_size=1, quiet=True))
