@@ -220,3 +220,16 @@ def test_fuzzed_out_races_never_delete_what_the_command_did_not_create(tmp_path)
         assert (out / "ours.txt").read_text() == "ours"
         assert raced == "none" or (overwrite and raced in ("folder", "empty folder")), (before, overwrite, raced)
         assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_eval_keeps_its_reports_when_out_appears(cli, tiny, tmp_path, monkeypatch):
+    from attnconv.eval import api
+
+    root, model = tiny
+    out = tmp_path / "report"
+    _race_before(monkeypatch, api, "print_table", out)
+    code, _, err = cli("eval", model, "--data", root / "text.txt", "-L", "16", "--out", out, "--quiet")
+    assert_one_line_error(code, err, "a folder appeared at", "kept in")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    kept = [p for p in tmp_path.iterdir() if ".attnconv-finished-" in p.name]
+    assert len(kept) == 1 and (kept[0] / "results.json").is_file()
