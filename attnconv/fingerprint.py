@@ -41,15 +41,30 @@ def sha256_file(path: Path) -> str:
 def _hub_blob_sha256(path: Path) -> str | None:
     """The sha256 a huggingface_hub cache names the file by, without reading it.
 
-    In that cache, snapshots/<revision>/<file> links to blobs/<etag>, and a weight file's etag is the sha256 of its
-    content (the LFS object id the hub shows); git files are named by a 40-digit sha1 instead, and are hashed.
+    In that cache, <cache>/models--ORG--NAME/snapshots/<revision>/<file> links to ../../blobs/<etag>, and a weight
+    file's etag is the sha256 of its content (the LFS object id the hub shows); git files are named by a 40-digit
+    sha1 instead, and are hashed. Only that exact layout inside the hub cache folder is trusted: any other link to
+    a 64-hex name (a local folder made to look like it) is hashed.
     """
     if not path.is_symlink():
         return None
+    path = Path(os.path.abspath(path))
+    snapshot = next((p for p in path.parents if p.parent.name == "snapshots"), None)
+    if snapshot is None:
+        return None
+    repo = snapshot.parent.parent
+    if not repo.name.startswith("models--") or repo.parent.resolve() != _hub_cache().resolve():
+        return None
     blob = path.resolve()
-    if blob.parent.name != "blobs" or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+    if blob.parent != repo.resolve() / "blobs" or not re.fullmatch(r"[0-9a-f]{64}", blob.name):
         return None
     return blob.name
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def _memo_path(path: Path) -> Path:

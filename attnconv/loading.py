@@ -297,10 +297,18 @@ def load_tokenizer(src: str | Path | ModelFolder, tokenizer: str | Path | None =
                 folder.inside(p)
         else:
             path = resolve_source(where).path
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        loaded = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except AttnconvError:
         raise
     except Exception:
-        hint = "" if tokenizer else "; pass --tokenizer PATH_OR_ID"
-        spec = where.spec if isinstance(where, ModelFolder) else where
-        raise AttnconvError(f"no tokenizer could be loaded from {spec}{hint}") from None
+        loaded = None
+    hint = "" if tokenizer else "; pass --tokenizer PATH_OR_ID"
+    spec = where.spec if isinstance(where, ModelFolder) else where
+    if loaded is None:
+        raise AttnconvError(f"no tokenizer could be loaded from {spec}{hint}")
+    # Without tokenizer.json (or vocab files) transformers builds a tokenizer with no vocabulary, which turns
+    # every text into no tokens: say so here rather than "the data has 0 tokens" later.
+    if not loaded("The tokenizer works.", add_special_tokens=False)["input_ids"]:
+        raise AttnconvError(f"the tokenizer of {spec} has no vocabulary ({len(loaded)} token(s)): its "
+                            f"tokenizer.json or vocabulary files are missing{hint}")
+    return loaded

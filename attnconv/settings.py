@@ -15,6 +15,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -23,6 +24,8 @@ from typing import Any, ClassVar
 
 from attnconv.errors import AttnconvError
 
+MAX_DIGITS = 30
+_INTEGER = re.compile(rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}")
 _LABELS: contextvars.ContextVar[str] = contextvars.ContextVar("attnconv_setting_labels", default="flag")
 
 
@@ -115,7 +118,12 @@ class Settings:
         return spec.flag or "--" + name.replace("_", "-")
 
     def error(self, name: str, expected: str, value: Any) -> AttnconvError:
-        return AttnconvError(f"{self.label(name)} must be {expected}, not {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**MAX_DIGITS:
+            shown = f"an integer of {len(hex(value)) - 2} hex digits"  # str() of a huge int raises
+        else:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:40] + f"... ({len(shown)} characters)"
+        return AttnconvError(f"{self.label(name)} must be {expected}, not {shown}")
 
     def _normalise(self, name: str, tp, spec: Spec, value: Any) -> Any:
         base, optional = _unwrap_optional(tp)
@@ -140,9 +148,11 @@ class Settings:
                 raise self.error(name, "true or false", value)
             return value
         if tp is int:
-            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            # ASCII digits only ('²' is a digit to str.isdigit but not to int()), one sign, and few enough digits
+            # that int() accepts them (it refuses over 4,300) and no count or size could need more.
+            if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
                 value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 10**MAX_DIGITS:
                 raise self.error(name, "an integer" + self._range_text(spec), value)
         elif tp is float:
             if isinstance(value, str):

@@ -200,9 +200,12 @@ def test_hub_cache_files_are_named_by_their_sha256(tmp_path, monkeypatch):
     it; a link to anything else, a git blob's sha1 name included, is hashed."""
     import hashlib
 
+    from huggingface_hub import constants
+
     from attnconv import fingerprint
 
     monkeypatch.setenv("ATTNCONV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = tmp_path / "hub" / "models--org--name"
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / ("c" * 40)
@@ -223,6 +226,15 @@ def test_hub_cache_files_are_named_by_their_sha256(tmp_path, monkeypatch):
     assert fingerprint.sha256_file(snap / "config.json") == hashlib.sha256(b"{}").hexdigest()
     assert fingerprint.sha256_file(snap / "linked.safetensors") == hashlib.sha256(b"x").hexdigest()
     assert reads == ["config.json", "linked.safetensors"]
+    # The same layout outside the hub cache folder (a local folder made to look like it) is read and hashed.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    assert fingerprint.sha256_file(snap / "model.safetensors") == lfs and reads[-1] == "model.safetensors"
+    local = tmp_path / "local"
+    (local / "blobs").mkdir(parents=True)
+    fake = "f" * 64
+    (local / "blobs" / fake).write_bytes(b"not what the name says")
+    (local / "model.safetensors").symlink_to(f"blobs/{fake}")
+    assert fingerprint.sha256_file(local / "model.safetensors") == hashlib.sha256(b"not what the name says").hexdigest()
 
 
 def test_provenance_config_and_copied_files(tmp_path):

@@ -134,3 +134,25 @@ def test_unreadable_data_is_a_one_line_error(tok, tmp_path):
     broken.write_text('{"text": "fine"}\n{"text": \n')
     with pytest.raises(AttnconvError, match="could not be loaded"):
         textdata.Corpus(str(broken))
+
+
+def test_a_truncated_or_edited_token_cache_is_rebuilt_and_bad_ids_refused(tok, tmp_path, capsys):
+    texts = ["First document.", "Second one, with more words in it."]
+    stream, key = tokenize_cached(texts, tok, tmp_path)
+    expected = stream.tolist()
+    cache = tmp_path / f"tokens-{key}.i32"
+    raw = cache.read_bytes()
+    vocab = max(tok.get_vocab().values()) + 1
+    beyond = raw[:4] + np.int32(vocab + 5).tobytes() + raw[8:-24] + raw[-24:-8] + np.int64(vocab + 5).tobytes()
+    for damaged in (raw[:-28] + raw[-24:], raw[:8], beyond):  # one id cut (at a multiple of 4), most cut, an id
+        cache.write_bytes(damaged)
+        again, _ = tokenize_cached(texts, tok, tmp_path)
+        assert again.tolist() == expected
+        assert "is damaged; tokenising again" in capsys.readouterr().err
+    # An id changed behind the trailer's back is refused where a batch reads it, in one line.
+    raw = cache.read_bytes()
+    cache.write_bytes(np.int32(vocab + 7).tobytes() + raw[4:])
+    blocks = pack_blocks(tokenize_cached(texts, tok, tmp_path)[0], 4, vocab)
+    with pytest.raises(AttnconvError, match=f"token id {vocab + 7} is outside the model's vocabulary of {vocab}"):
+        blocks[[0]]
+    assert blocks[[1]].max() < vocab

@@ -100,9 +100,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(env, monkeypatch):
 
     monkeypatch.setattr(fused_loss_mod, "linear_cross_entropy", nan_at_step_3)
     out = env["root"] / "nan"
-    with pytest.raises(AttnconvError, match="loss became nan at step 3.*step-0000002"):
+    with pytest.raises(AttnconvError, match="loss became nan at step 3.*step-0000002") as e:
         uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=5, save_every=1,
                                 cache_dir=env["cache"], **RUN))
+    # --resume refuses another --lr (test above): the advice is the one that works
+    assert "--resume" not in str(e.value) and "run again with --overwrite and a lower --lr" in str(e.value)
     last = latest_checkpoint(env["root"] / "nan.uptrain-run" / "checkpoints")
     assert last.name == "step-0000002" and not out.exists()
     assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())

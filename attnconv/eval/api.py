@@ -247,7 +247,8 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalResu
             console.print(f"note: {note}")
         print_table(results.to_dict(), console)
         if settings.out is not None:
-            with atomic_output_dir(settings.out, settings.overwrite, inputs) as tmp:
+            # OUT was checked before the evaluation: one made since is found at publish, which keeps the reports.
+            with atomic_output_dir(settings.out, settings.overwrite, inputs, recheck=False) as tmp:
                 write_reports(results.to_dict(), tmp)
             console.print(f"wrote results.json, results.md and plots to {settings.out}")
     return results

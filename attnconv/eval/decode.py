@@ -26,7 +26,7 @@ from attnconv.eval.decode_measure import (
     time_generate,
     weight_bytes_per_step,
 )
-from attnconv.families import FAMILIES, cache_shape, family_of, max_positions
+from attnconv.families import FAMILIES, cache_shape, config_value, family_of, max_positions
 from attnconv.kernels.cpu_decode import resolve_backend
 from attnconv.patches import attnconv_mla
 from attnconv.patches.decode_attention import decode_attention
@@ -180,6 +180,46 @@ def clamp_contexts(contexts: Sequence[int], limit: int | None, new_tokens: int, 
     return kept
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on DEVICE (free GPU memory; MemAvailable on Linux), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def grid_memory(config, batch: int, ctx: int, new_tokens: int, dtype_bytes: int) -> tuple[int, int]:
+    """(KV cache bytes, activation bytes) one grid point needs at its peak: the cache for ctx + new_tokens tokens
+    (one implementation's at a time), and the prefill's hidden states, MLP and prompt ids (an estimate: a few
+    hidden-sized and intermediate-sized tensors per token)."""
+    kv = cache_shape(config).bytes(batch, ctx + new_tokens, dtype_bytes)
+    hidden = config_value(config, "hidden_size", "n_embd", default=0)
+    inner = config_value(config, "intermediate_size", "n_inner", default=None) or 4 * hidden
+    per_token = (6 * hidden + 3 * inner) * dtype_bytes + 8
+    return kv, batch * ctx * per_token
+
+
+def check_grid_fits(config, batches, contexts, new_tokens: int, dtype_bytes: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a grid whose largest point needs more memory than DEVICE has."""
+    free = available_memory(device)
+    if free is None:
+        return
+    batch, ctx = max(batches), max(contexts)
+    kv, act = grid_memory(config, batch, ctx, new_tokens, dtype_bytes)
+    if kv + act > free:
+        gib = 1 << 30
+        raise AttnconvError(f"the decode grid's largest point (batch {batch}, context {ctx}) needs about "
+                            f"{(kv + act) / gib:,.1f} GiB ({kv / gib:,.1f} GiB of KV cache + about "
+                            f"{act / gib:,.1f} GiB of activations) but {device.type} has {free / gib:,.1f} GiB "
+                            "available; lower --batches or --contexts")
+
+
 def _row(impl, batch, ctx, new_tokens, runs, kv_theory, kv_measured, peak, step_bytes, bandwidth):
     """One grid point from its timed runs [(prefill_s, decode_s)]: the median run, with the spread of tokens/s."""
     steps = new_tokens - 1  # the first new token comes out of the prefill
@@ -243,6 +283,7 @@ def decode_benchmark(model, *, contexts=(512, 2048, 8192), batches=(1, 8), new_t
     grid_contexts = clamp_contexts(contexts, max_positions(config), new_tokens, notes)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     shape, dtype_bytes = cache_shape(config), torch.tensor([], dtype=dtype).element_size()
+    check_grid_fits(config, batches, grid_contexts, new_tokens, dtype_bytes, device)
     bandwidth = measure_bandwidth(device)
     weights = weight_bytes_per_step(model)
     notes.append(f"bandwidth {bandwidth / 1e9:.1f} GB/s: best of 5 torch.sum over a 256 MiB fp32 tensor on "

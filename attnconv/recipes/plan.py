@@ -20,9 +20,9 @@ from typing import Any
 
 from attnconv.errors import AttnconvError
 from attnconv.loading import _HUB_ID
-from attnconv.outputs import NAME_MAX
+from attnconv.outputs import NAME_MAX, refuse_unsafe_output
 from attnconv.recipes.recipe import Recipe, RecipeError, Stage, absolute
-from attnconv.recipes.state import State, owner
+from attnconv.recipes.state import State, complete, owner
 from attnconv.textdata import _FILE_BUILDERS, DEFAULT_SPEC
 
 SHIPPED_SPLITS = ("train", "test", "validation", "eval")
@@ -60,7 +60,8 @@ def _run_dir(out: Path) -> Path:
 def _checkpoint_step(out: Path) -> int | None:
     """The step of the newest complete checkpoint of an uptrain writing OUT, or None."""
     root = _run_dir(out) / "checkpoints"
-    steps = [int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "state.json").is_file()] \
+    steps = [int(p.name[5:]) for p in root.glob("step-*")
+             if p.name[5:].isascii() and p.name[5:].isdigit() and (p / "state.json").is_file()] \
         if root.is_dir() else []
     return max(steps) if steps else None
 
@@ -179,6 +180,15 @@ def check_recipe(recipe: Recipe, state: State) -> dict[int, list[Input]]:
             if s.settings is not None and getattr(s.settings, "out", None) is not None:
                 dry[absolute(s.settings.out)] = s
             continue
+        if s.out == recipe.path or s.out in recipe.path.parents:
+            problems.append(f"{recipe.where(s.lines.get('out'))}: {s.label} writes {written}, which holds the recipe "
+                            "itself (and its state); write into a new folder inside it")
+            continue
+        try:
+            refuse_unsafe_output(written)
+        except AttnconvError as e:
+            problems.append(f"{recipe.where(s.lines.get('out'))}: {s.label}: {e}")
+            continue
         if s.out in producers:
             problems.append(f"{recipe.where(s.lines.get('out'))}: {s.label} writes {written}, as "
                             f"{producers[s.out].label} does; give each stage its own output folder")
@@ -269,6 +279,8 @@ def _decide(stage: Stage, record: dict[str, Any], state: State, forced: bool,
         reason = f"{s.out} is missing" if entry.get("done") else "not run yet"
     elif previous is None:
         reason = f"replaces {s.out} (overwrite: true)" if out is not None else "not pushed yet"
+    elif out is not None and not complete(previous, out):
+        reason = f"{s.out} is incomplete: files the run wrote were removed or changed since"
     elif previous["fingerprint"] != record["fingerprint"] and not _only_new_defaults(stage, previous, record):
         reason = _changes(stage, previous, record)
     else:

@@ -109,7 +109,7 @@ def run_recipe(path: str | Path, from_stage: str | None = None, dry_run: bool = 
             echo(f"[{stage.index}/{n}] {stage.name} ({stage.command}): {'run' if d.run else 'skip'}: {d.reason}")
             if not d.run:
                 if d.adopt:
-                    state.finish(stage.target, d.record, marker(stage.command, stage.out))
+                    state.finish(stage.target, d.record, marker(stage.command, stage.out), stage.out)
                 run.results.append(StageResult(d, None, time.perf_counter() - t_stage))
                 continue
             settings = COMMANDS[stage.command].from_mapping(stage.values, **d.fixed)
@@ -123,7 +123,7 @@ def run_recipe(path: str | Path, from_stage: str | None = None, dry_run: bool = 
                 raise _stage_error(e, d, recipe) from None
             command_s = time.perf_counter() - t_cmd
             if target is not None:
-                state.finish(target, d.record, marker(stage.command, stage.out) if stage.out else None)
+                state.finish(target, d.record, marker(stage.command, stage.out) if stage.out else None, stage.out)
             run.results.append(StageResult(d, command_s, time.perf_counter() - t_stage))
         ran = sum(1 for r in run.results if r.command_s is not None)
         echo(f"{recipe.path.name}: {ran} stage(s) ran, {n - ran} skipped")

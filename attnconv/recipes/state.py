@@ -48,10 +48,11 @@ class State:
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
-            return cls(path, recipe, dict(data["outputs"]), dict(data.get("files", {})))
+            outputs, files = dict(data["outputs"]), dict(data.get("files", {}))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise AttnconvError(f"{path} is damaged ({e}); delete it to start the recipe afresh (outputs the recipe "
                                 "wrote then count as not its own)") from None
+        return cls(path, recipe, _valid_outputs(path, outputs), {k: v for k, v in files.items() if _valid_file(v)})
 
     def save(self) -> None:
         """Write the state in one step: a temporary file, flushed, renamed over the old one."""
@@ -73,9 +74,12 @@ class State:
         entry.update(stage=stage, attempt={**record, "started": now()})
         self.save()
 
-    def finish(self, target: str, record: dict[str, Any], marker: str | None) -> None:
+    def finish(self, target: str, record: dict[str, Any], marker: str | None, out: Path | None = None) -> None:
         entry = self.outputs.setdefault(target, {})
-        entry.update(done={**record, "marker": marker, "finished": now()}, attempt=None)
+        done = {**record, "marker": marker, "finished": now()}
+        if out is not None:
+            done["contents"] = contents(out)
+        entry.update(done=done, attempt=None)
         self.save()
 
     def file_sha(self, path: Path) -> str:
@@ -101,6 +105,53 @@ class State:
             if p.is_file() and not any(part.startswith(".") for part in rel.parts):
                 lines.append(f"{rel.as_posix()}:{self.file_sha(p)}")
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _valid_record(record: Any) -> bool:
+    return record is None or isinstance(record, dict) and isinstance(record.get("fingerprint"), str) and all(
+        isinstance(record.get(k, {}), dict) for k in ("settings", "inputs", "contents"))
+
+
+def _valid_file(signature: Any) -> bool:
+    return isinstance(signature, list) and len(signature) == 4 and all(isinstance(v, int) for v in signature[:3]) \
+        and isinstance(signature[3], str)
+
+
+def _valid_outputs(path: Path, outputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The entries of a state file that have the shape this module writes; a hand-edited one is dropped with a
+    warning (its output then counts as not the recipe's own, which is the safe side)."""
+    import sys
+
+    kept = {}
+    for target, entry in outputs.items():
+        if isinstance(entry, dict) and _valid_record(entry.get("done")) and _valid_record(entry.get("attempt")):
+            kept[target] = entry
+        else:
+            print(f"warning: {path}: the record of {target} is damaged and was ignored", file=sys.stderr)
+    return kept
+
+
+def contents(out: Path) -> dict[str, int]:
+    """{relative path: size} of every file in an output folder (hidden entries left out), so a file deleted or
+    truncated since the run makes it incomplete."""
+    found = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            found[rel.as_posix()] = p.stat().st_size
+    return found
+
+
+def complete(done: dict[str, Any], out: Path) -> bool:
+    """Whether every file recorded when the run finished is still there with its size (records from before
+    contents were kept count as complete)."""
+    for rel, size in (done.get("contents") or {}).items():
+        try:
+            if (out / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def marker(command: str, out: Path) -> str | None:

@@ -34,7 +34,7 @@ from attnconv.loading import (
     resolve_source,
     weight_files,
 )
-from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
+from attnconv.outputs import RUN_SUFFIX, atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
 from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
@@ -45,7 +45,7 @@ from attnconv.uptrain.trainer import train as run_training
 
 
 def run_dir_for(out: Path) -> Path:
-    return out.parent / f"{out.name}.uptrain-run"
+    return out.parent / f"{out.name}{RUN_SUFFIX}"
 
 
 def _input_dtype(folder: ModelFolder) -> torch.dtype:
@@ -150,7 +150,8 @@ def uptrain(settings: UptrainSettings) -> dict:
                               gradient_accumulation_steps=s.grad_accum, cpu=not torch.cuda.is_available())
     setup_fsdp(accelerator, bf16=s.dtype == "bfloat16")
     main = accelerator.is_main_process
-    with output_lock(out_path) if main else nullcontext():
+    # The run folder is locked like OUT: no other command may write into it while this one trains.
+    with output_lock(out_path) if main else nullcontext(), output_lock(run_dir) if main else nullcontext():
         if s.resume and latest_checkpoint(run_dir / "checkpoints") is None and out_path.exists():
             done = _finished(out_path, s.run_values())
             if done is not None:
@@ -183,12 +184,13 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
         stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir)
         eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir)[0] \
             if s.eval_data else None
-    blocks = pack_blocks(stream, s.seq_len + 1)  # [n_blocks, seq_len + 1]
+    vocab = net.get_input_embeddings().num_embeddings
+    blocks = pack_blocks(stream, s.seq_len + 1, vocab)  # [n_blocks, seq_len + 1]
     plan = BlockSchedule(len(blocks), s.batch_size, s.grad_accum, accelerator.num_processes, s.seed)
     plan.check(f"--data {s.data} ({len(stream)} tokens)")
     windows = None
     if eval_stream is not None:
-        windows = eval_windows(eval_stream, s.seq_len, s.max_eval_windows)
+        windows = eval_windows(eval_stream, s.seq_len, s.max_eval_windows, vocab)
         if len(windows) == 0:
             raise AttnconvError(f"--eval-data {s.eval_data} has {len(eval_stream)} tokens, fewer than one window of "
                                 f"{s.seq_len + 1}; give more held-out text or lower --seq-len")
@@ -239,8 +241,9 @@ def _write_output(s: UptrainSettings, src: ModelFolder, out: Path, net, tok, log
     provenance = read_provenance(src.path)
     provenance["uptrain"] = summary
     net = net.to(_input_dtype(src))
-    with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer]) \
-            as tmp:
+    # OUT was checked before training: one that appeared since is found at publish, which keeps this work.
+    with atomic_output_dir(out, overwrite=replace, inputs=[s.model, s.teacher, s.data, s.eval_data, s.tokenizer],
+                           recheck=False) as tmp:
         with quiet_transformers():
             net.save_pretrained(tmp)
             tok.save_pretrained(tmp)

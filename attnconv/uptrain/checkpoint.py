@@ -64,8 +64,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint (a renamed folder with its state.json), or None."""
     if not ckpt_root.is_dir():
         return None
-    done = [p for p in ckpt_root.glob("step-*") if (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+    done = [p for p in ckpt_root.glob("step-*")
+            if p.name[5:].isascii() and p.name[5:].isdigit() and (p / "state.json").is_file()]  # not step-abc
+    return max(done, key=lambda p: int(p.name[5:])) if done else None
 
 
 def _write_whole(accelerator, tmp: Path, model, optimizer, scheduler) -> None:

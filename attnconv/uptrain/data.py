@@ -22,7 +22,9 @@ import torch
 from attnconv.errors import AttnconvError, cache_root
 from attnconv.textdata import Corpus
 
-_CACHE_VERSION = 2  # 2: raw int32 files, memory-mapped
+_CACHE_VERSION = 3  # 2: raw int32 files, memory-mapped; 3: with a trailer (count, largest id)
+_TRAILER = np.dtype([("magic", "S8"), ("count", "<u8"), ("max_id", "<i8")])  # 24 bytes after the ids
+_MAGIC = b"attntok3"
 BATCH_CHARS = 1 << 20  # characters per tokenizer call: bounded memory, and fast tokenizers use every core
 
 
@@ -92,11 +94,21 @@ def _in_memory(texts, tokenizer) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def _open_tokens(path: Path) -> np.ndarray:
-    """The cached stream, memory-mapped: pages are read as training reaches them."""
-    if path.stat().st_size == 0:
+def _open_tokens(path: Path, vocab_size: int) -> np.ndarray:
+    """The cached stream, memory-mapped: pages are read as training reaches them. ValueError when the file is
+    not a complete cache of ids below VOCAB_SIZE (its trailer records the count and the largest id)."""
+    size = path.stat().st_size
+    if size < _TRAILER.itemsize:
+        raise ValueError("no trailer")
+    with open(path, "rb") as fh:
+        fh.seek(size - _TRAILER.itemsize)
+        trailer = np.frombuffer(fh.read(_TRAILER.itemsize), dtype=_TRAILER)[0]
+    count = int(trailer["count"])
+    if trailer["magic"] != _MAGIC or count * 4 + _TRAILER.itemsize != size or int(trailer["max_id"]) >= vocab_size:
+        raise ValueError("truncated, or ids beyond the vocabulary")
+    if count == 0:
         return np.zeros(0, dtype=np.int32)
-    return np.memmap(path, dtype="<i4", mode="r")
+    return np.memmap(path, dtype="<i4", mode="r", shape=(count,))
 
 
 def _clean_stale_tmp(cache: Path) -> None:
@@ -128,11 +140,12 @@ def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tu
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"tokens-{key}.i32"
     _clean_stale_tmp(cache)
+    vocab_size = max(tokenizer.get_vocab().values(), default=-1) + 1  # ids above it are not the tokenizer's
     if path.is_file():
         try:
-            return _open_tokens(path), key
-        except (OSError, ValueError):
-            pass  # unreadable cache: tokenise again and replace it
+            return _open_tokens(path, vocab_size), key
+        except (OSError, ValueError):  # damaged (truncated, edited): tokenise again and replace it
+            print(f"note: the token cache {path} is damaged; tokenising again", file=sys.stderr)
     tmp = cache / f".tokens-{key}.{os.getpid()}.tmp"
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -140,9 +153,13 @@ def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tu
     except OSError:  # a read-only cache only costs a re-tokenisation next time
         return _in_memory(texts, tokenizer), key
     try:
+        count, max_id = 0, -1
         with out:
             for chunk in _token_chunks(texts, tokenizer):
                 out.write(chunk.astype("<i4", copy=False).tobytes())
+                count += len(chunk)
+                max_id = max(max_id, int(chunk.max())) if len(chunk) else max_id
+            out.write(np.array([(_MAGIC, count, max_id)], dtype=_TRAILER).tobytes())
         os.replace(tmp, path)
     except OSError:  # a full disk: tokenise in memory instead (the cache stays as it was)
         tmp.unlink(missing_ok=True)
@@ -150,7 +167,7 @@ def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None) -> tu
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return _open_tokens(path), key
+    return _open_tokens(path, vocab_size), key
 
 
 class TokenBlocks:
@@ -160,10 +177,12 @@ class TokenBlocks:
     the corpus. Indexing with an int, a slice, a list or an index tensor returns an int64 tensor.
     """
 
-    def __init__(self, stream: np.ndarray, block_len: int):
+    def __init__(self, stream: np.ndarray, block_len: int, vocab_size: int | None = None):
         n = len(stream) // block_len  # the tail shorter than a block is dropped
         self._rows = stream[: n * block_len].reshape(n, block_len)
         self.shape = (n, block_len)
+        self.vocab_size = vocab_size
+        self._source = getattr(stream, "filename", None)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -171,12 +190,19 @@ class TokenBlocks:
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
             idx = idx.cpu().numpy()
-        return torch.from_numpy(np.asarray(self._rows[idx], dtype=np.int64))
+        rows = np.asarray(self._rows[idx], dtype=np.int64)
+        if self.vocab_size is not None and rows.size and (rows.max() >= self.vocab_size or rows.min() < 0):
+            bad = int(rows.max() if rows.max() >= self.vocab_size else rows.min())
+            where = f"the token cache {self._source} (delete it)" if self._source else "the tokenizer"
+            raise AttnconvError(f"token id {bad} is outside the model's vocabulary of {self.vocab_size}; it comes "
+                                f"from {where}, or the tokenizer has more tokens than the model: use its own")
+        return torch.from_numpy(rows)
 
 
-def pack_blocks(stream: np.ndarray, block_len: int) -> TokenBlocks:
-    """Blocks of block_len tokens over the stream (see TokenBlocks); the tail shorter than a block is dropped."""
-    return TokenBlocks(stream, block_len)
+def pack_blocks(stream: np.ndarray, block_len: int, vocab_size: int | None = None) -> TokenBlocks:
+    """Blocks of block_len tokens over the stream (see TokenBlocks); the tail shorter than a block is dropped.
+    With vocab_size, every gathered block is checked to hold ids below it (a damaged cache fails in one line)."""
+    return TokenBlocks(stream, block_len, vocab_size)
 
 
 @dataclass
@@ -221,9 +247,9 @@ class BlockSchedule:
         return [glob[k, rank] for k in range(self.grad_accum)]
 
 
-def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
+def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int, vocab_size: int | None = None) -> torch.Tensor:
     """Disjoint held-out windows of seq_len + 1 tokens (at most max_windows, evenly spread over the data)."""
-    blocks = pack_blocks(stream, seq_len + 1)
+    blocks = pack_blocks(stream, seq_len + 1, vocab_size)
     if len(blocks) > max_windows:
         return blocks[torch.linspace(0, len(blocks) - 1, max_windows).round().long()]
     return blocks[:]

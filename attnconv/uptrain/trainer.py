@@ -203,10 +203,12 @@ def _train(accelerator, model, blocks, run: Run, schedule: BlockSchedule, params
                         if not torch.isfinite(means[0]):
                             optimizer.zero_grad(set_to_none=True)
                             prev = latest_checkpoint(run.ckpt_root)
-                            kept = (f"the last good checkpoint is {prev} (continue from it with --resume and a lower "
-                                    f"--lr)" if prev else f"no checkpoint was saved yet; {run.run_dir} holds the log")
+                            # --resume refuses a changed --lr (it continues the same run): a lower one starts over.
+                            kept = (f"the last good checkpoint is {prev}" if prev
+                                    else f"no checkpoint was saved yet; {run.run_dir} holds the log")
                             raise AttnconvError(f"the loss became {means[0].item()} at step {step + 1}; training "
-                                                f"stopped and {kept}; lower --lr or check the data")
+                                                f"stopped and {kept}; run again with --overwrite and a lower --lr, "
+                                                "or check the data")
                         lr_now = scheduler.get_last_lr()[0]
                         grad_norm = clip_and_step(accelerator, optimizer, params, s.max_grad_norm)
                         scheduler.step()
