@@ -55,7 +55,7 @@ def test_full_rank_without_rotation_and_latent_norm_is_exact(tmp_path, family, n
     assert isinstance(ds, DeepseekV3ForCausalLM)
     ids = _ids(source.config.vocab_size, 0)
     zeros = torch.zeros_like(ids)
-    diff = _logits(_without_latent_norm(ds), ids, position_ids=zeros) - _logits(source, ids, position_ids=zeros)
+    diff = _logits(ds, ids, position_ids=zeros) - _logits(source, ids, position_ids=zeros)
     assert diff.abs().max() <= 1e-4
 
 
@@ -66,7 +66,7 @@ def test_mqa_source_keeping_every_pair_is_exact(tmp_path, family):
     source = _source(tmp_path, family, 1)
     ds, _ = to_deepseek_v3(source, kv_rank=16, rope_dim=16)  # the latent holds the values (NoPE keys are 0)
     ids = _ids(source.config.vocab_size, 1)
-    assert (_logits(_without_latent_norm(ds), ids) - _logits(source, ids)).abs().max() <= 1e-4
+    assert (_logits(ds, ids) - _logits(source, ids)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("select,pairs", [("high", [0, 1, 2, 3]), ("uniform", [0, 2, 4, 6])])
@@ -83,7 +83,7 @@ def test_kept_pairs_get_their_source_frequencies(tmp_path, select, pairs):
     ds, notes = to_deepseek_v3(source, kv_rank=16, rope_dim=8, rope_select=select)
     assert any("rope_theta" in n for n in notes)
     ids = _ids(source.config.vocab_size, 2)
-    assert (_logits(_without_latent_norm(ds), ids) - _logits(source, ids)).abs().max() <= 1e-4
+    assert (_logits(ds, ids) - _logits(source, ids)).abs().max() <= 1e-4
 
 
 def test_checkpoint_loads_in_stock_transformers(tmp_path):
