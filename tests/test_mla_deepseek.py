@@ -158,15 +158,15 @@ def _kl(model, source, windows) -> float:
 
 def test_reference_model_full_rank_kl(reference):
     """Full rank, a shared RoPE key of 32 dims (every frequency): only the RoPE of each frequency's other
-    components and the latent norm's per-token spread are lost. Measured on these 3072 held-out tokens
-    (calibration: 4096 train tokens): KL 0.788; with the NoPE pairs rotated by the source's mean rotation
-    (phases) 0.718. Bounds with margin."""
+    components is lost (the latent norm is linear). Measured on these 3072 held-out tokens (calibration: 4096
+    train tokens): KL 0.810; with the NoPE pairs rotated by the source's mean rotation (phases) 0.609 (with the
+    latent normalised per token, before: 0.788 and 0.718). Bounds with margin."""
     source, calib, test = reference
     plain, _ = to_deepseek_v3(source, kv_rank=480, rope_dim=32, init="pca", calibration=calib)
     phased, _ = to_deepseek_v3(source, kv_rank=480, rope_dim=32, init="pca", calibration=calib, phases=True)
     kl_plain, kl_phased = _kl(plain, source, test), _kl(phased, source, test)
     assert 0.6 < kl_plain < 0.9
-    assert kl_phased < 0.8 and kl_phased < kl_plain - 0.035
+    assert kl_phased < 0.68 and kl_phased < kl_plain - 0.1
 
 
 @pytest.mark.parametrize("q_rank", [None, 24])
