@@ -92,3 +92,17 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert "Traceback" not in err
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def add_massive_dimension(model, *, dim: int = 0, size: float = 30.0, norm_weight: float = 0.02, seed: int = 0):
+    """Give a loaded Llama-like model a massive activation, as real LMs have, in place: embedding channel DIM
+    takes a size drawn per token in [0, SIZE], and every input norm reads it at NORM_WEIGHT. After the norm
+    the other channels then shrink or grow with that size, so what attention reads varies in scale across
+    tokens (SmolLM2: one direction holds ~50% of the normalised input), which random tiny models lack."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, dim] = size * torch.rand(emb.shape[0], generator=g).to(emb.dtype)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[dim] = norm_weight
+    return model

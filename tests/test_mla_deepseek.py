@@ -1,9 +1,10 @@
 """MHA/GQA -> MLA as a stock transformers DeepseekV3ForCausalLM checkpoint.
 
-Exactness is checked where the algebra is exact, against the source model's own logits: with the latent norm
-taken out and every position 0 (RoPE the identity) at full rank; with real positions for an MQA source, whose
-single key head already is a shared RoPE key. The saved checkpoint is loaded by AutoModelForCausalLM without
-remote code. On the reference model the KL to the source at full rank is bounded by a measured value.
+Exactness is checked where the algebra is exact, against the source model's own logits, the latent norm in
+place (the conversion makes it linear): with every position 0 (RoPE the identity) at full rank; with real
+positions for an MQA source, whose single key head already is a shared RoPE key. The saved checkpoint is
+loaded by AutoModelForCausalLM without remote code. On the reference model the KL to the source at full rank
+is bounded by a measured value.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
 from attnconv.convert.mla_deepseek import (
+    KV_NORM_EPS,
+    LATENT_EPS_SHARE,
     convert_deepseek_layer,
     deepseek_config,
     deepseek_output_shapes,
     deepseek_tensors,
 )
 from attnconv.convert.mla_inmemory import layer_weights, to_deepseek_v3
-from attnconv.testing import build_tiny_model
+from attnconv.testing import add_massive_dimension, build_tiny_model
 
 
 def _source(tmp_path, family: str, n_kv: int, extra: dict | None = None):
@@ -36,26 +39,20 @@ def _logits(model, ids, **kwargs):
         return model(input_ids=ids, **kwargs).logits
 
 
-def _without_latent_norm(model):
-    for layer in model.model.layers:
-        layer.self_attn.kv_a_layernorm = torch.nn.Identity()
-    return model
-
-
 def _ids(vocab: int, seed: int, shape=(2, 40)):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "phi3"])
 @pytest.mark.parametrize("n_kv", [4, 2])
-def test_full_rank_without_rotation_and_latent_norm_is_exact(tmp_path, family, n_kv):
+def test_full_rank_without_rotation_is_exact(tmp_path, family, n_kv):
     source = _source(tmp_path, family, n_kv)
     d = 16
     ds, _ = to_deepseek_v3(source, kv_rank=2 * n_kv * d - d, rope_dim=d)
     assert isinstance(ds, DeepseekV3ForCausalLM)
     ids = _ids(source.config.vocab_size, 0)
     zeros = torch.zeros_like(ids)
-    diff = _logits(_without_latent_norm(ds), ids, position_ids=zeros) - _logits(source, ids, position_ids=zeros)
+    diff = _logits(ds, ids, position_ids=zeros) - _logits(source, ids, position_ids=zeros)
     assert diff.abs().max() <= 1e-4
 
 
@@ -66,7 +63,7 @@ def test_mqa_source_keeping_every_pair_is_exact(tmp_path, family):
     source = _source(tmp_path, family, 1)
     ds, _ = to_deepseek_v3(source, kv_rank=16, rope_dim=16)  # the latent holds the values (NoPE keys are 0)
     ids = _ids(source.config.vocab_size, 1)
-    assert (_logits(_without_latent_norm(ds), ids) - _logits(source, ids)).abs().max() <= 1e-4
+    assert (_logits(ds, ids) - _logits(source, ids)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("select,pairs", [("high", [0, 1, 2, 3]), ("uniform", [0, 2, 4, 6])])
@@ -83,7 +80,7 @@ def test_kept_pairs_get_their_source_frequencies(tmp_path, select, pairs):
     ds, notes = to_deepseek_v3(source, kv_rank=16, rope_dim=8, rope_select=select)
     assert any("rope_theta" in n for n in notes)
     ids = _ids(source.config.vocab_size, 2)
-    assert (_logits(_without_latent_norm(ds), ids) - _logits(source, ids)).abs().max() <= 1e-4
+    assert (_logits(ds, ids) - _logits(source, ids)).abs().max() <= 1e-4
 
 
 def test_checkpoint_loads_in_stock_transformers(tmp_path):
@@ -156,15 +153,15 @@ def _kl(model, source, windows) -> float:
 
 def test_reference_model_full_rank_kl(reference):
     """Full rank, a shared RoPE key of 32 dims (every frequency): only the RoPE of each frequency's other
-    components and the latent norm's per-token spread are lost. Measured on these 3072 held-out tokens
-    (calibration: 4096 train tokens): KL 0.788; with the NoPE pairs rotated by the source's mean rotation
-    (phases) 0.718. Bounds with margin."""
+    components is lost (the latent norm is linear). Measured on these 3072 held-out tokens (calibration: 4096
+    train tokens): KL 0.810; with the NoPE pairs rotated by the source's mean rotation (phases) 0.609 (with the
+    latent normalised per token, before: 0.788 and 0.718). Bounds with margin."""
     source, calib, test = reference
     plain, _ = to_deepseek_v3(source, kv_rank=480, rope_dim=32, init="pca", calibration=calib)
     phased, _ = to_deepseek_v3(source, kv_rank=480, rope_dim=32, init="pca", calibration=calib, phases=True)
     kl_plain, kl_phased = _kl(plain, source, test), _kl(phased, source, test)
     assert 0.6 < kl_plain < 0.9
-    assert kl_phased < 0.8 and kl_phased < kl_plain - 0.035
+    assert kl_phased < 0.68 and kl_phased < kl_plain - 0.1
 
 
 @pytest.mark.parametrize("q_rank", [None, 24])
@@ -174,3 +171,41 @@ def test_output_shapes_without_computing(tmp_path, q_rank):
     out = convert_deepseek_layer(w, kv_rank=20, rope_dim=8, q_rank=q_rank)
     assert {k: tuple(v.shape) for k, v in out.items()} == deepseek_output_shapes(w.shape, kv_rank=20, rope_dim=8,
                                                                                  q_rank=q_rank)
+
+
+def _old_latent_norm(model):
+    """The conversion before the linear latent norm: the latent at its own size, normalised per token, the norm's
+    weight its RMS on calibration data (undoes kv_a_proj's shrink, read back from kv_a_layernorm's weight)."""
+    eps, share = KV_NORM_EPS, LATENT_EPS_SHARE
+    with torch.no_grad():
+        for layer in model.model.layers:
+            a = layer.self_attn
+            shrink = float((eps * (1 + share)) ** 0.5 / a.kv_a_layernorm.weight[0])
+            a.kv_a_proj_with_mqa.weight[:a.kv_lora_rank] /= shrink
+            a.kv_a_layernorm.weight.fill_((share * eps) ** 0.5 / shrink)
+    return model
+
+
+def test_latent_norm_is_linear_where_the_latent_size_varies(tmp_path):
+    """A massive activation makes the latent's RMS vary across tokens (as in real models; random tiny models do
+    not show it): normalising it per token, as the conversion did, loses much of the model even at full rank
+    without rotation, where the algebra is otherwise exact. Measured: latent RMS spread 29x; KL 0.015 before (0.009
+    without the massive activation), 6e-9 now (float32 noise)."""
+    source = add_massive_dimension(_source(tmp_path, "llama", 2))
+    ids = _ids(source.config.vocab_size, 5, (4, 64))
+    ds, _ = to_deepseek_v3(source, kv_rank=48, rope_dim=16, init="pca", calibration=ids.flatten(), seq_len=64)
+    zeros = torch.zeros_like(ids)
+    latent = ds.model.layers[0].self_attn.kv_a_proj_with_mqa  # its rows' RMS per token: spread by the activation
+    with torch.no_grad():
+        x = ds.model.layers[0].input_layernorm(ds.model.embed_tokens(ids))
+        rms = latent(x)[..., :48].pow(2).mean(-1).sqrt()
+    assert rms.max() > 3 * rms.min()
+    p = F.log_softmax(_logits(source, ids, position_ids=zeros), -1)
+
+    def kl(model):
+        q = F.log_softmax(_logits(model, ids, position_ids=zeros), -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    new = kl(ds)
+    old = kl(_old_latent_norm(ds))
+    assert new < 1e-6 and old > 0.01

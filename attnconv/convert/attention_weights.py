@@ -135,6 +135,7 @@ def from_tensors(tensors: dict[str, Tensor], shape: AttentionShape, norm_eps: fl
 def from_hf_attention(attn, config) -> AttentionWeights:
     """The neutral form of a loaded transformers attention module (Llama, Mistral, Qwen2/3, Gemma, Phi-3)."""
     norm = getattr(attn, "k_norm", None)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)) if norm is not None else 1e-6
+    eps = float(getattr(config, "rms_norm_eps", None) or 1e-6)  # the model's norms' eps, as from_tensors is given
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", eps)) if norm is not None else eps
     shape = replace(shape_of(config), head_dim=attn.head_dim, scaling=attn.scaling)
     return from_tensors(dict(attn.named_parameters()), shape, eps)

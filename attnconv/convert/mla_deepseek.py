@@ -12,10 +12,23 @@ Not exact, by construction of the format: (1) RoPE moves to one shared key, so t
 and every dropped frequency lose their rotation (exact only when the source keys already share one RoPE key:
 an MQA source keeping all pairs). With `phases` (calibration), those NoPE query pairs are rotated and scaled by
 the source attention's mean rotation instead (AttentionPhaseCollector): on the reference model at full rank
-this takes KL to the source from 0.79 to 0.72. (2) kv_a_layernorm always normalises the latent; its weight is
-the latent's RMS on calibration data, so only the per-token spread of that RMS is lost (15-30% on the
-reference model; almost all of the norm's cost, 0.1 KL, is layer 0, whose input, a normalised token
-embedding, has no steady direction).
+this takes KL to the source from 0.81 to 0.61. (2) kv_a_layernorm always normalises
+the latent, which a real model's latent does not tolerate: its RMS varies across tokens (SmolLM2-135M: 0.45-0.92
+in layer 0, 1.0-2.5 in layer 1), and dividing each token's keys and values by it destroyed the model. The
+conversion therefore makes the norm linear: kv_a_proj scales the latent down until its mean square is
+LATENT_EPS_SHARE of the norm's eps, so x / sqrt(mean(x^2) + eps) is x / sqrt(eps) to within that share, and
+kv_a_layernorm's weight multiplies sqrt(eps) back. Measured on SmolLM2 (8,192 calibration tokens from the first
+half of WikiText-2 test, 16 x 512-token windows of the second half scored as llama.cpp does; source perplexity
+24.0): 96 + 32 perplexity 29,880 -> 76.9 (KL 6.8 -> 1.15), MQA aligned+fit at the same cache 163 (KL 1.77); 64 + 64
+114; full rank 320 + 64 (the source's own cache size) 32.3, KL 0.28: the cost of (1), what the format cannot
+express (one RoPE key for all heads), once the norm is linear.
+Exact only up to that share (1e-6 of each token's latent), in float32 and bfloat16;
+float16 cannot hold the scaled kv_a_proj rows (they fall below its smallest normal number), so that tensor must
+be stored in bfloat16 or float32, in engines' formats too (GGUF: not f16 or a quantisation with f16 scales).
+The eps must be the same wherever the model runs: transformers builds kv_a_layernorm with eps 1e-6 whatever the
+config says, engines read rms_norm_eps, so the config's rms_norm_eps is 1e-6 (KV_NORM_EPS). The other norms then
+stay exact because the whole residual stream is scaled by sqrt(1e-6 / the source's eps) (embeddings, o_proj,
+down_proj; `residual_scale`): an RMSNorm of lambda h with eps lambda^2 e is the RMSNorm of h with eps e.
 
 What the format cannot express is refused with the reason (use --format attnconv for these):
 - q_proj has no bias in DeepseekV3Attention (and vLLM loads no attention biases at all): Qwen2's q/k/v biases,
@@ -51,11 +64,18 @@ from attnconv.errors import AttnconvError
 
 DEEPSEEK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 _OTHER_FORMAT = "use --format attnconv, which keeps it exactly"
+KV_NORM_EPS = 1e-6  # kv_a_layernorm's eps in transformers (its default, whatever the config says)
+LATENT_EPS_SHARE = 1e-6  # the latent's mean square over that eps: how far from linear the latent norm is
 
 
 def max_kv_rank(shape: AttentionShape, rope_dim: int) -> int:
     """The rank of [NoPE keys; values] of all KV heads: the shared RoPE key takes rope_dim key dims."""
     return 2 * shape.n_kv_heads * shape.head_dim - rope_dim
+
+
+def residual_scale(source_eps: float) -> float:
+    """The factor on every residual-stream writer that turns the source's norm eps into KV_NORM_EPS exactly."""
+    return (KV_NORM_EPS / source_eps) ** 0.5 if source_eps > 0 else 1.0
 
 
 def check_layer(w: AttentionWeights) -> None:
@@ -70,13 +90,11 @@ def check_layer(w: AttentionWeights) -> None:
 
 def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, init: str = "svd",
                            moments: InputMoments | None = None, rope_select: str = "high",
-                           q_rank: int | None = None, latent_norm: Tensor | None = None,
-                           phases: Tensor | None = None) -> dict[str, Tensor]:
+                           q_rank: int | None = None, phases: Tensor | None = None) -> dict[str, Tensor]:
     """One layer's DeepseekV3Attention tensors (names relative to `model.layers.N.self_attn.`).
 
-    latent_norm: a kv_a_layernorm weight [kv_rank]; by default the latent's RMS on the calibration data
-    (sqrt(E||latent||^2 / kv_rank) from `moments`; from the weights alone without them). A per-channel
-    least-squares fit from a second calibration pass measured no better on the reference model.
+    The latent is scaled so that kv_a_layernorm acts linearly (module docstring), by its mean square on the
+    calibration data (`moments`; without them, under E[xx^T] = I, which the LATENT_EPS_SHARE margin covers).
     phases: [n_heads, rotary_pairs] complex (AttentionPhaseCollector): the NoPE part of every query pair is
     rotated and scaled by the source's mean rotation instead of losing its rotation outright.
     """
@@ -114,14 +132,13 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
         q_nope = apply_phases(q, phases, torch.arange(s.rotary_pairs).expand(s.n_heads, -1), s.rotary_dim)
     q_all = torch.cat([q_nope, q_rope], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # DeepSeek: (d + d_r)^-0.5
 
-    if latent_norm is None:  # the latent's RMS over the calibration data (weight-only: that of the weights)
-        latent_norm = torch.full((kv_rank,), float(moments.of_linear(down).diagonal().mean().sqrt())
-                                 if moments is not None else float(stats.of_linear(down).diagonal().mean().sqrt()))
+    square = float((moments if moments is not None else stats).of_linear(down).diagonal().mean())  # E mean(c^2)
+    shrink = (LATENT_EPS_SHARE * KV_NORM_EPS / max(square, 1e-30)) ** 0.5  # mean(c^2) -> share * eps
     out = {
-        "kv_a_proj_with_mqa.weight": torch.cat([down, torch.cat([rope_a, rope_b])[perm]]),  # [r + d_r, hidden]
-        "kv_a_layernorm.weight": latent_norm.float(),
+        "kv_a_proj_with_mqa.weight": torch.cat([down * shrink, torch.cat([rope_a, rope_b])[perm]]),  # [r + d_r, D]
+        "kv_a_layernorm.weight": torch.full((kv_rank,), (KV_NORM_EPS * (1 + LATENT_EPS_SHARE)) ** 0.5 / shrink),
         "kv_b_proj.weight": kv_b.reshape(-1, kv_rank),  # [n_heads * 2d, r], per head [k_nope; v]
-        "o_proj.weight": w.o,
+        "o_proj.weight": w.o * residual_scale(w.norm_eps),
     }
     q_flat = q_all.reshape(-1, s.hidden)  # [n_heads * (d + d_r), hidden]
     if q_rank is None:
@@ -206,6 +223,10 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
         act = "gelu_pytorch_tanh"  # what transformers' Gemma runs for either name
     if act != "silu":
         notes.append(f"hidden_act {act}: transformers runs it; vLLM's DeepSeek MLP runs only silu")
+    eps = source.get("rms_norm_eps", KV_NORM_EPS)
+    if eps != KV_NORM_EPS:
+        notes.append(f"rms_norm_eps {eps:g} -> {KV_NORM_EPS:g} (transformers' kv_a_layernorm eps, which engines read "
+                     f"from the config), the residual stream scaled by {residual_scale(eps):.6g} to keep every norm")
     if step > 1 or rope_dim < shape.rotary_dim:
         notes.append(f"RoPE keeps source pairs 0, {step}, ... ({n_keep} of {shape.rotary_pairs}); rope_theta "
                      f"{theta:g} -> {theta ** (step * rope_dim / shape.rotary_dim):g} gives them their frequencies")
@@ -224,7 +245,7 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
         "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": intermediate,
         "routed_scaling_factor": 1.0, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
         "num_nextn_predict_layers": 0, "hidden_act": act, "max_position_embeddings": max_positions,
-        "rms_norm_eps": source.get("rms_norm_eps", 1e-6), "initializer_range": source.get("initializer_range", 0.02),
+        "rms_norm_eps": KV_NORM_EPS, "initializer_range": source.get("initializer_range", 0.02),
         "rope_theta": theta ** (step * rope_dim / shape.rotary_dim), "rope_scaling": None,
         "rope_interleave": True, "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
         "use_cache": True, "bos_token_id": source.get("bos_token_id"), "eos_token_id": source.get("eos_token_id"),
@@ -247,25 +268,33 @@ def deepseek_rules(name: str, shape: tuple[int, ...], *, family: str,
     if family == "gemma" and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w)
         return [(name, shape, "plus_one")]
     if name.endswith("embed_tokens.weight"):  # Gemma scales embeddings by sqrt(hidden)
-        out = [(name, shape, "scale_embedding" if family == "gemma" else "copy")]
+        out = [(name, shape, "scale_embedding" if family == "gemma" else "residual")]
         return out + [("lm_head.weight", shape, "copy")] if tied else out
+    if name.endswith("mlp.down_proj.weight"):
+        return [(name, shape, "residual")]
     if family == "phi3" and name.endswith("mlp.gate_up_proj.weight"):  # rows: gate | up
         stem, half = name.removesuffix("gate_up_proj.weight"), (shape[0] // 2, *shape[1:])
         return [(stem + "gate_proj.weight", half, "first_half"), (stem + "up_proj.weight", half, "second_half")]
     return [(name, shape, "copy")]
 
 
-def _scale_embedding(t: Tensor) -> Tensor:
+def _scale_embedding(t: Tensor, residual: float) -> Tensor:
     scale = torch.tensor(t.shape[1] ** 0.5, dtype=t.dtype).float()  # rounded as Gemma rounds it
-    return (t.float() * scale).to(t.dtype)
+    return (t.float() * scale * residual).to(t.dtype)
 
 
-TRANSFORMS = {"copy": lambda t: t, "plus_one": lambda t: (t.float() + 1.0).to(t.dtype),
-              "scale_embedding": _scale_embedding, "first_half": lambda t: t.chunk(2, dim=0)[0],
-              "second_half": lambda t: t.chunk(2, dim=0)[1]}
+def _residual(t: Tensor, residual: float) -> Tensor:
+    return t if residual == 1.0 else (t.float() * residual).to(t.dtype)
 
 
-def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool) -> list[tuple[str, Tensor]]:
+# kind -> f(tensor, residual_scale of the source's eps)
+TRANSFORMS = {"copy": lambda t, r: t, "plus_one": lambda t, r: (t.float() + 1.0).to(t.dtype),
+              "scale_embedding": _scale_embedding, "residual": _residual,
+              "first_half": lambda t, r: t.chunk(2, dim=0)[0], "second_half": lambda t, r: t.chunk(2, dim=0)[1]}
+
+
+def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool,
+                     source_eps: float = KV_NORM_EPS) -> list[tuple[str, Tensor]]:
     """A source tensor outside attention -> its deepseek-v3 tensors (deepseek_rules applied)."""
-    return [(out, TRANSFORMS[kind](tensor))
+    return [(out, TRANSFORMS[kind](tensor, residual_scale(source_eps)))
             for out, _, kind in deepseek_rules(name, tuple(tensor.shape), family=family, tied=tied)]

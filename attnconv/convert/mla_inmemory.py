@@ -153,7 +153,8 @@ def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "hi
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and tied:
             continue
-        state.update(dict(deepseek_tensors(name, tensor, family=source["model_type"], tied=tied)))
+        state.update(dict(deepseek_tensors(name, tensor, family=source["model_type"], tied=tied,
+                                           source_eps=float(source.get("rms_norm_eps") or 1e-6))))
     for i, out in enumerate(layers):
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
     ds = DeepseekV3ForCausalLM(DeepseekV3Config(**{k: v for k, v in config.items() if k != "model_type"}))

@@ -42,9 +42,9 @@ def _gpt2_c_attn(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
 
 
 def _deepseek_tensor(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
-    from attnconv.convert.mla_deepseek import TRANSFORMS
+    from attnconv.convert.mla_deepseek import KV_NORM_EPS, TRANSFORMS, residual_scale
 
-    return TRANSFORMS[step.key](x[0])
+    return TRANSFORMS[step.key](x[0], residual_scale(plan.target.config.get("rms_norm_eps") or KV_NORM_EPS))
 
 
 OPS: dict[str, Op] = {
