@@ -147,7 +147,9 @@ def test_latent_cache_serves_transformers_own_forward(checkpoint):
         step = model(ids[:, -1:], cache=cache).logits[:, -1]
         full = model(ids).logits[:, -1]
     assert cache.get_seq_length() == PROMPT
-    torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+    # the absorbed step sums in another order than the full forward: a few float32 ulps of logits near 2,
+    # which vary with the CPU's vector width (1.05e-5 on an AVX-512 EPYC)
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_decode_stays_close_to_float32(checkpoint):
