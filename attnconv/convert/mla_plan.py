@@ -94,7 +94,8 @@ class MlaTarget:
         if s.format == "deepseek-v3":
             return deepseek_config(self.config, self.shape, kv_rank=self.kv_ranks[0], rope_dim=self.rope_dim,
                                    rope_select=s.rope_select, q_rank=s.q_rank)[0]
-        pairs = [self.pairs.get(i, self._pairs(None)) for i in range(len(self.kv_ranks))]
+        # a layer's pairs as converted; a layer not converted (dry run) gets the selection that needs no data
+        pairs = [self.pairs[i] if i in self.pairs else self._pairs(None) for i in range(len(self.kv_ranks))]
         return attnconv_config(self.config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs,
                                init=s.init)
 
@@ -149,7 +150,7 @@ class Calibration:
     """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order).
     target: an MlaTarget or a gqa_plan.GqaTarget (collectors, statistics and weights of a layer)."""
 
-    def __init__(self, target, source: Path, read_layer, progress: bool):
+    def __init__(self, target, source: Path, read_layer, progress: bool, stop=None):
         from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
         from attnconv.families import max_positions
         from attnconv.loading import load_tokenizer
@@ -165,7 +166,7 @@ class Calibration:
             return target.collectors(target.weights(read_layer(layer)), inv_freq, model.layers[layer].self_attn,
                                      model.base.rotary_emb)
 
-        self._layers = run_layers(model, tokens, make, progress=progress)
+        self._layers = run_layers(model, tokens, make, progress=progress, stop=stop)
         self._ready: dict[int, Any] = {}  # statistics of layers computed ahead of their conversion
 
     def get(self, layer: int):
