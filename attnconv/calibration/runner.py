@@ -256,7 +256,7 @@ def run_layers(model: LayerwiseModel, tokens: torch.Tensor, make_collectors: Cal
 
 
 def _run(model: LayerwiseModel, tokens: torch.Tensor, make_collectors, batch: int, progress: bool,
-         stop: threading.Event | None):
+         stop: threading.Event | None = None):
     n_batches = -(-tokens.shape[0] // batch)
     bar = _Progress(progress, (model.n_layers + 1) * n_batches, model.n_layers)
 
