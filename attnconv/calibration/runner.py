@@ -22,6 +22,7 @@ import torch
 
 from attnconv.calibration.collectors import Collector
 from attnconv.calibration.memory import BATCH_TOKENS, release_freed_memory
+from attnconv.convert import finite
 from attnconv.convert.tensor_io import CheckpointReader
 from attnconv.errors import AttnconvError, Cancelled, first_line
 from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
@@ -112,7 +113,7 @@ class LayerwiseModel:
                 if not n:
                     raise AttnconvError(f"{meta.file} is truncated ({name} is cut short); download or copy it again")
                 view = view[n:]
-        return out
+        return finite.source_tensor(name, out, meta.file)
 
     @staticmethod
     def free(module: torch.nn.Module) -> None:

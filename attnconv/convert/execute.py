@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from attnconv.convert import finite
 from attnconv.convert.plan import Plan, Step
 from attnconv.convert.raw_copy import RawCopier
 from attnconv.errors import Cancelled
@@ -58,7 +59,7 @@ def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch
 
 def _write_all(writer, held: list[tuple[Step, torch.Tensor]], advance) -> list:
     for step, tensor in held:
-        writer.write(step.output, tensor)
+        writer.write(step.output, finite.output_tensor(step.output, tensor))
         advance(step.nbytes)
     return []
 

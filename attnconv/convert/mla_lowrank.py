@@ -46,7 +46,11 @@ def input_moments(init: str, moments, hidden: int):
     if init == "pca" and moments is None:
         raise AttnconvError("--init pca needs calibration data; pass --calibrate SPEC (or keep the default text) or "
                             "use --init svd")
-    return moments if init == "pca" else InputMoments.identity(hidden)
+    if init == "pca":
+        from attnconv.convert import finite
+
+        return finite.statistics(moments)
+    return InputMoments.identity(hidden)
 
 
 def kv_balance(diagonal: Tensor, k_rows: Tensor) -> float:

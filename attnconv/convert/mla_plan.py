@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from attnconv.convert import finite
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
 from attnconv.convert.mla_attnconv import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
 from attnconv.convert.mla_calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
@@ -176,7 +177,7 @@ class Calibration:
                 index, collectors = next(self._layers)
             except StopIteration:
                 raise RuntimeError(f"calibration ended before layer {layer}") from None
-            self._ready[index] = self.target.statistics(collectors)
+            self._ready[index] = finite.statistics(self.target.statistics(collectors), index)
         return self._ready.pop(layer)
 
     def record(self) -> dict[str, Any]:
