@@ -153,11 +153,10 @@ class Calibration:
 
     def __init__(self, target, source: Path, read_layer, progress: bool, stop=None):
         from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
-        from attnconv.families import max_positions
         from attnconv.loading import load_tokenizer
 
         s = target.settings
-        seq_len = s.calib_seq_len or min(2048, max_positions(target.config) or 2048)
+        seq_len = s.calibration_seq_len(target.config)
         tokens = calibration_tokens(s.calibrate, load_tokenizer(source), s.calib_tokens, seq_len)
         model = LayerwiseModel(source, allow_pickle=s.allow_pickle)
         inv_freq = model.inv_freq
