@@ -24,14 +24,13 @@ from attnconv.errors import AttnconvError
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
 K = "model.layers.0.self_attn.k_proj.weight"
+CALIBRATE = ["--calibrate", "tinyshakespeare:train", "--calib-tokens", "256", "--calib-seq-len", "32"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nonfinite")
-    model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=64, n_heads=4, max_positions=64)
-    (root / "text.txt").write_text("To be, or not to be, that is the question. " * 40)
-    return root, model
+def model(tmp_path_factory):
+    return build_tiny_model("llama", tmp_path_factory.mktemp("nonfinite") / "m", with_tokenizer=True, hidden=64,
+                            n_heads=4, max_positions=64)
 
 
 def _edited(model, dest, edit):
@@ -50,11 +49,10 @@ def _strict_json(path):
 
 
 @pytest.mark.parametrize("method", ["fit", "grouped+aligned+fit"])
-def test_a_group_of_zero_keys_merges_to_finite_weights_and_json(tiny, tmp_path, cli, method):
-    root, model = tiny
+def test_a_group_of_zero_keys_merges_to_finite_weights_and_json(model, tmp_path, cli, method):
     src = _edited(model, tmp_path / "src", lambda s: s[K][:32].zero_())  # KV heads 0 and 1 (head_dim 16)
     code, _, err = cli("convert", src, tmp_path / "out", "--to", "gqa", "--kv-heads", "2", "--method", method,
-                       "--calibrate", root / "text.txt", "--calib-tokens", "256", "--calib-seq-len", "32")
+                       *CALIBRATE)
     assert code == 0, err
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in out.values())
@@ -65,25 +63,22 @@ def test_a_group_of_zero_keys_merges_to_finite_weights_and_json(tiny, tmp_path, 
     assert method != "fit" or groups == [[0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("args", [["--to", "mla", "--kv-rank", "16"],
-                                  ["--to", "mla", "--format", "attnconv", "--kv-rank", "16"],
-                                  ["--to", "gqa", "--kv-heads", "2", "--method", "grouped+aligned+fit"],
+@pytest.mark.parametrize("args", [["--to", "mla", "--kv-rank", "16", *CALIBRATE],
+                                  ["--to", "mla", "--format", "attnconv", "--kv-rank", "16", *CALIBRATE],
+                                  ["--to", "gqa", "--kv-heads", "2", "--method", "grouped+aligned+fit", *CALIBRATE],
                                   ["--to", "gqa", "--kv-heads", "2"]])
-def test_nan_in_a_source_tensor_is_refused_naming_it(tiny, tmp_path, cli, args):
-    root, model = tiny
+def test_nan_in_a_source_tensor_is_refused_naming_it(model, tmp_path, cli, args):
     src = _edited(model, tmp_path / "src", lambda s: s[K].__setitem__((3, 5), float("nan")))
-    code, _, err = cli("convert", src, tmp_path / "out", *args, "--calibrate", root / "text.txt", "--calib-tokens",
-                       "256", "--calib-seq-len", "32")
+    code, _, err = cli("convert", src, tmp_path / "out", *args)
     assert_one_line_error(code, err, K, "NaN or Inf")
     assert not (tmp_path / "out").exists()
 
 
-def test_activations_that_overflow_are_refused_naming_the_layer(tiny, tmp_path, cli):
+def test_activations_that_overflow_are_refused_naming_the_layer(model, tmp_path, cli):
     """Finite weights whose activations leave the float range: layer 1's statistics are not finite."""
-    root, model = tiny
     src = _edited(model, tmp_path / "src", lambda s: s["model.layers.0.mlp.down_proj.weight"].fill_(3e38))
     code, _, err = cli("convert", src, tmp_path / "out", "--to", "mla", "--format", "attnconv", "--kv-rank", "16",
-                       "--calibrate", root / "text.txt", "--calib-tokens", "256", "--calib-seq-len", "32")
+                       *CALIBRATE)
     assert_one_line_error(code, err, "calibration statistics of layer 1", "NaN or Inf")
 
 
