@@ -21,6 +21,10 @@ class Interrupted(AttnconvError):
         self.exit_code = 128 + signal_number
 
 
+class Cancelled(Exception):
+    """Raised in a worker thread whose caller has stopped (Ctrl-C, SIGTERM or an error): the work is not wanted."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the same clean-up runs (exit 143)."""
 

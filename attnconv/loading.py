@@ -40,6 +40,8 @@ _SIZE_KEYS = {"num_hidden_layers": 4096, "n_layer": 4096, "hidden_size": 1 << 18
               "max_position_embeddings": 1 << 26, "n_positions": 1 << 26, "kv_lora_rank": 1 << 16,
               "q_lora_rank": 1 << 16, "qk_rope_head_dim": 1 << 14, "qk_nope_head_dim": 1 << 14,
               "v_head_dim": 1 << 14}
+# Norm epsilons: a division by sqrt(variance + eps) needs eps > 0 (a negative one gives NaN on a zero input).
+_EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -105,10 +107,31 @@ def read_config(folder: ModelFolder) -> dict[str, Any]:
         value = config.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
-            raise AttnconvError(f"{path}: {key} is {value!r}, not a positive integer up to {bound}; "
-                                "the config is damaged")
+        for v in _per_layer(config, key, value, path):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= bound:
+                raise AttnconvError(f"{path}: {key} is {value!r}, not a positive integer up to {bound}"
+                                    f"{' (or one per layer)' if key == 'kv_lora_rank' else ''}; the config is damaged")
+    for key in _EPS_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 < value < 1):
+            raise AttnconvError(f"{path}: {key} is {value!r}, not a small positive number (such as 1e-06); the "
+                                "config is damaged")
     return config
+
+
+def _per_layer(config: dict, key: str, value: Any, path: Path) -> list:
+    """The values of a size: attnconv's MLA format may give kv_lora_rank per layer (convert --kv-rank R1,R2,...),
+    as many as the config's layers."""
+    from attnconv.families import FAMILIES, family_of
+
+    if not (key == "kv_lora_rank" and isinstance(value, list) and family_of(config) is FAMILIES["attnconv_mla"]):
+        return [value]
+    layers = config.get("num_hidden_layers")
+    if len(value) != layers:
+        raise AttnconvError(f"{path}: kv_lora_rank gives {len(value)} ranks for {layers!r} layers; the config is "
+                            "damaged")
+    return value
 
 
 def read_provenance(folder: str | Path) -> dict[str, Any]:

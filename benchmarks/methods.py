@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gqa_calibrated import SEQ_LEN, uptrain_and_measure  # noqa: E402  (the shared uptraining setting)
 
 from attnconv.convert.api import convert  # noqa: E402
+from attnconv.convert.methods import parse_method  # noqa: E402
 from attnconv.convert.settings import ConvertSettings  # noqa: E402
 from attnconv.eval.agreement import agreement  # noqa: E402
 from attnconv.eval.perplexity import text_stats, tokenize_corpus  # noqa: E402
@@ -92,10 +93,11 @@ def main() -> None:
             for method in args.methods.split(","):
                 folder = work / f"kv{kv}-{method}"
                 t = time.perf_counter()
+                calibrated = parse_method(method).calibrated  # convert refuses calibration it would not use
+                calib = dict(calibrate="tinyshakespeare:train", calib_tokens=args.calib_tokens, calib_seq_len=SEQ_LEN)
                 convert(ConvertSettings(str(REFERENCE_DIR), str(folder), to="mqa" if kv == 1 else "gqa",
                                         kv_heads=None if kv == 1 else kv, method=method,
-                                        calibrate="tinyshakespeare:train", calib_tokens=args.calib_tokens,
-                                        calib_seq_len=SEQ_LEN), progress=False)
+                                        **(calib if calibrated else {})), progress=False)
                 t_conv = time.perf_counter() - t
                 record = json.loads((folder / "attnconv.json").read_text())["conversion"]
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -14,6 +14,7 @@ beats svd before uptraining.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -58,9 +59,11 @@ def main() -> None:
     for name, (_, extra) in MODELS.items():
         out = work / name.replace(" ", "-").replace(":", "x")
         if not out.exists():
-            mla = extra.get("to") == "mla"
-            calib = dict(calibrate="tinyshakespeare:train", calib_tokens=args.calib_tokens, calib_seq_len=seq_len)
-            convert(ConvertSettings(str(REFERENCE_DIR), str(out), **extra, **(calib if mla else {})), progress=False)
+            settings = ConvertSettings(str(REFERENCE_DIR), str(out), **extra)
+            if settings.needs_calibration:  # convert refuses calibration it would not use
+                settings = dataclasses.replace(settings, calibrate="tinyshakespeare:train",
+                                               calib_tokens=args.calib_tokens, calib_seq_len=seq_len)
+            convert(settings, progress=False)
         folders[name] = out
     for name in UPTRAIN:
         out = work / f"{folders[name].name}-up"

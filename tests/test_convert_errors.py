@@ -187,3 +187,54 @@ def test_disk_full_mid_conversion_is_one_line_and_leaves_nothing(cli, llama, tmp
     code, _, err = cli("convert", llama, tmp_path / "out", "--kv-heads", "2")
     assert_one_line_error(code, err, "No space left on device", "free some space")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.attnconv-tmp-*"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--to", "gqa", "--kv-heads", "2", "--calibrate", "tinyshakespeare"], "--calibrate is unused"),
+    (["--to", "mla", "--kv-rank", "16", "--init", "svd", "--no-phases", "--calibrate", "tinyshakespeare"],
+     "--calibrate is unused"),
+    (["--to", "mla", "--kv-rank", "16", "--calib-seq-len", "4096"], "exceeds the model's 512 positions"),
+    (["--to", "mla", "--kv-rank", "16", "--calib-tokens", "1"], "less than one calibration sequence of 512"),
+    (["--to", "gqa", "--kv-heads", "2", "--method", "fit", "--calib-tokens", "100", "--calib-seq-len", "128"],
+     "less than one calibration sequence of 128"),
+])
+def test_calibration_that_would_be_ignored_or_bent_is_refused(cli, llama, tmp_path, args, needle):
+    code, _, err = cli("convert", llama, tmp_path / "out", *args)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--to", "mla", "--kv-rank", "16", "--init", "svd", "--no-phases"],
+                                  ["--to", "mla", "--format", "attnconv", "--kv-rank", "16", "--init", "svd",
+                                   "--no-phases"],
+                                  ["--to", "gqa", "--kv-heads", "2", "--method", "fit"],
+                                  ["--to", "gqa", "--kv-heads", "2"]])
+def test_config_sizes_that_do_not_match_the_weights_are_one_line(cli, llama, tmp_path, args):
+    import json
+
+    src = shutil.copytree(llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "head_dim": 8}))  # the weights' heads are of 16
+    code, _, err = cli("convert", src, tmp_path / "out", *args)
+    assert_one_line_error(code, err, "do", "fit the config's 4 heads / 4 KV heads of 8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_q_rank_refusal_speaks_of_the_query(cli, llama, tmp_path):
+    code, _, err = cli("convert", llama, tmp_path / "out", "--to", "mla", "--kv-rank", "16", "--q-rank", "5000",
+                       "--init", "svd", "--no-phases")
+    assert_one_line_error(code, err, "--q-rank 5000 exceeds the 64 dims a query latent can have")
+    assert "NoPE" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("eps", [-1, 0, 1.5, "x"])
+def test_a_norm_epsilon_out_of_range_is_refused_by_the_loading_gate(cli, llama, tmp_path, eps):
+    import json
+
+    src = shutil.copytree(llama, tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "rms_norm_eps": eps}))
+    for args in (["convert", src, tmp_path / "out", "--to", "mqa"], ["info", src],
+                 ["eval", src, "--data", "tinyshakespeare:test", "-L", "16"]):
+        code, _, err = cli(*args)
+        assert_one_line_error(code, err, "rms_norm_eps", "not a small positive number")

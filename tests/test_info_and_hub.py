@@ -35,6 +35,22 @@ def test_kv_table_is_the_closed_form(mistral):
     assert [r["total_bytes"] for r in mla] == [2 * 3 * 100 * (12 + 4) * 2, 2 * 3 * 100 * (12 + 4 * 4) * 2]
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--rope-dim", "4"], "--rope-dim needs --kv-rank"),
+    (["--kv-rank", "12", "--rope-dim", "5"], "an even number"),
+    (["--kv-rank", "12", "--rope-dim", "64"], "exceeds the 8 RoPE dims of a head"),  # head_dim 8
+])
+def test_info_refuses_mla_rows_it_cannot_size(cli, mistral, args, needle):
+    code, _, err = cli("info", mistral, *args)
+    assert_one_line_error(code, err, needle)
+
+
+def test_info_shows_no_mla_rows_where_convert_cannot_reach_them(cli, tmp_path):
+    gpt2 = build_tiny_model("gpt2", tmp_path / "gpt2")
+    code, _, err = cli("info", gpt2, "--kv-rank", "12")
+    assert_one_line_error(code, err, "gpt2 has no RoPE attention")
+
+
 def test_info_cli_prints_the_table(cli, mistral):
     code, out, err = cli("info", mistral, "--batch", "2", "--context", "64")
     assert code == 0, err

@@ -56,6 +56,25 @@ def test_forward_and_backward_match_float64(dtype, h, h_kv, s, rows, path, monke
         torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("path", ["flash-ops", "sdpa"])
+@pytest.mark.parametrize("d_qk, d_v, scale", [(24, 16, None), (8, 12, 0.3)])  # MLA: value heads of another size
+def test_value_head_size_other_than_the_query_s(d_qk, d_v, scale, path, monkeypatch):
+    if path == "sdpa":
+        monkeypatch.setattr(causal_attention_module, "_cpu_flash_ops", lambda: None)
+    g = torch.Generator().manual_seed(d_qk)
+    q, k = (torch.randn(2, 4, 70, d_qk, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 4, 70, d_v, generator=g).requires_grad_()
+    grad = torch.randn(2, 4, 70, d_v, generator=g)
+    out = causal_attention(q, k, v, scale=scale, block_rows=32)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want_out = _eager(qd, kd, vd, scale)
+    assert out.shape == (2, 4, 70, d_v)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=1e-4)
+    want = torch.autograd.grad(want_out, (qd, kd, vd), grad.double())
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=2e-5, rtol=1e-4)
+
+
 def test_blocks_equal_one_call_at_a_blocked_length_with_a_scale():
     s = BLOCKED_LENGTHS.start + 17  # blocks of 128 with a ragged last one
     assert block_rows_for(s, torch.device("cpu")) == 128

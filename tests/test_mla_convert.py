@@ -147,3 +147,20 @@ def test_both_formats_go_through_uptrain_eval_and_push(tiny, tmp_path, cli, fmt)
     assert code == 0, err
     assert f"in the `{fmt}` format: a latent of 16 values" in out and "## Uptraining" in out
     assert ("import attnconv" in out) == (fmt == "attnconv")
+
+
+def test_deepseek_v3_uptrains_on_cpu_at_a_length_of_blocked_attention(tmp_path, cli):
+    """Query/key heads of 32 (NoPE + RoPE), value heads of 16: the blocked CPU attention takes both sizes."""
+    from attnconv.kernels.causal_attention import BLOCKED_LENGTHS
+
+    src = build_tiny_model("llama", tmp_path / "src", with_tokenizer=True, hidden=32, n_heads=2, layers=1,
+                           max_positions=512)
+    convert(ConvertSettings(src, tmp_path / "ds", to="mla", kv_rank=8, init="svd", phases=False), progress=False)
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert config["qk_nope_head_dim"] + config["qk_rope_head_dim"] != config["v_head_dim"]
+    (tmp_path / "train.txt").write_text("To be, or not to be, that is the question. " * 60)
+    code, _, err = cli("uptrain", tmp_path / "ds", tmp_path / "up", "--data", tmp_path / "train.txt", "--steps", "1",
+                       "--seq-len", BLOCKED_LENGTHS.start, "--batch-size", "1", "--quiet")
+    assert code == 0, err
+    loss = json.loads((tmp_path / "up" / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert torch.isfinite(torch.tensor(loss)) and not list(tmp_path.glob("*.uptrain-run"))

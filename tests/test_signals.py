@@ -87,3 +87,41 @@ def test_eval_terminated_leaves_no_output(env):
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1].startswith("error: terminated") and "Traceback" not in err
     assert not out.exists() and not [p for p in root.iterdir() if "attnconv-" in p.name]
+
+
+# `attnconv` with a line on stdout as each calibration layer starts, so the test signals mid-calibration.
+_CALIBRATION_MARKER = """
+import sys
+import attnconv.calibration.runner as runner
+run_layer = runner.LayerwiseModel.run_layer
+def marked(self, index, *args, **kwargs):
+    print("calibrating layer", index, flush=True)
+    return run_layer(self, index, *args, **kwargs)
+runner.LayerwiseModel.run_layer = marked
+from attnconv.cli import run
+sys.argv = ["attnconv", *sys.argv[1:]]
+run()
+"""
+
+
+def test_calibrated_conversion_stops_within_two_seconds(tmp_path):
+    """The signal stops the calibration after its current batch, not after every queued layer (7-20 s here before)."""
+    src = build_tiny_model("llama", tmp_path / "src", with_tokenizer=True, hidden=64, n_heads=4, layers=4,
+                           max_positions=512)
+    out = tmp_path / "mla"
+    env = {**os.environ, "ATTNCONV_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _CALIBRATION_MARKER, "convert", src, out, "--to", "mla",
+                             "--format", "attnconv", "--kv-rank", "16", "--calibrate", "tinyshakespeare:train",
+                             "--calib-tokens", "16384", "--calib-seq-len", "512"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("calibrating layer 0"), proc.communicate()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.perf_counter()
+    _, err = proc.communicate(timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: terminated"), err
+    assert elapsed < 2, f"exited {elapsed:.1f} s after the signal"
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "attnconv-" in p.name]

@@ -13,6 +13,7 @@ last layer. Each real layer is then called with the arguments its catcher record
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +22,9 @@ import torch
 
 from attnconv.calibration.collectors import Collector
 from attnconv.calibration.memory import BATCH_TOKENS, release_freed_memory
+from attnconv.convert import finite
 from attnconv.convert.tensor_io import CheckpointReader
-from attnconv.errors import AttnconvError, first_line
+from attnconv.errors import AttnconvError, Cancelled, first_line
 from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
 
 PROGRESS_AFTER_S = 2.0  # a progress bar appears once a run has taken this long
@@ -111,7 +113,7 @@ class LayerwiseModel:
                 if not n:
                     raise AttnconvError(f"{meta.file} is truncated ({name} is cut short); download or copy it again")
                 view = view[n:]
-        return out
+        return finite.source_tensor(name, out, meta.file)
 
     @staticmethod
     def free(module: torch.nn.Module) -> None:
@@ -244,22 +246,32 @@ def calibrate_layers(source: str | Path, tokens: torch.Tensor, make_collectors: 
 
 
 def run_layers(model: LayerwiseModel, tokens: torch.Tensor, make_collectors: Callable[[int], list[Collector]], *,
-               batch_tokens: int = BATCH_TOKENS, progress: bool = True) -> Iterator[tuple[int, list[Collector]]]:
-    """calibrate_layers over a LayerwiseModel made by the caller (who may read its config or rotary first)."""
+               batch_tokens: int = BATCH_TOKENS, progress: bool = True,
+               stop: threading.Event | None = None) -> Iterator[tuple[int, list[Collector]]]:
+    """calibrate_layers over a LayerwiseModel made by the caller (who may read its config or rotary first).
+
+    stop: once set (the caller was interrupted), the run ends with Cancelled after the batch under way."""
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise ValueError(f"tokens must be [n_seq, seq_len] and non-empty, got {tuple(tokens.shape)}")
-    return _run(model, tokens, make_collectors, max(1, batch_tokens // tokens.shape[1]), progress)
+    return _run(model, tokens, make_collectors, max(1, batch_tokens // tokens.shape[1]), progress, stop)
 
 
-def _run(model: LayerwiseModel, tokens: torch.Tensor, make_collectors, batch: int, progress: bool):
+def _run(model: LayerwiseModel, tokens: torch.Tensor, make_collectors, batch: int, progress: bool,
+         stop: threading.Event | None = None):
     n_batches = -(-tokens.shape[0] // batch)
     bar = _Progress(progress, (model.n_layers + 1) * n_batches, model.n_layers)
+
+    def tick() -> None:  # after every batch: a wanted stop is seen within one batch's time
+        if stop is not None and stop.is_set():
+            raise Cancelled("calibration stopped")
+        bar.tick()
+
     try:
-        states, kwargs_by_size = model.layer_inputs(tokens, batch, bar.tick)
+        states, kwargs_by_size = model.layer_inputs(tokens, batch, tick)
         for index in range(model.n_layers):
             bar.layer = index
             collectors = list(make_collectors(index))
-            model.run_layer(index, states, kwargs_by_size, batch, collectors, bar.tick)
+            model.run_layer(index, states, kwargs_by_size, batch, collectors, tick)
             yield index, collectors
     finally:
         bar.close()

@@ -97,9 +97,9 @@ def convert(settings: ConvertSettings, progress: bool = True) -> Plan:
         write_plan(plan, tmp, progress, copier)
         if plan.settings.to == "mla":  # the config records what the layers chose (their RoPE pairs)
             plan.config_out = finish_mla_config(plan)
-        (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2, sort_keys=True, allow_nan=False) + "\n")
         for name in plan.files_to_copy:
             shutil.copy2(plan.source / name, tmp / name)
         hasher.join()
-        (tmp / "attnconv.json").write_text(json.dumps(provenance(plan, hashes), indent=2) + "\n")
+        (tmp / "attnconv.json").write_text(json.dumps(provenance(plan, hashes), indent=2, allow_nan=False) + "\n")
     return plan

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from attnconv.convert import finite
 from attnconv.convert.plan import Plan, Step
 from attnconv.convert.raw_copy import RawCopier
+from attnconv.errors import Cancelled
 
 LOOKAHEAD_BYTES = 256 << 20  # converted tensors computed ahead of the writer; as much again may wait for a shard
 
@@ -31,25 +33,56 @@ def _computed_ahead(plan: Plan, steps: list[Step]) -> Iterator[tuple[Step, torch
     # process).
     caller = torch.get_num_threads()
     threads = 1 if plan.target is None else caller
+
+    def run(s: Step) -> torch.Tensor:
+        if plan.stop.is_set():
+            raise Cancelled("conversion stopped")
+        return plan.run_step(s, plan.step_inputs(s))
+
+    pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,))
     try:
-        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            while todo or pending:
-                while todo and (not pending or waiting < LOOKAHEAD_BYTES):
-                    s = todo.popleft()
-                    pending.append((s, pool.submit(lambda s=s: plan.run_step(s, plan.step_inputs(s)))))
-                    waiting += s.nbytes
-                step, fut = pending.popleft()
-                waiting -= step.nbytes
-                yield step, fut.result()
+        while todo or pending:
+            while todo and (not pending or waiting < LOOKAHEAD_BYTES):
+                s = todo.popleft()
+                pending.append((s, pool.submit(run, s)))
+                waiting += s.nbytes
+            step, fut = pending.popleft()
+            waiting -= step.nbytes
+            yield step, fut.result()
+    except BaseException:  # Ctrl-C, SIGTERM, an error, or the writer leaving: the steps under way stop at once
+        plan.stop.set()
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the step under way ends at its next check of plan.stop
         torch.set_num_threads(caller)
 
 
 def _write_all(writer, held: list[tuple[Step, torch.Tensor]], advance) -> list:
     for step, tensor in held:
-        writer.write(step.output, tensor)
+        writer.write(step.output, finite.output_tensor(step.output, tensor))
         advance(step.nbytes)
     return []
+
+
+def _write_shards(plan: Plan, copier: RawCopier, computed: Iterator, advance, flusher) -> list:
+    """Write every shard: its unchanged tensors (copied), then its converted ones as they come; returns the
+    flushes under way."""
+    flushes = []
+    for shard, steps in plan.shards().items():
+        writer, held = None, []
+        for _ in (s for s in steps if not s.raw):
+            held.append(next(computed))
+            # Converted tensors follow the shard's unchanged ones: hold them until those are copied.
+            if writer is None and (copier.ready(shard) or sum(s.nbytes for s, _ in held) >= LOOKAHEAD_BYTES):
+                writer = copier.writer(shard)
+            if writer is not None:
+                held = _write_all(writer, held, advance)
+        writer = writer or copier.writer(shard)
+        _write_all(writer, held, advance)
+        if writer.names != [s.output for s in steps]:
+            raise RuntimeError(f"{shard}: tensors written out of plan order")
+        flushes.append(flusher.submit(writer.close))
+    return flushes
 
 
 def write_plan(plan: Plan, out_dir: Path, progress: bool = True, copier: RawCopier | None = None) -> None:
@@ -68,21 +101,10 @@ def write_plan(plan: Plan, out_dir: Path, progress: bool = True, copier: RawCopi
         task = bar.add_task("converting", total=plan.bytes_written)
         copier.report_progress(lambda n: bar.advance(task, n))
         computed = _computed_ahead(plan, [s for s in plan.steps if not s.raw])
-        flushes = []
-        for shard, steps in plan.shards().items():
-            writer, held = None, []
-            for _ in (s for s in steps if not s.raw):
-                held.append(next(computed))
-                # Converted tensors follow the shard's unchanged ones: hold them until those are copied.
-                if writer is None and (copier.ready(shard) or sum(s.nbytes for s, _ in held) >= LOOKAHEAD_BYTES):
-                    writer = copier.writer(shard)
-                if writer is not None:
-                    held = _write_all(writer, held, lambda n: bar.advance(task, n))
-            writer = writer or copier.writer(shard)
-            _write_all(writer, held, lambda n: bar.advance(task, n))
-            if writer.names != [s.output for s in steps]:
-                raise RuntimeError(f"{shard}: tensors written out of plan order")
-            flushes.append(flusher.submit(writer.close))
+        try:
+            flushes = _write_shards(plan, copier, computed, lambda n: bar.advance(task, n), flusher)
+        finally:
+            computed.close()  # stops the steps under way now, not when the traceback is freed
         for f in flushes:
             f.result()  # re-raises a failed flush
     if len(plan.shards()) > 1:

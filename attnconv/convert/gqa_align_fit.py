@@ -121,6 +121,8 @@ def fit_keys(geom: Geometry, rotatable: Tensor | None) -> tuple[Tensor, Tensor]:
     # Heads with no common direction leave no usable scale: keep the heads' typical size.
     typical = (p.diagonal(dim1=1, dim2=2).real.mean(1) / top).sqrt()
     scale = torch.where(scale.abs() ** 2 < 1e-6 * typical**2, typical.to(scale.dtype), scale)
+    # A pair whose keys are zero in every head of the group merges to zero whatever the factor: keep factor 1.
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     mix = scale[:, None] * b
     comp = u / (sw * scale[:, None])
     return mix.T.contiguous(), comp.T.contiguous()

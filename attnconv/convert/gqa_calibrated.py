@@ -37,6 +37,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from attnconv.convert import finite
 from attnconv.convert.gqa_align_fit import align_keys, align_values, fit_residuals, fitted_merge, rotated
 from attnconv.convert.gqa_grouping import best_grouping, contiguous
 from attnconv.convert.gqa_heads import (
@@ -143,6 +144,7 @@ def _check(layer: AttentionWeights, second_moment: Tensor | None, n_out: int, st
     if steps and second_moment is None:
         raise AttnconvError(f"GQA method {'+'.join(steps)} needs calibration statistics (the attention input's "
                             "second moment per layer)")
+    finite.statistics(second_moment)
 
 
 def _arrange(heads: Heads, s: tuple[Tensor, Tensor | None], n_out: int, steps: tuple[str, ...], seed: int,

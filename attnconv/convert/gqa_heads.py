@@ -108,13 +108,14 @@ class Geometry:
 
     @property
     def key_energy(self) -> Tensor:
-        """Total logit energy sum_j sum_p alpha_jp |kappa_jp|^2: the scale of the key objective."""
-        return (self.query_energy * self.key_gram.diagonal(dim1=1, dim2=2).real.T).sum()
+        """Total logit energy sum_j sum_p alpha_jp |kappa_jp|^2: the scale of the key objective (floored: a layer
+        with all-zero keys or queries has no logit to lose, and its objectives read 0, not 0/0)."""
+        return (self.query_energy * self.key_gram.diagonal(dim1=1, dim2=2).real.T).sum().clamp_min(1e-30)
 
     @property
     def value_energy(self) -> Tensor:
-        """Total output energy sum_j tr(A_j Gamma_jj): the scale of the value objective."""
-        return (self.output_gram * diagonal_blocks(self.value_gram).mT).sum()
+        """Total output energy sum_j tr(A_j Gamma_jj): the scale of the value objective (floored as key_energy)."""
+        return (self.output_gram * diagonal_blocks(self.value_gram).mT).sum().clamp_min(1e-30)
 
 
 def geometry(heads: Heads, s: Tensor, s_kv: Tensor | None = None) -> Geometry:

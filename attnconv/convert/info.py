@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from attnconv.convert.settings import InfoSettings
 from attnconv.dtypes import dtype_bytes
-from attnconv.families import CacheShape, cache_shape, max_positions
+from attnconv.errors import AttnconvError
+from attnconv.families import CacheShape, cache_shape, family_of, max_positions
 from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
 
 
@@ -23,6 +25,7 @@ class ModelInfo:
     parameters: int
     checkpoint_dtype: str
     max_positions: int | None
+    config: Any = None  # transformers' config
 
 
 def human_bytes(n: float) -> str:
@@ -49,7 +52,7 @@ def model_info(model: str | Path) -> ModelInfo:
     else:  # never unpickle just to count
         params, dtypes = 0, [str(raw.get("dtype") or raw.get("torch_dtype") or "unknown")]
     return ModelInfo(folder.path, ", ".join(raw.get("architectures") or ["?"]), raw["model_type"],
-                     cache_shape(config), params, "/".join(dtypes), max_positions(config))
+                     cache_shape(config), params, "/".join(dtypes), max_positions(config), config)
 
 
 def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int, kv_rank: int | None = None,
@@ -77,6 +80,20 @@ def kv_table_rows(shape: CacheShape, batch: int, context: int, nbytes: int, kv_r
     return rows
 
 
+def _check_mla_rows(info: ModelInfo, settings: InfoSettings) -> None:
+    """--kv-rank shows what `convert --to mla` would reach: only for a model it converts, with a RoPE size its
+    heads have."""
+    family = family_of(info.config)
+    if family is None or not family.source or family.rope == "none":
+        what = "is MLA already" if info.shape.latent else "has no RoPE attention that --to mla converts"
+        raise AttnconvError(f"--kv-rank shows the cache `convert --to mla` would reach; {info.model_type} {what}")
+    if settings.rope_dim is not None:
+        from attnconv.convert.attention_weights import shape_of
+        from attnconv.convert.mla_rope import check_rope_dim
+
+        check_rope_dim(settings.rope_dim, shape_of(info.config))
+
+
 def print_info(settings: InfoSettings, console: Console | None = None) -> ModelInfo:
     console = console or Console()
     info = model_info(settings.model)
@@ -93,6 +110,8 @@ def print_info(settings: InfoSettings, console: Console | None = None) -> ModelI
                         "(layers x batch x context x values per token and layer x bytes)")
     for col in ("attention", "KV heads", "per token", "total", "vs now", ""):
         table.add_column(col, justify="right" if col not in ("attention", "") else "left")
+    if settings.kv_rank is not None:
+        _check_mla_rows(info, settings)
     rows = kv_table_rows(s, batch, context, nbytes, settings.kv_rank, settings.rope_dim)
     now = next((r["total_bytes"] for r in rows if r["current"]), s.bytes(batch, context, nbytes))
     for r in rows:

@@ -164,12 +164,26 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
         first = inputs[names[0]]
         out_dtype = st_dtype(dtype) if dtype is not None else first.st_dtype
         shapes = {k: tuple(m.shape) for k, m in inputs.items()}
+        _check_layer_shapes(target, prefix, inputs, src.layout_in)
         for key, shape in target.layer_outputs(layer, shapes).items():
             converted[shard].append(Entry(prefix + key, first, target.op, out_dtype, False,
                                           tuple(inputs[k] for k in names[1:]), tuple(shape), layer, key))
     for shard, entries in kept.items():
         src.shards[shard] = [e for e in entries if e.raw] + [e for e in entries if not e.raw] + converted[shard]
     return src
+
+
+def _check_layer_shapes(target, prefix: str, inputs: dict[str, TensorMeta], lay: HeadLayout) -> None:
+    """A layer's attention tensors have the shapes its config gives (the target's weights() checks them, here
+    on meta tensors), or a one-line refusal before anything is written."""
+    import torch
+
+    try:
+        target.weights({k: torch.empty(m.shape, dtype=m.dtype, device="meta") for k, m in inputs.items()})
+    except (KeyError, ValueError, RuntimeError) as e:
+        shapes = ", ".join(f"{k} {list(m.shape)}" for k, m in sorted(inputs.items()) if k.endswith("weight"))
+        raise AttnconvError(f"{prefix}*: {shapes} do not fit the config's {lay.n_heads} heads / {lay.n_kv_heads} "
+                            f"KV heads of {lay.head_dim} ({e}); the config does not match the weights") from None
 
 
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
@@ -203,6 +217,8 @@ def inspect_source(settings: ConvertSettings) -> Source:
     files, fmt = weight_files(folder, settings.allow_pickle)
     reader = CheckpointReader(files, fmt)
     check_layers(config, list(reader.tensors), path)
+    if settings.needs_calibration:
+        settings.calibration_seq_len(config)  # refused now, not after the copy has begun
     layout_out = HeadLayout(layout_in.n_heads, kv_heads, layout_in.head_dim, layout_in.hidden, layout_in.layers,
                             layout_in.rope)
     copy = sorted(p.name for p in path.iterdir()

@@ -144,7 +144,8 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     if q_rank is None:
         out["q_proj.weight"] = q_flat
     else:
-        check_rank(q_rank, min(s.hidden, q_flat.shape[0]), "--q-rank")
+        check_rank(q_rank, min(s.hidden, q_flat.shape[0]), "--q-rank",
+                   "dims a query latent can have (the smaller of the hidden size and the query rows)")
         q_stats = moments if moments is not None else stats
         q_low = joint_low_rank(None, q_rank, factor=q_stats.factor_of_linear(q_flat))
         q_down = q_low.down @ q_flat

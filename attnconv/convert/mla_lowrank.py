@@ -29,12 +29,12 @@ class LowRank:
     energy: float  # share of E||S z||^2 the latent keeps (1.0 = lossless on the calibration data)
 
 
-def check_rank(rank: int, max_rank: int, what: str = "--kv-rank") -> None:
+def check_rank(rank: int, max_rank: int, what: str = "--kv-rank",
+               dims: str = "NoPE-key and value dims the heads hold") -> None:
     if rank < 1:
         raise AttnconvError(f"{what} must be >= 1, got {rank}")
     if rank > max_rank:
-        raise AttnconvError(f"{what} {rank} exceeds the {max_rank} NoPE-key and value dims the heads hold; "
-                            f"choose at most {max_rank}")
+        raise AttnconvError(f"{what} {rank} exceeds the {max_rank} {dims}; choose at most {max_rank}")
 
 
 def input_moments(init: str, moments, hidden: int):
@@ -46,7 +46,11 @@ def input_moments(init: str, moments, hidden: int):
     if init == "pca" and moments is None:
         raise AttnconvError("--init pca needs calibration data; pass --calibrate SPEC (or keep the default text) or "
                             "use --init svd")
-    return moments if init == "pca" else InputMoments.identity(hidden)
+    if init == "pca":
+        from attnconv.convert import finite
+
+        return finite.statistics(moments)
+    return InputMoments.identity(hidden)
 
 
 def kv_balance(diagonal: Tensor, k_rows: Tensor) -> float:

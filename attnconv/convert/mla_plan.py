@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from attnconv.convert import finite
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
 from attnconv.convert.mla_attnconv import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
 from attnconv.convert.mla_calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
@@ -94,7 +95,8 @@ class MlaTarget:
         if s.format == "deepseek-v3":
             return deepseek_config(self.config, self.shape, kv_rank=self.kv_ranks[0], rope_dim=self.rope_dim,
                                    rope_select=s.rope_select, q_rank=s.q_rank)[0]
-        pairs = [self.pairs.get(i, self._pairs(None)) for i in range(len(self.kv_ranks))]
+        # a layer's pairs as converted; a layer not converted (dry run) gets the selection that needs no data
+        pairs = [self.pairs[i] if i in self.pairs else self._pairs(None) for i in range(len(self.kv_ranks))]
         return attnconv_config(self.config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs,
                                init=s.init)
 
@@ -149,13 +151,12 @@ class Calibration:
     """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order).
     target: an MlaTarget or a gqa_plan.GqaTarget (collectors, statistics and weights of a layer)."""
 
-    def __init__(self, target, source: Path, read_layer, progress: bool):
+    def __init__(self, target, source: Path, read_layer, progress: bool, stop=None):
         from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
-        from attnconv.families import max_positions
         from attnconv.loading import load_tokenizer
 
         s = target.settings
-        seq_len = s.calib_seq_len or min(2048, max_positions(target.config) or 2048)
+        seq_len = s.calibration_seq_len(target.config)
         tokens = calibration_tokens(s.calibrate, load_tokenizer(source), s.calib_tokens, seq_len)
         model = LayerwiseModel(source, allow_pickle=s.allow_pickle)
         inv_freq = model.inv_freq
@@ -165,7 +166,7 @@ class Calibration:
             return target.collectors(target.weights(read_layer(layer)), inv_freq, model.layers[layer].self_attn,
                                      model.base.rotary_emb)
 
-        self._layers = run_layers(model, tokens, make, progress=progress)
+        self._layers = run_layers(model, tokens, make, progress=progress, stop=stop)
         self._ready: dict[int, Any] = {}  # statistics of layers computed ahead of their conversion
 
     def get(self, layer: int):
@@ -175,7 +176,7 @@ class Calibration:
                 index, collectors = next(self._layers)
             except StopIteration:
                 raise RuntimeError(f"calibration ended before layer {layer}") from None
-            self._ready[index] = self.target.statistics(collectors)
+            self._ready[index] = finite.statistics(self.target.statistics(collectors), index)
         return self._ready.pop(layer)
 
     def record(self) -> dict[str, Any]:

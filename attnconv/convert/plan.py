@@ -7,6 +7,7 @@ output before any work.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class Plan:
     progress: bool = True
     _layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _calibration: object | None = field(default=None, repr=False)
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)  # set: the writer has stopped
 
     @property
     def target(self):
@@ -82,7 +84,7 @@ class Plan:
         if self._calibration is None and self.settings.needs_calibration:
             from attnconv.convert.mla_plan import Calibration
 
-            self._calibration = Calibration(self.target, self.source, self.layer_inputs, self.progress)
+            self._calibration = Calibration(self.target, self.source, self.layer_inputs, self.progress, self.stop)
         return self._calibration
 
     def step_inputs(self, step: Step) -> list[torch.Tensor]:

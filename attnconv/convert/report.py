@@ -65,10 +65,9 @@ def _header(plan: Plan, console: Console) -> None:
 
 def _calibration_line(plan: Plan) -> str:
     from attnconv.calibration import estimate_memory
-    from attnconv.families import max_positions
 
     s = plan.settings
-    seq_len = s.calib_seq_len or min(2048, max_positions(plan.layout.config_in) or 2048)
+    seq_len = s.calibration_seq_len(plan.layout.config_in)
     memory = estimate_memory(plan.layout.config_in, s.calib_tokens, plan.target.collector_bytes(seq_len),
                              seq_len=seq_len)
     tokens = -(-s.calib_tokens // seq_len) * seq_len

@@ -90,6 +90,26 @@ class ConvertSettings(Settings):
                 raise self.error("rope_dim", "an even number (RoPE rotates pairs of dims)", self.rope_dim)
         elif given := [n for n in mla_only if getattr(self, n) is not None]:
             raise AttnconvError(f"{self.label(given[0])} is for {to} mla")
+        if self.calibrate is not None and not self.needs_calibration:
+            raise AttnconvError(f"{self.label('calibrate')} is unused: this conversion reads no activations (it "
+                                "calibrates for the grouped/aligned/fit methods, MLA's --init pca, --phases and "
+                                "--rope-select 2-norm); drop it or choose one of those")
+
+    def calibration_seq_len(self, config: dict) -> int:
+        """Tokens per calibration sequence (--calib-seq-len, default min(2048, the model's positions)), checked
+        against the model's positions and --calib-tokens."""
+        from attnconv.families import max_positions
+
+        limit = max_positions(config)
+        seq_len = self.calib_seq_len or min(2048, limit or 2048)
+        if limit and seq_len > limit:
+            raise AttnconvError(f"{self.label('calib_seq_len')} {seq_len} exceeds the model's {limit} positions; "
+                                f"choose at most {limit}")
+        if self.calib_tokens < seq_len:
+            raise AttnconvError(f"{self.label('calib_tokens')} {self.calib_tokens} is less than one calibration "
+                                f"sequence of {seq_len} tokens; give at least {seq_len} (or a shorter "
+                                f"{self.label('calib_seq_len')})")
+        return seq_len
 
     @property
     def needs_calibration(self) -> bool:
@@ -114,3 +134,10 @@ class InfoSettings(Settings):
     kv_rank: int | None = option(None, help="Also show MLA's cache for a latent of this many values.", minimum=1)
     rope_dim: int | None = option(None, help="RoPE dims of MLA's key (default head_dim / 2), with --kv-rank.",
                                   minimum=2)
+
+    def check(self) -> None:
+        if self.rope_dim is not None and self.kv_rank is None:
+            raise AttnconvError(f"{self.label('rope_dim')} needs {self.label('kv_rank')} (it sizes the MLA rows "
+                                f"that {self.label('kv_rank')} adds to the table)")
+        if self.rope_dim is not None and self.rope_dim % 2:
+            raise self.error("rope_dim", "an even number (RoPE rotates pairs of dims)", self.rope_dim)

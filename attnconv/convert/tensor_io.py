@@ -156,11 +156,14 @@ class CheckpointReader:
                 if torch.is_tensor(t)}
 
     def get(self, name: str) -> torch.Tensor:
+        """A tensor, refused when it holds NaN or Inf (what is read here is transformed, never copied)."""
         import torch
+
+        from attnconv.convert import finite
 
         meta = self.tensors[name]
         if self.format != "safetensors":
-            return self._pickles[meta.file][name]
+            return finite.source_tensor(name, self._pickles[meta.file][name], meta.file)
         with open(meta.file, "rb") as f:
             f.seek(meta.start)
             buf = bytearray(f.read(meta.nbytes))
@@ -168,7 +171,7 @@ class CheckpointReader:
             raise _corrupt(meta.file, f"{name} is cut short")
         if not buf:
             return torch.empty(meta.shape, dtype=meta.dtype)
-        return torch.frombuffer(buf, dtype=meta.dtype).reshape(meta.shape)
+        return finite.source_tensor(name, torch.frombuffer(buf, dtype=meta.dtype).reshape(meta.shape), meta.file)
 
 
 def header_reserve(entries: list[TensorMeta], renamed: int = 16) -> int:

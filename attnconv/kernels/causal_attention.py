@@ -96,7 +96,8 @@ class BlockedCausalAttention(torch.autograd.Function):
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
                      block_rows: int | None = None) -> torch.Tensor:
-    """Causal attention of s queries over s keys: query [b, h, s, d], key/value [b, h_kv, s, d], h % h_kv == 0.
+    """Causal attention of s queries over s keys: query/key [b, h(_kv), s, d], value [b, h_kv, s, d_v],
+    h % h_kv == 0.
 
     block_rows: query rows per block; None picks by length and device (block_rows_for), 0 means one call.
     Returns [b, h, s, d_v].
@@ -107,6 +108,14 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     rows = block_rows_for(s, query.device) if block_rows is None else block_rows
     if not rows or rows >= s:
         return causal_attention_reference(query, key, value, scale)
+    d_qk, d_v = query.shape[-1], value.shape[-1]
+    if d_qk != d_v:  # MLA (DeepSeek-V3): torch's flash kernels need one head size, so the smaller side gets zero
+        # dims, which change no score (the scale stays the query's) and no output dim that is kept
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        if d_v < d_qk:
+            return causal_attention(query, key, F.pad(value, (0, d_qk - d_v)), scale, rows)[..., :d_v]
+        pad = (0, d_v - d_qk)
+        return causal_attention(F.pad(query, pad), F.pad(key, pad), value, scale, rows)
     if torch.is_autocast_enabled(query.device.type):  # as autocast does for SDPA; the ops below are not cast
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
