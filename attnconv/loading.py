@@ -215,7 +215,7 @@ def load_config(src: str | Path | ModelFolder, allow_pickle: bool = False):
 
 
 def _checkpoint_tensors(files: list[Path], fmt: str) -> dict[str, tuple[int, ...]]:
-    from attnconv.convert.tensor_io import CheckpointReader
+    from attnconv.tensor_io import CheckpointReader
 
     return {name: meta.shape for name, meta in CheckpointReader(files, fmt).tensors.items()}
 

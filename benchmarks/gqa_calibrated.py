@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from attnconv.convert.gqa import convert_kv_proj
-from attnconv.convert.gqa_calibrated import convert_layer
-from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
-from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
-from attnconv.convert.methods import parse_method
+from attnconv.convert.gqa.calibrated import convert_layer
+from attnconv.convert.gqa.calibration import InputMomentCollector, attended_collectors, collect_with_hooks
+from attnconv.convert.gqa.methods import parse_method
+from attnconv.convert.gqa.pool import convert_kv_proj
+from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
 from attnconv.families import HeadLayout
@@ -54,7 +54,7 @@ def convert_model(source, stats, kv_heads: int, method: str, ridge: float):
     """The converted model (in memory) and its per-layer records; stats: per layer (S, A or None)."""
     sd, config = source.state_dict(), source.config
     layers = attention_layers(sd, config)
-    if method in ("first", "random"):  # gqa.py's uncalibrated methods, for the table
+    if method in ("first", "random"):  # gqa/pool.py's uncalibrated methods, for the table
         layout = HeadLayout(config.num_attention_heads, config.num_key_value_heads, layers[0].head_dim,
                             config.hidden_size, config.num_hidden_layers)
         new = [replace(layer, k=convert_kv_proj(layer.k, layout, kv_heads, parse_method(method)),

@@ -1,7 +1,7 @@
 """Every GQA/MQA method through `attnconv convert` on the reference model: KL to the source and perplexity.
 
 Converts the shipped MHA reference model (Llama, 8 heads of 32, 6 layers) with each method of the registry
-(attnconv/convert/methods.py) to GQA-4, GQA-2 and MQA through the real convert path (files in, files out; the
+(attnconv/convert/gqa/methods.py) to GQA-4, GQA-2 and MQA through the real convert path (files in, files out; the
 calibrated methods calibrate on Tiny Shakespeare train as `--calibrate tinyshakespeare:train` does), then
 measures KL(source || converted) and perplexity on Tiny Shakespeare test (windows of 256, stride 128) before any
 uptraining; optionally after the same 5% uptraining as benchmarks/gqa_calibrated.py for chosen methods.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gqa_calibrated import SEQ_LEN, uptrain_and_measure  # noqa: E402  (the shared uptraining setting)
 
 from attnconv.convert.api import convert  # noqa: E402
-from attnconv.convert.methods import parse_method  # noqa: E402
+from attnconv.convert.gqa.methods import parse_method  # noqa: E402
 from attnconv.convert.settings import ConvertSettings  # noqa: E402
 from attnconv.eval.agreement import agreement  # noqa: E402
 from attnconv.eval.perplexity import text_stats, tokenize_corpus  # noqa: E402

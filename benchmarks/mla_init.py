@@ -54,7 +54,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attnconv.convert.mla_inmemory import collect_statistics, to_attnconv_mla, to_deepseek_v3
+from attnconv.convert.mla.inmemory import collect_statistics, to_attnconv_mla, to_deepseek_v3
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import batch_windows, plan_windows, scored_logits, text_stats, tokenize_corpus
 from attnconv.loading import load_causal_lm, load_tokenizer

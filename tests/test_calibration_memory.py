@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from attnconv.calibration import CovarianceCollector, calibrate_layers, calibration_tokens, estimate_memory
-from attnconv.convert.tensor_io import read_safetensors_header
 from attnconv.loading import load_tokenizer
 from attnconv.reference import REFERENCE_DIR
+from attnconv.tensor_io import read_safetensors_header
 from attnconv.testing import build_tiny_model
 
 _MEASURE = r"""

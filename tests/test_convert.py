@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from attnconv.convert.api import convert
-from attnconv.convert.gqa import tensor_generator
+from attnconv.convert.gqa.pool import tensor_generator
 from attnconv.convert.plan import make_plan
 from attnconv.convert.settings import ConvertSettings
 from attnconv.testing import FAMILIES, build_tiny_model

@@ -15,8 +15,8 @@ from attnconv.convert.api import convert
 from attnconv.convert.layout import inspect_source, raw_runs
 from attnconv.convert.plan import make_plan
 from attnconv.convert.settings import ConvertSettings
-from attnconv.convert.tensor_io import CheckpointReader, ShardWriter, header_reserve
 from attnconv.errors import AttnconvError
+from attnconv.tensor_io import CheckpointReader, ShardWriter, header_reserve
 from attnconv.testing import build_tiny_model
 
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from attnconv.convert.gqa import convert_kv_proj
-from attnconv.convert.gqa_calibrated import arrange_layer, calibrated_steps, convert_layer
-from attnconv.convert.gqa_calibration import InputMomentCollector, attended_collectors, collect_with_hooks
-from attnconv.convert.gqa_grouping import best_grouping, count_groupings
-from attnconv.convert.gqa_heads import AttentionWeights
-from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
-from attnconv.convert.methods import parse_method
+from attnconv.convert.gqa.calibrated import arrange_layer, calibrated_steps, convert_layer
+from attnconv.convert.gqa.calibration import InputMomentCollector, attended_collectors, collect_with_hooks
+from attnconv.convert.gqa.grouping import best_grouping, count_groupings
+from attnconv.convert.gqa.heads import AttentionWeights
+from attnconv.convert.gqa.methods import parse_method
+from attnconv.convert.gqa.pool import convert_kv_proj
+from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.errors import AttnconvError
 from attnconv.families import HeadLayout
 from attnconv.testing import build_tiny_model

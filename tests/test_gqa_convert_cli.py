@@ -1,6 +1,6 @@
 """`attnconv convert --to gqa|mqa --method grouped|aligned|fit` through the CLI: lossless where an exact answer
 exists (KV heads equal within each group, possibly shuffled), the same tensors as the in-memory functions
-(gqa_calibrated.py) on the same calibration statistics, loadable by transformers, recorded, and safe on bad input."""
+(gqa/calibrated.py) on the same calibration statistics, loadable by transformers, recorded, and safe on bad input."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from attnconv.convert.api import convert
-from attnconv.convert.gqa_calibrated import convert_layer
-from attnconv.convert.gqa_calibration import attended_collectors
-from attnconv.convert.gqa_state_dict import attention_layers, with_attention_layers
+from attnconv.convert.gqa.calibrated import convert_layer
+from attnconv.convert.gqa.calibration import attended_collectors
+from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.convert.settings import ConvertSettings
 from attnconv.reference import REFERENCE_DIR
 from attnconv.testing import assert_one_line_error, build_tiny_model

@@ -11,15 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from attnconv.convert.attention_weights import from_hf_attention, rotary_dim_of
-from attnconv.convert.mla_attnconv import (
+from attnconv.convert.mla.attnconv_format import (
     attnconv_output_shapes,
     cache_per_token,
     convert_attnconv_layer,
     latent_target,
     max_kv_rank,
 )
-from attnconv.convert.mla_inmemory import to_attnconv_mla
-from attnconv.convert.mla_rope import select_pairs
+from attnconv.convert.mla.inmemory import to_attnconv_mla
+from attnconv.convert.mla.rope import select_pairs
 from attnconv.models.mla import register_auto_classes
 from attnconv.testing import build_tiny_model
 

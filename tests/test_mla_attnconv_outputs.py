@@ -29,8 +29,8 @@ def src(tmp_path_factory):
 def test_the_mha2mla_recipe_settings_convert_a_tiny_llama(src, tmp_path):
     """2-norm pairs come from calibration; the config holds the pairs each layer chose (the recipe at tiny size)."""
     from attnconv.calibration import calibration_tokens
-    from attnconv.convert.mla_inmemory import collect_statistics, layer_weights
-    from attnconv.convert.mla_rope import select_pairs
+    from attnconv.convert.mla.inmemory import collect_statistics, layer_weights
+    from attnconv.convert.mla.rope import select_pairs
     from attnconv.loading import load_tokenizer
 
     stage = next(s for s in load_recipe(RECIPES / "llama2-7b-mla-mha2mla.yaml").stages if s.command == "convert")
@@ -64,7 +64,7 @@ def per_layer(src, tmp_path_factory):
 def test_a_rank_per_layer_loads_as_transformers_and_the_in_memory_conversion_give(src, per_layer):
     from transformers import AutoModelForCausalLM
 
-    from attnconv.convert.mla_inmemory import to_attnconv_mla
+    from attnconv.convert.mla.inmemory import to_attnconv_mla
 
     config = json.loads((per_layer / "config.json").read_text())
     assert config["kv_lora_rank"] == [24, 16] and config["kv_cache_dim_per_layer"] == (24 + 16 + 16 + 16) / 2

@@ -17,9 +17,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from attnconv.convert.attention_weights import from_hf_attention
-from attnconv.convert.mla_calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
-from attnconv.convert.mla_inmemory import calibrate
-from attnconv.convert.mla_rope import apply_phases, interleave_permutation, principal_rotations
+from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
+from attnconv.convert.mla.inmemory import calibrate
+from attnconv.convert.mla.rope import apply_phases, interleave_permutation, principal_rotations
 from attnconv.testing import build_tiny_model
 
 

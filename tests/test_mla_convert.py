@@ -52,7 +52,7 @@ def test_streamed_conversion_equals_the_in_memory_composition(tiny, tmp_path, fm
     """The plan converts layer by layer from the files, calibrating as it reaches each layer; the result is the
     model the pure functions give from the whole model in memory with the same calibration tokens."""
     from attnconv.calibration import calibration_tokens
-    from attnconv.convert.mla_inmemory import collect_statistics, to_attnconv_mla, to_deepseek_v3
+    from attnconv.convert.mla.inmemory import collect_statistics, to_attnconv_mla, to_deepseek_v3
 
     root, src = tiny
     tokens = calibration_tokens("tinyshakespeare:train", load_tokenizer(src), 1024, 64)

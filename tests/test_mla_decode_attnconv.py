@@ -262,7 +262,7 @@ def test_eval_decode_end_to_end(checkpoint, tmp_path, cli):
 def test_ranks_per_layer(tmp_path):
     """Layers of different latent ranks (a calibrated rank allocation): each layer's cache holds its own rank, and
     the total is the family record's (mean over layers) formula."""
-    from attnconv.convert.mla_inmemory import to_attnconv_mla
+    from attnconv.convert.mla.inmemory import to_attnconv_mla
 
     source = load_causal_lm(build_tiny_model("qwen3", tmp_path / "src", n_heads=4, n_kv_heads=2), dtype="float32")
     model = to_attnconv_mla(source, kv_rank=[16, 40], rope_dim=8, rope_select="high")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
-from attnconv.convert.mla_deepseek import (
+from attnconv.convert.mla.deepseek import (
     KV_NORM_EPS,
     LATENT_EPS_SHARE,
     convert_deepseek_layer,
@@ -25,7 +25,7 @@ from attnconv.convert.mla_deepseek import (
     deepseek_output_shapes,
     deepseek_tensors,
 )
-from attnconv.convert.mla_inmemory import layer_weights, to_deepseek_v3
+from attnconv.convert.mla.inmemory import layer_weights, to_deepseek_v3
 from attnconv.testing import add_massive_dimension, build_tiny_model
 
 

@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from attnconv.convert.attention_weights import from_hf_attention
-from attnconv.convert.mla_attnconv import attnconv_config, convert_attnconv_layer
-from attnconv.convert.mla_calibration import InputMoments
-from attnconv.convert.mla_deepseek import convert_deepseek_layer, deepseek_config
-from attnconv.convert.mla_rope import check_rope_dim, select_pairs
+from attnconv.convert.mla.attnconv_format import attnconv_config, convert_attnconv_layer
+from attnconv.convert.mla.calibration import InputMoments
+from attnconv.convert.mla.deepseek import convert_deepseek_layer, deepseek_config
+from attnconv.convert.mla.rope import check_rope_dim, select_pairs
 from attnconv.errors import AttnconvError
 from attnconv.testing import build_tiny_model
 

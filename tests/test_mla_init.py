@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnconv.convert.mla_attnconv import latent_target
-from attnconv.convert.mla_calibration import InputMoments, MomentCollector
-from attnconv.convert.mla_inmemory import calibrate, collect_statistics, layer_weights, to_attnconv_mla
-from attnconv.convert.mla_lowrank import joint_low_rank
-from attnconv.convert.mla_rope import select_pairs
+from attnconv.convert.mla.attnconv_format import latent_target
+from attnconv.convert.mla.calibration import InputMoments, MomentCollector
+from attnconv.convert.mla.inmemory import calibrate, collect_statistics, layer_weights, to_attnconv_mla
+from attnconv.convert.mla.lowrank import joint_low_rank
+from attnconv.convert.mla.rope import select_pairs
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from attnconv.convert.attention_weights import from_hf_attention
-from attnconv.convert.gqa_calibrated import convert_layer
-from attnconv.convert.mla_attnconv import convert_attnconv_layer
-from attnconv.convert.mla_calibration import InputMoments
-from attnconv.convert.mla_deepseek import convert_deepseek_layer
-from attnconv.convert.mla_rope import select_pairs
+from attnconv.convert.gqa.calibrated import convert_layer
+from attnconv.convert.mla.attnconv_format import convert_attnconv_layer
+from attnconv.convert.mla.calibration import InputMoments
+from attnconv.convert.mla.deepseek import convert_deepseek_layer
+from attnconv.convert.mla.rope import select_pairs
 from attnconv.errors import AttnconvError
 from attnconv.testing import assert_one_line_error, build_tiny_model
 

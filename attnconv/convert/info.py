@@ -38,7 +38,7 @@ def human_bytes(n: float) -> str:
 
 def model_info(model: str | Path) -> ModelInfo:
     """Read config.json and the weight headers (no tensor is loaded, no pickle is opened)."""
-    from attnconv.convert.tensor_io import CheckpointReader
+    from attnconv.tensor_io import CheckpointReader
 
     folder = resolve_source(model, allow_pickle=True)  # pickles are only listed here, never loaded
     raw = read_config(folder)
@@ -89,7 +89,7 @@ def _check_mla_rows(info: ModelInfo, settings: InfoSettings) -> None:
         raise AttnconvError(f"--kv-rank shows the cache `convert --to mla` would reach; {info.model_type} {what}")
     if settings.rope_dim is not None:
         from attnconv.convert.attention_weights import shape_of
-        from attnconv.convert.mla_rope import check_rope_dim
+        from attnconv.convert.mla.rope import check_rope_dim
 
         check_rope_dim(settings.rope_dim, shape_of(info.config))
 

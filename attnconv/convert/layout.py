@@ -2,7 +2,7 @@
 
 Torch-free on purpose for GQA/MQA: `convert` starts copying the tensors it leaves unchanged while the main thread
 is still importing torch, and the plan (which needs torch to infer the converted shapes) follows this layout. A
-layout converted a layer at a time (MLA: mla_plan.py; calibrated GQA methods: gqa_plan.py) imports torch: its
+layout converted a layer at a time (MLA: mla/target.py; calibrated GQA methods: gqa/target.py) imports torch: its
 conversion is dominated by calibration and the per-layer solves anyway.
 Within each output shard the unchanged tensors come first, in source order, then the converted ones (layers
 in layer order, the order calibration computes them in).
@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnconv.convert.settings import ConvertSettings
-from attnconv.convert.tensor_io import CheckpointReader, TensorMeta, header_reserve, st_dtype
 from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
 from attnconv.families import Family, HeadLayout, check_kv_heads, source_family
 from attnconv.loading import check_layers, read_config, resolve_source, weight_files
+from attnconv.tensor_io import CheckpointReader, TensorMeta, header_reserve, st_dtype
 
 # Files never copied: weights (rewritten), config (rewritten), the source's card and any remote code.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".py")
@@ -136,7 +136,7 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
     """Entries of a conversion computed a layer at a time (MLA, calibrated GQA: src.target): each layer's
     attention tensors become the target's outputs (one computation per layer, written to the shard of the
     layer's first attention tensor), every other tensor what the target makes of it."""
-    from attnconv.convert.mla_plan import attention_key
+    from attnconv.convert.mla.target import attention_key
 
     target, reader = src.target, src.reader
     shard_of = {file: "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -187,7 +187,7 @@ def _check_layer_shapes(target, prefix: str, inputs: dict[str, TensorMeta], lay:
 
 
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
-    from attnconv.convert.mla_plan import MlaTarget
+    from attnconv.convert.mla.target import MlaTarget
 
     if src.family.name not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
         raise AttnconvError(f"--to mla needs RoPE attention (llama, mistral, qwen2, qwen3, gemma, phi3); "
@@ -228,7 +228,7 @@ def inspect_source(settings: ConvertSettings) -> Source:
     if mla:
         return _mla_layout(settings, src, files, dtype)
     if settings.needs_calibration:  # the calibrated GQA methods convert a layer's attention as a whole
-        from attnconv.convert.gqa_plan import GqaTarget
+        from attnconv.convert.gqa.target import GqaTarget
 
         src.target = GqaTarget.create(settings, config, family.name)
         return _layer_layout(src, files, dtype)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from attnconv.convert.gqa import convert_fused_qkv, convert_gpt2_c_attn, convert_kv_proj
+from attnconv.convert.gqa.pool import convert_fused_qkv, convert_gpt2_c_attn, convert_kv_proj
 
 if TYPE_CHECKING:
     from attnconv.convert.plan import Plan, Step
@@ -42,7 +42,7 @@ def _gpt2_c_attn(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
 
 
 def _deepseek_tensor(plan: Plan, step: Step, x: list[Tensor]) -> Tensor:
-    from attnconv.convert.mla_deepseek import KV_NORM_EPS, TRANSFORMS, residual_scale
+    from attnconv.convert.mla.deepseek import KV_NORM_EPS, TRANSFORMS, residual_scale
 
     return TRANSFORMS[step.key](x[0], residual_scale(plan.target.config.get("rms_norm_eps") or KV_NORM_EPS))
 

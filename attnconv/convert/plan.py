@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from attnconv.convert.gqa import tensor_generator
+from attnconv.convert.gqa.methods import Method
+from attnconv.convert.gqa.pool import tensor_generator
 from attnconv.convert.layout import Source, inspect_source
-from attnconv.convert.methods import Method
 from attnconv.convert.ops import OPS
 from attnconv.convert.settings import ConvertSettings
-from attnconv.convert.tensor_io import CheckpointReader, torch_dtype
 from attnconv.dtypes import dtype_bytes
 from attnconv.errors import AttnconvError
 from attnconv.families import Family, HeadLayout
+from attnconv.tensor_io import CheckpointReader, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Plan:
 
     def layer_inputs(self, layer: int) -> dict[str, torch.Tensor]:
         """A layer's attention tensors, named relative to its attention module."""
-        from attnconv.convert.mla_plan import attention_key
+        from attnconv.convert.mla.target import attention_key
 
         step = next(s for s in self.steps if s.layer == layer)
         return {attention_key(n)[2]: self.reader.get(n) for n in step.inputs}
@@ -82,7 +82,7 @@ class Plan:
     def calibration(self):
         """The calibration run (started when first needed), or None when the settings need none."""
         if self._calibration is None and self.settings.needs_calibration:
-            from attnconv.convert.mla_plan import Calibration
+            from attnconv.convert.mla.target import Calibration
 
             self._calibration = Calibration(self.target, self.source, self.layer_inputs, self.progress, self.stop)
         return self._calibration
@@ -97,7 +97,7 @@ class Plan:
         """One output of a layer's conversion: the first asked converts the layer; the others are kept until
         asked for (the executor asks in plan order, so a layer's outputs go out together)."""
         if step.layer not in self._layers:
-            from attnconv.convert.mla_plan import attention_key
+            from attnconv.convert.mla.target import attention_key
 
             tensors = {attention_key(n)[2]: t for n, t in zip(step.inputs, inputs, strict=True)}
             calibration = self.calibration()
@@ -132,7 +132,7 @@ class Plan:
             k_name = next(s.inputs[0] for s in self.steps if s.op not in ("copy", "deepseek_tensor"))
             dtype = self.reader.tensors[k_name].dtype
         if which == "after" and self.settings.to == "mla":
-            from attnconv.convert.mla_attnconv import cache_per_token
+            from attnconv.convert.mla.attnconv_format import cache_per_token
 
             t = self.target
             if self.settings.format == "deepseek-v3":

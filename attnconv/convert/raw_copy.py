@@ -13,7 +13,7 @@ from concurrent.futures import CancelledError, Future
 from pathlib import Path
 
 from attnconv.convert.layout import Source, raw_runs
-from attnconv.convert.tensor_io import ShardWriter
+from attnconv.tensor_io import ShardWriter
 
 
 class RawCopier:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnconv.convert.methods import METHODS_HELP, parse_method
+from attnconv.convert.gqa.methods import METHODS_HELP, parse_method
 from attnconv.dtypes import ALIASES, DTYPES
 from attnconv.errors import AttnconvError
 from attnconv.settings import Settings, allow_pickle_option, option, overwrite_option, quiet_option

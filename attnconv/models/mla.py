@@ -21,8 +21,8 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from attnconv.convert.attention_weights import rotary_dim_of
-from attnconv.convert.mla_attnconv import MLA_ARCHITECTURES
-from attnconv.convert.mla_rope import nope_dims, rope_dims
+from attnconv.convert.mla.attnconv_format import MLA_ARCHITECTURES
+from attnconv.convert.mla.rope import nope_dims, rope_dims
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def _mla_section(prov: dict, conv: dict) -> list[str]:
 
 def _calibrated_method(conv: dict) -> str:
     """A calibrated method's description from the registry, with its calibration text."""
-    from attnconv.convert.methods import parse_method
+    from attnconv.convert.gqa.methods import parse_method
     from attnconv.errors import AttnconvError
 
     name = str(conv.get("method", "?"))

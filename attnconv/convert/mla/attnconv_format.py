@@ -1,8 +1,8 @@
 """MHA/GQA -> MLA in attnconv's own format: exact structure, lossless at full rank.
 
 Per layer and KV head g the source key is split by dims: the kept RoPE pairs (`rope_dim` dims, chosen per head,
-see mla_rope.py) stay a per-head RoPE key, cached; the other dims (NoPE keys) and the values of all KV heads come
-from one joint latent of `kv_rank` dims (mla_lowrank.py), cached. Queries, the output projection, biases and
+see mla/rope.py) stay a per-head RoPE key, cached; the other dims (NoPE keys) and the values of all KV heads come
+from one joint latent of `kv_rank` dims (mla/lowrank.py), cached. Queries, the output projection, biases and
 Qwen3's q/k norms are the source's. A token's cache is kv_rank + n_kv * rope_dim values (+ n_kv for families
 with per-head k norms, whose per-token scale of the reconstructed key is cached too). With kv_rank =
 n_kv * (2 head_dim - rope_dim) and any pairs the layer reproduces the source exactly.
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
-from attnconv.convert.mla_calibration import InputMoments
-from attnconv.convert.mla_lowrank import check_rank, input_moments, joint_low_rank
-from attnconv.convert.mla_rope import apply_phases, nope_dims, rope_dims
+from attnconv.convert.mla.calibration import InputMoments
+from attnconv.convert.mla.lowrank import check_rank, input_moments, joint_low_rank
+from attnconv.convert.mla.rope import apply_phases, nope_dims, rope_dims
 from attnconv.errors import AttnconvError
 
 # source model_type -> (model_type, architecture) of its MLA form

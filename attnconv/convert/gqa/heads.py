@@ -1,6 +1,6 @@
 """One attention layer in a family-free form, and the calibration geometry of its heads.
 
-Calibrated GQA/MQA methods (gqa_calibrated.py) see a layer as `AttentionWeights`: q/k/v/o weights in Linear
+Calibrated GQA/MQA methods (gqa/calibrated.py) see a layer as `AttentionWeights`: q/k/v/o weights in Linear
 layout, optional q/k/v biases and optional per-head q/k RMSNorm weights (Qwen3). They work on `Heads`, the
 same layer in float64, one tensor per head, with each bias as an extra input column (inputs x~ = [x; 1]), so a
 bias follows every map its weight takes and a missing bias stays exactly zero.

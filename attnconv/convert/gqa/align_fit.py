@@ -1,6 +1,6 @@
 """Head alignment (orthogonal, function-preserving) and least-squares merges, on the Grams of one group of heads.
 
-Both work in head space (d x d blocks from `Geometry`) and return coefficients; gqa_calibrated.py applies them
+Both work in head space (d x d blocks from `Geometry`) and return coefficients; gqa/calibrated.py applies them
 to the weights. Group index j runs over the G KV heads being merged into one.
 
 Objectives (gqa_heads.key_objective / value_objective), for a group merged into keys kappa and values V, with
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnconv.convert.gqa_heads import Geometry, Merge, sandwich
+from attnconv.convert.gqa.heads import Geometry, Merge, sandwich
 
 _TINY = 1e-30
 GPA_ITERS = 50  # generalised Procrustes converges linearly; the merge objective moves little after a few steps

@@ -39,7 +39,7 @@ def check_rank(rank: int, max_rank: int, what: str = "--kv-rank",
 
 def input_moments(init: str, moments, hidden: int):
     """The input second moments the factorisation weighs by: the calibration's for pca, the identity for svd."""
-    from attnconv.convert.mla_calibration import InputMoments
+    from attnconv.convert.mla.calibration import InputMoments
 
     if init not in INITS:
         raise AttnconvError(f"--init {init!r} is not one of {', '.join(INITS)}")

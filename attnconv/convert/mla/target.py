@@ -3,7 +3,7 @@
 The plan asks an MlaTarget which tensors each layer's attention writes (names and shapes, known before anything
 is computed) and what every other tensor becomes; executing the plan, the first output of a layer reads that
 layer's attention tensors, takes its calibration statistics (when the settings need any) and converts the layer
-(mla_attnconv.py / mla_deepseek.py); its other outputs come from the same result. Calibration runs the source
+(mla/attnconv_format.py / mla/deepseek.py); its other outputs come from the same result. Calibration runs the source
 layer by layer (attnconv/calibration/) as the layers are reached, so a layer's statistics exist only until it is
 converted: memory is one layer's working set, the calibration tokens' hidden states and one layer's statistics.
 """
@@ -19,16 +19,16 @@ from torch import Tensor
 
 from attnconv.convert import finite
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
-from attnconv.convert.mla_attnconv import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
-from attnconv.convert.mla_calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
-from attnconv.convert.mla_deepseek import (
+from attnconv.convert.mla.attnconv_format import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
+from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
+from attnconv.convert.mla.deepseek import (
     convert_deepseek_layer,
     deepseek_config,
     deepseek_output_shapes,
     deepseek_rules,
 )
-from attnconv.convert.mla_inmemory import LayerStatistics
-from attnconv.convert.mla_rope import check_rope_dim, pair_scores, select_pairs
+from attnconv.convert.mla.inmemory import LayerStatistics
+from attnconv.convert.mla.rope import check_rope_dim, pair_scores, select_pairs
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
 

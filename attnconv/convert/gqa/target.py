@@ -1,10 +1,10 @@
 """`convert --to gqa|mqa --method grouped|aligned|fit` streamed: each layer's attention converted as a whole.
 
-The calibrated methods (gqa_calibrated.py) permute, rotate and refit the query, key, value and output projections
-of a layer together, so unlike mean/first/random (one tensor at a time, gqa.py) every tensor of a layer's
+The calibrated methods (gqa/calibrated.py) permute, rotate and refit the query, key, value and output projections
+of a layer together, so unlike mean/first/random (one tensor at a time, gqa/pool.py) every tensor of a layer's
 attention module is one computation's output: q_proj / o_proj keep their shapes (rows and columns permuted and
 compensated), k_proj / v_proj get n_out heads, Phi-3's fused qkv_proj is split and recombined, q/k norms and
-anything else in the module are copied. The plan drives it as it does MLA (mla_plan.py): the first output of a
+anything else in the module are copied. The plan drives it as it does MLA (mla/target.py): the first output of a
 layer takes that layer's calibration statistics (S and the attended moment A of its attention input, computed
 by running the source layer by layer) and converts it; only one layer's statistics are alive at a time.
 """
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
-from attnconv.convert.gqa_calibrated import convert_layer
-from attnconv.convert.gqa_calibration import AttendedMomentCollector
-from attnconv.convert.methods import Method
+from attnconv.convert.gqa.calibrated import convert_layer
+from attnconv.convert.gqa.calibration import AttendedMomentCollector
+from attnconv.convert.gqa.methods import Method
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
 

@@ -1,8 +1,8 @@
 """MHA/GQA -> MLA as a native transformers DeepseekV3ForCausalLM checkpoint (format "deepseek-v3").
 
 Attention (per layer, after TransMLA): one RoPE key of `rope_dim` dims shared by all heads, found by RoRoPE
-(mla_rope.py); every query head keeps its full source key dims as NoPE key (its KV head's key minus what the
-shared RoPE key carries of it) and its values, both from one latent of `kv_rank` dims (mla_lowrank.py). GQA is an
+(mla/rope.py); every query head keeps its full source key dims as NoPE key (its KV head's key minus what the
+shared RoPE key carries of it) and its values, both from one latent of `kv_rank` dims (mla/lowrank.py). GQA is an
 MLA whose up-projection copies each KV head to its query heads, so kv_b_proj has one block per query head and
 num_key_value_heads = num_attention_heads. Queries are multiplied by scale_source * sqrt(head_dim + rope_dim) so
 that DeepSeek's 1/sqrt(qk_nope + qk_rope) scale gives the source's logits; their RoPE parts and the shared key
@@ -51,9 +51,9 @@ import torch
 from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
-from attnconv.convert.mla_calibration import InputMoments
-from attnconv.convert.mla_lowrank import check_rank, input_moments, joint_low_rank
-from attnconv.convert.mla_rope import (
+from attnconv.convert.mla.calibration import InputMoments
+from attnconv.convert.mla.lowrank import check_rank, input_moments, joint_low_rank
+from attnconv.convert.mla.rope import (
     apply_phases,
     check_rope_dim,
     interleave_permutation,

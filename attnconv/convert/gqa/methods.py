@@ -1,6 +1,6 @@
 """The registry of GQA/MQA merge methods: names, help, sources and what each needs. Torch-free, so the CLI, the
-settings checks and the docs read it without loading torch; the tensor functions live in gqa.py (mean, first,
-random: one tensor at a time) and gqa_calibrated.py (grouped, aligned, fit: one layer at a time, on calibration
+settings checks and the docs read it without loading torch; the tensor functions live in gqa/pool.py (mean, first,
+random: one tensor at a time) and gqa/calibrated.py (grouped, aligned, fit: one layer at a time, on calibration
 statistics), keyed by name. The calibrated methods compose: `grouped+aligned+fit` runs them in that order."""
 
 from __future__ import annotations

@@ -14,15 +14,15 @@ import torch
 from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionWeights, from_hf_attention
-from attnconv.convert.mla_attnconv import attnconv_config, convert_attnconv_layer
-from attnconv.convert.mla_calibration import (
+from attnconv.convert.mla.attnconv_format import attnconv_config, convert_attnconv_layer
+from attnconv.convert.mla.calibration import (
     AttentionPhaseCollector,
     InputMoments,
     MomentCollector,
     PairNormCollector,
 )
-from attnconv.convert.mla_deepseek import convert_deepseek_layer, deepseek_config, deepseek_tensors
-from attnconv.convert.mla_rope import check_rope_dim, pair_scores, select_pairs
+from attnconv.convert.mla.deepseek import convert_deepseek_layer, deepseek_config, deepseek_tensors
+from attnconv.convert.mla.rope import check_rope_dim, pair_scores, select_pairs
 
 
 def _layers(model):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from attnconv.convert.methods import Method
+from attnconv.convert.gqa.methods import Method
 from attnconv.families import HeadLayout
 
 
@@ -35,7 +35,7 @@ def _random(groups: Tensor, gen: torch.Generator | None, is_bias: bool) -> Tenso
 
 
 # The tensor function of each method that merges one tensor at a time: [n_out, g, ...] -> [n_out, ...]. The
-# calibrated methods convert a whole layer at a time (gqa_calibrated.py).
+# calibrated methods convert a whole layer at a time (gqa/calibrated.py).
 MERGES: dict[str, Callable[[Tensor, torch.Generator | None, bool], Tensor]] = {
     "mean": _mean, "first": _first, "random": _random}
 

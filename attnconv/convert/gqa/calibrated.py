@@ -1,7 +1,7 @@
 """Calibrated MHA -> GQA/MQA starting points: `grouped`, `aligned`, `fit`, composable as `grouped+aligned+fit`.
 
-Mean pooling of contiguous heads (gqa.py) ignores which heads resemble each other and how each is used. These
-methods read calibration statistics of each layer's attention input x~ = [x; 1] (gqa_calibration.py): its
+Mean pooling of contiguous heads (gqa/pool.py) ignores which heads resemble each other and how each is used. These
+methods read calibration statistics of each layer's attention input x~ = [x; 1] (gqa/calibration.py): its
 second moment S, and optionally the attended moment A (each token weighted by the attention it receives as a
 key), which then replaces S as the metric of keys and values and gives clearly better starting points. In order:
 
@@ -13,7 +13,7 @@ key), which then replaces S as the metric of keys and values and gives clearly b
            so the unmerged layer is unchanged: value heads by any orthogonal map (its inverse on the o_proj
            columns of their query heads), key heads by one 2x2 rotation per RoPE pair (the only orthogonal
            maps that commute with RoPE), applied to their query heads too.
-  fit      merge by least squares (gqa_align_fit.py) instead of the mean: the merged key per RoPE pair and a
+  fit      merge by least squares (gqa/align_fit.py) instead of the mean: the merged key per RoPE pair and a
            RoPE-commuting complex factor per query head, and the merged value head with a d x d map on each
            query head's o_proj columns, minimising the error of every query head's logits and outputs on
            calibration data. The mean is one feasible point, so fit never ends above it on its objective.
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from attnconv.convert import finite
-from attnconv.convert.gqa_align_fit import align_keys, align_values, fit_residuals, fitted_merge, rotated
-from attnconv.convert.gqa_grouping import best_grouping, contiguous
-from attnconv.convert.gqa_heads import (
+from attnconv.convert.gqa.align_fit import align_keys, align_values, fit_residuals, fitted_merge, rotated
+from attnconv.convert.gqa.grouping import best_grouping, contiguous
+from attnconv.convert.gqa.heads import (
     AttentionWeights,
     Geometry,
     Heads,
@@ -55,7 +55,7 @@ from attnconv.convert.gqa_heads import (
     to_pairs,
     value_objective,
 )
-from attnconv.convert.methods import Method, parse_method
+from attnconv.convert.gqa.methods import Method, parse_method
 from attnconv.errors import AttnconvError
 
 DEFAULT_RIDGE = 1e-3
@@ -65,7 +65,7 @@ def calibrated_steps(method: Method | str) -> tuple[str, ...]:
     """The calibrated steps of METHOD in pipeline order (() for mean); a string is parsed as --method is."""
     method = parse_method(method) if isinstance(method, str) else method
     if not method.calibrated and method.name != "mean":
-        raise AttnconvError(f"--method {method.name} merges one tensor at a time (convert/gqa.py), not a layer: "
+        raise AttnconvError(f"--method {method.name} merges one tensor at a time (convert/gqa/pool.py), not a layer: "
                             "use mean or the calibrated methods here")
     return method.steps
 

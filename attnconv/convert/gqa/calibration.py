@@ -25,7 +25,7 @@ from attnconv.convert.attention_weights import AttentionWeights
 class InputMomentCollector:
     """E[x~ x~^T] of a layer's attention input with a constant 1 appended (x~ = [x; 1]), so the bias column of
     every projection sees the input mean. All the calibrated GQA methods need: q.k and head outputs are linear
-    in x~, and RoPE rotations drop out of the objectives (gqa_align_fit.py)."""
+    in x~, and RoPE rotations drop out of the objectives (gqa/align_fit.py)."""
 
     def __init__(self, hidden: int):
         self.sum = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)  # [hidden + 1, hidden + 1]
@@ -109,7 +109,7 @@ class AttendedMomentCollector:
 
 def attended_collectors(model) -> list[AttendedMomentCollector]:
     """One AttendedMomentCollector per layer of a loaded transformers Llama-like / Phi-3 model."""
-    from attnconv.convert.gqa_state_dict import attention_layers
+    from attnconv.convert.gqa.state_dict import attention_layers
 
     config, rotary = model.config, model.model.rotary_emb
     collectors = []

@@ -1,0 +1,1 @@
+"""MHA/GQA -> MLA: the DeepSeek-V3 and attnconv formats, their factorisations and calibration."""
