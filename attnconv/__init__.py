@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 
 def _register() -> None:
+    mla = sys.modules.get("attnconv.models.mla")
+    if mla is not None and not hasattr(mla, "register_auto_classes"):
+        return  # transformers was first imported by attnconv.models.mla itself, which registers once it is complete
     from attnconv.models import register_auto_classes
 
     register_auto_classes()

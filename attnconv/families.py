@@ -86,6 +86,7 @@ class Family:
     kv_heads: Callable[[Any], int] | None = None
     kv_values: Callable[[Any], int] | None = None
     latent_cache: bool = False  # MLA: kv_values counts a latent row per token, shared by every head
+    hf_name: str = ""  # transformers' class prefix (Llama -> LlamaForCausalLM); names the attnconv MLA classes
 
     def layout(self, config: Any) -> HeadLayout:
         n_heads = config_value(config, self.n_heads_key)
@@ -114,19 +115,31 @@ _LLAMA_LIKE = {r"\.self_attn\.[kv]_proj\.(weight|bias)$": "kv_proj"}
 _GPT2_CONV1D = {r"\.attn\.c_attn\.(weight|bias)$": "gpt2_c_attn", r"\.attn\.c_proj\.weight$": "transpose",
                 r"\.mlp\.c_fc\.weight$": "transpose", r"\.mlp\.c_proj\.weight$": "transpose"}
 
+_SOURCES = [
+    Family("llama", ("llama",), "meta-llama/Llama-3.2-1B", _LLAMA_LIKE, decode=True, hf_name="Llama"),
+    Family("mistral", ("mistral",), "mistralai/Mistral-7B-v0.1", _LLAMA_LIKE, decode=True, hf_name="Mistral"),
+    Family("qwen2", ("qwen2",), "Qwen/Qwen2.5-0.5B", _LLAMA_LIKE, decode=True, hf_name="Qwen2"),  # q/k/v biases
+    Family("qwen3", ("qwen3",), "Qwen/Qwen3-0.6B", _LLAMA_LIKE, decode=True, hf_name="Qwen3"),  # per-head q/k norms
+    Family("gemma", ("gemma",), "google/gemma-2b", _LLAMA_LIKE, decode=True, hf_name="Gemma"),
+    Family("phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct", {r"\.self_attn\.qkv_proj\.weight$": "fused_qkv"},
+           decode=True, hf_name="Phi3"),
+    Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
+           layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
+           target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha", hf_name="GPT2"),
+]
+# The families with rotary attention: what the calibrated GQA methods, MLA (both formats) and calibration take.
+ROPE_FAMILIES = tuple(f.name for f in _SOURCES if f.rope != "none")
+
+
+def mla_architecture(family: str) -> tuple[str, str]:
+    """(model_type, architecture) of a RoPE family's attnconv-format MLA: llama -> llama_mla, LlamaMLAForCausalLM."""
+    return f"{family}_mla", f"{FAMILIES[family].hf_name}MLAForCausalLM"
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("llama", ("llama",), "meta-llama/Llama-3.2-1B", _LLAMA_LIKE, decode=True),
-        Family("mistral", ("mistral",), "mistralai/Mistral-7B-v0.1", _LLAMA_LIKE, decode=True),
-        Family("qwen2", ("qwen2",), "Qwen/Qwen2.5-0.5B", _LLAMA_LIKE, decode=True),  # q/k/v biases
-        Family("qwen3", ("qwen3",), "Qwen/Qwen3-0.6B", _LLAMA_LIKE, decode=True),  # per-head q/k norms
-        Family("gemma", ("gemma",), "google/gemma-2b", _LLAMA_LIKE, decode=True),
-        Family("phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct", {r"\.self_attn\.qkv_proj\.weight$": "fused_qkv"},
-               decode=True),
-        Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
-               layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
-               target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha"),
+        *_SOURCES,
         # Outputs (and decode) only. MLA in DeepSeek-V3's format: every head reads one cached row per token, the
         # latent and the shared RoPE key; head_dim is the value head size, so the K/V rows `attnconv info` sets
         # beside it are its MHA equivalent.
@@ -138,7 +151,7 @@ FAMILIES: dict[str, Family] = {
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
                n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                source=False, kv_heads=lambda c: 1 if config_value(c, "multi_query") else config_value(c, "n_head")),
-        Family("attnconv_mla", tuple(f"{f}_mla" for f in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")),
+        Family("attnconv_mla", tuple(f"{f}_mla" for f in ROPE_FAMILIES),
                "attnconv convert --to mla --format attnconv", source=False, decode=True, latent_cache=True,
                kv_values=lambda c: config_value(c, "kv_cache_dim_per_layer")),
     ]
@@ -177,6 +190,16 @@ def cache_shape(config: Any) -> CacheShape:
     head_dim = config_value(config, "head_dim", default=hidden // n_heads)
     n_kv = config_value(config, "num_key_value_heads", default=n_heads)
     return CacheShape(layers, n_heads, n_kv, head_dim, 2 * n_kv * head_dim)
+
+
+def rotary_dim_of(config: Any) -> int:
+    """RoPE dims per head from a transformers config or config.json dict (Phi-3 and others may rotate only a
+    leading part)."""
+    head_dim = config_value(config, "head_dim") or (config_value(config, "hidden_size")
+                                                    // config_value(config, "num_attention_heads"))
+    params = config_value(config, "rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", config_value(config, "partial_rotary_factor", default=1.0))
+    return int(head_dim * factor)
 
 
 def max_positions(config: Any) -> int | None:

@@ -159,7 +159,7 @@ class CheckpointReader:
         """A tensor, refused when it holds NaN or Inf (what is read here is transformed, never copied)."""
         import torch
 
-        from attnconv.convert import finite
+        from attnconv import finite
 
         meta = self.tensors[name]
         if self.format != "safetensors":

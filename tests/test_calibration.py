@@ -10,10 +10,11 @@ from attnconv.calibration import CovarianceCollector, calibrate_layers, calibrat
 from attnconv.calibration import runner as runner_module
 from attnconv.calibration import tokens as tokens_module
 from attnconv.errors import AttnconvError
+from attnconv.families import ROPE_FAMILIES
 from attnconv.testing import TOKENIZER_DIR, build_tiny_model
 from attnconv.textdata import WIKITEXT2_TEST
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+FAMILIES = ROPE_FAMILIES
 
 
 class StoreInputs:

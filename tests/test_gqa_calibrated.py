@@ -24,10 +24,10 @@ from attnconv.convert.gqa.methods import parse_method
 from attnconv.convert.gqa.pool import convert_kv_proj
 from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.errors import AttnconvError
-from attnconv.families import HeadLayout
+from attnconv.families import ROPE_FAMILIES, HeadLayout
 from attnconv.testing import build_tiny_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+FAMILIES = ROPE_FAMILIES
 IDS = torch.randint(0, 250, (2, 13), generator=torch.Generator().manual_seed(0))
 CALIB = torch.randint(0, 250, (4, 48), generator=torch.Generator().manual_seed(1))
 RIDGE = 1e-3

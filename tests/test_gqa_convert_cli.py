@@ -19,10 +19,10 @@ from attnconv.convert.gqa.calibrated import convert_layer
 from attnconv.convert.gqa.calibration import attended_collectors
 from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.convert.settings import ConvertSettings
+from attnconv.families import ROPE_FAMILIES
 from attnconv.reference import REFERENCE_DIR
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
-ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 CALIB = ["--calibrate", "tinyshakespeare:train", "--calib-tokens", "512", "--calib-seq-len", "64"]
 IDS = torch.randint(0, 4096, (2, 19), generator=torch.Generator().manual_seed(0))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from attnconv.convert.attention_weights import from_hf_attention, rotary_dim_of
+from attnconv.convert.attention_weights import from_hf_attention
 from attnconv.convert.mla.attnconv_format import (
     attnconv_output_shapes,
     cache_per_token,
@@ -20,10 +20,11 @@ from attnconv.convert.mla.attnconv_format import (
 )
 from attnconv.convert.mla.inmemory import to_attnconv_mla
 from attnconv.convert.mla.rope import select_pairs
+from attnconv.families import ROPE_FAMILIES, rotary_dim_of
 from attnconv.models.mla import register_auto_classes
 from attnconv.testing import build_tiny_model
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+FAMILIES = ROPE_FAMILIES
 
 
 def _source(tmp_path, family: str, n_kv: int):

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
+from attnconv import finite
 from attnconv.calibration.collectors import Collector
 from attnconv.calibration.memory import BATCH_TOKENS, release_freed_memory
-from attnconv.convert import finite
 from attnconv.errors import AttnconvError, Cancelled, first_line
+from attnconv.families import ROPE_FAMILIES
 from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
 from attnconv.tensor_io import CheckpointReader
 
 PROGRESS_AFTER_S = 2.0  # a progress bar appears once a run has taken this long
-SUPPORTED = "llama, mistral, qwen2, qwen3, gemma, phi3"
+SUPPORTED = ", ".join(ROPE_FAMILIES)
 
 
 class _Stop(Exception):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from attnconv.families import rotary_dim_of
+
 
 @dataclass(frozen=True)
 class AttentionShape:
@@ -93,18 +95,6 @@ class AttentionWeights:
         """q/k/v biases per head: [n, head_dim] or None."""
         b = getattr(self, f"{which}_bias")
         return None if b is None else b.reshape(-1, self.shape.head_dim)
-
-
-def rotary_dim_of(config) -> int:
-    """RoPE dims per head from a transformers config or config.json dict (Phi-3 and others may rotate only a
-    leading part)."""
-    from attnconv.families import config_value
-
-    head_dim = config_value(config, "head_dim") or (config_value(config, "hidden_size")
-                                                    // config_value(config, "num_attention_heads"))
-    params = config_value(config, "rope_parameters") or {}
-    factor = params.get("partial_rotary_factor", config_value(config, "partial_rotary_factor", default=1.0))
-    return int(head_dim * factor)
 
 
 def shape_of(config) -> AttentionShape:

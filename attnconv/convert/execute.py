@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from attnconv.convert import finite
-from attnconv.convert.plan import Plan, Step
+from attnconv import finite
+from attnconv.convert.ops import Step
+from attnconv.convert.plan import Plan
 from attnconv.convert.raw_copy import RawCopier
 from attnconv.errors import Cancelled
 

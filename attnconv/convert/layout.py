@@ -16,7 +16,7 @@ from pathlib import Path
 from attnconv.convert.settings import ConvertSettings
 from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
-from attnconv.families import Family, HeadLayout, check_kv_heads, source_family
+from attnconv.families import ROPE_FAMILIES, Family, HeadLayout, check_kv_heads, source_family
 from attnconv.loading import check_layers, read_config, resolve_source, weight_files
 from attnconv.tensor_io import CheckpointReader, TensorMeta, header_reserve, st_dtype
 
@@ -189,8 +189,8 @@ def _check_layer_shapes(target, prefix: str, inputs: dict[str, TensorMeta], lay:
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
     from attnconv.convert.mla.target import MlaTarget
 
-    if src.family.name not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"):
-        raise AttnconvError(f"--to mla needs RoPE attention (llama, mistral, qwen2, qwen3, gemma, phi3); "
+    if src.family.name not in ROPE_FAMILIES:
+        raise AttnconvError(f"--to mla needs RoPE attention ({', '.join(ROPE_FAMILIES)}); "
                             f"{src.family.name} has learned positions: convert it with --to mqa")
     target = src.target = MlaTarget.create(settings, src.config_in)
     _layer_layout(src, files, dtype)

@@ -7,14 +7,49 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import torch
 from torch import Tensor
 
+from attnconv.convert.gqa.methods import Method
 from attnconv.convert.gqa.pool import convert_fused_qkv, convert_gpt2_c_attn, convert_kv_proj
+from attnconv.families import HeadLayout
 
-if TYPE_CHECKING:
-    from attnconv.convert.plan import Plan, Step
+
+@dataclass(frozen=True)
+class Step:
+    """One output tensor: `op` (a name in ops.py) applied to `inputs` (one input for GQA by mean/first/random;
+    a layer's steps (MLA, calibrated GQA) take all its attention tensors)."""
+
+    output: str
+    inputs: tuple[str, ...]
+    op: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: str
+    raw: bool = False  # copied as bytes, never decoded
+    layer: int | None = None  # MLA, calibrated GQA: the layer whose one computation gives this output
+    key: str | None = None  # which output of it; deepseek_tensor: the transform
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+class Plan(Protocol):
+    """What an op reads of the plan running it (convert/plan.py's Plan)."""
+
+    layout_in: HeadLayout
+    layout_out: HeadLayout
+    method: Method
+
+    def generator(self, step: Step, part: str) -> torch.Generator | None: ...
+
+    def layer_output(self, step: Step, inputs: list[Tensor]) -> Tensor: ...
 
 
 @dataclass(frozen=True)

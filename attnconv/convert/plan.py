@@ -16,35 +16,12 @@ import torch
 from attnconv.convert.gqa.methods import Method
 from attnconv.convert.gqa.pool import tensor_generator
 from attnconv.convert.layout import Source, inspect_source
-from attnconv.convert.ops import OPS
+from attnconv.convert.ops import OPS, Step
 from attnconv.convert.settings import ConvertSettings
 from attnconv.dtypes import dtype_bytes
 from attnconv.errors import AttnconvError
 from attnconv.families import Family, HeadLayout
 from attnconv.tensor_io import CheckpointReader, torch_dtype
-
-
-@dataclass(frozen=True)
-class Step:
-    """One output tensor: `op` (a name in ops.py) applied to `inputs` (one input for GQA by mean/first/random;
-    a layer's steps (MLA, calibrated GQA) take all its attention tensors)."""
-
-    output: str
-    inputs: tuple[str, ...]
-    op: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    shard: str
-    raw: bool = False  # copied as bytes, never decoded
-    layer: int | None = None  # MLA, calibrated GQA: the layer whose one computation gives this output
-    key: str | None = None  # which output of it; deepseek_tensor: the transform
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
 
 
 @dataclass

@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from attnconv.convert.attention_weights import rotary_dim_of
-from attnconv.convert.mla.attnconv_format import MLA_ARCHITECTURES
-from attnconv.convert.mla.rope import nope_dims, rope_dims
+from attnconv.families import mla_architecture, rotary_dim_of
+from attnconv.models.mla_layout import nope_dims, rope_dims
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ _MLA_FIELDS = {"kv_lora_rank": (int | list[int], 0), "qk_rope_dim": (int, 0), "r
 
 
 def _make_classes(source_type: str, config_cls, base_cls, causal_cls, family: FamilyAttention):
-    model_type, arch = MLA_ARCHITECTURES[source_type]
+    model_type, arch = mla_architecture(source_type)
     prefix = arch.removesuffix("ForCausalLM")
     namespace = {"model_type": model_type, "__annotations__": {k: t for k, (t, _) in _MLA_FIELDS.items()},
                  "__module__": __name__, **{k: v for k, (_, v) in _MLA_FIELDS.items()}}
@@ -249,3 +248,6 @@ def register_auto_classes() -> None:
         AutoModel.register(mla_config, mla_base, exist_ok=True)
         AutoModelForCausalLM.register(mla_config, mla_causal, exist_ok=True)
         CLASSES[source_type] = (mla_config, mla_base, mla_causal)
+
+
+register_auto_classes()  # importing this module is what makes the classes known (idempotent)

@@ -37,7 +37,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from attnconv.convert import finite
+from attnconv import finite
 from attnconv.convert.gqa.align_fit import align_keys, align_values, fit_residuals, fitted_merge, rotated
 from attnconv.convert.gqa.grouping import best_grouping, contiguous
 from attnconv.convert.gqa.heads import (

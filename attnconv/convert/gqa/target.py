@@ -23,8 +23,7 @@ from attnconv.convert.gqa.calibration import AttendedMomentCollector
 from attnconv.convert.gqa.methods import Method
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
-
-ROPE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+from attnconv.families import ROPE_FAMILIES
 
 
 @dataclass

@@ -19,18 +19,10 @@ from torch import Tensor
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
 from attnconv.convert.mla.calibration import InputMoments
 from attnconv.convert.mla.lowrank import check_rank, input_moments, joint_low_rank
-from attnconv.convert.mla.rope import apply_phases, nope_dims, rope_dims
+from attnconv.convert.mla.rope import apply_phases
 from attnconv.errors import AttnconvError
-
-# source model_type -> (model_type, architecture) of its MLA form
-MLA_ARCHITECTURES = {
-    "llama": ("llama_mla", "LlamaMLAForCausalLM"),
-    "mistral": ("mistral_mla", "MistralMLAForCausalLM"),
-    "qwen2": ("qwen2_mla", "Qwen2MLAForCausalLM"),
-    "qwen3": ("qwen3_mla", "Qwen3MLAForCausalLM"),
-    "gemma": ("gemma_mla", "GemmaMLAForCausalLM"),
-    "phi3": ("phi3_mla", "Phi3MLAForCausalLM"),
-}
+from attnconv.families import ROPE_FAMILIES, mla_architecture
+from attnconv.models.mla_layout import nope_dims, rope_dims
 
 
 def max_kv_rank(shape: AttentionShape, rope_dim: int) -> int:
@@ -150,10 +142,10 @@ def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, 
     Adds kv_lora_rank, qk_rope_dim, rope_pairs, mla_init and kv_cache_dim_per_layer.
     """
     model_type = source_config.get("model_type")
-    if model_type not in MLA_ARCHITECTURES:
-        raise AttnconvError(f"--to mla supports {', '.join(MLA_ARCHITECTURES)}, not model_type {model_type!r}")
+    if model_type not in ROPE_FAMILIES:
+        raise AttnconvError(f"--to mla supports {', '.join(ROPE_FAMILIES)}, not model_type {model_type!r}")
     out = dict(source_config)
-    out["model_type"], arch = MLA_ARCHITECTURES[model_type]
+    out["model_type"], arch = mla_architecture(model_type)
     out["architectures"] = [arch]
     out["kv_lora_rank"] = kv_ranks[0] if len(set(kv_ranks)) == 1 else list(kv_ranks)
     out["qk_rope_dim"] = rope_dim

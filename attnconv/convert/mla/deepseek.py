@@ -61,8 +61,8 @@ from attnconv.convert.mla.rope import (
     shared_frequencies,
 )
 from attnconv.errors import AttnconvError
+from attnconv.families import ROPE_FAMILIES
 
-DEEPSEEK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 _OTHER_FORMAT = "use --format attnconv, which keeps it exactly"
 KV_NORM_EPS = 1e-6  # kv_a_layernorm's eps in transformers (its default, whatever the config says)
 LATENT_EPS_SHARE = 1e-6  # the latent's mean square over that eps: how far from linear the latent norm is
@@ -196,8 +196,8 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
     source: the source's config.json dict; shape: its attention shape (one layer's).
     """
     family = source.get("model_type")
-    if family not in DEEPSEEK_FAMILIES:
-        raise AttnconvError(f"--format deepseek-v3 supports {', '.join(DEEPSEEK_FAMILIES)}, not {family!r}")
+    if family not in ROPE_FAMILIES:
+        raise AttnconvError(f"--format deepseek-v3 supports {', '.join(ROPE_FAMILIES)}, not {family!r}")
     if family == "qwen2" or source.get("attention_bias"):
         raise AttnconvError(f"{family} has attention biases; DeepseekV3's q_proj has no bias and DeepSeek "
                             f"engines load none; {_OTHER_FORMAT}")

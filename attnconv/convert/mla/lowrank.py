@@ -47,7 +47,7 @@ def input_moments(init: str, moments, hidden: int):
         raise AttnconvError("--init pca needs calibration data; pass --calibrate SPEC (or keep the default text) or "
                             "use --init svd")
     if init == "pca":
-        from attnconv.convert import finite
+        from attnconv import finite
 
         return finite.statistics(moments)
     return InputMoments.identity(hidden)

@@ -64,19 +64,6 @@ def select_pairs(method: str, shape: AttentionShape, n_keep: int, scores: Tensor
     return one.expand(shape.n_kv_heads, n_keep).clone()
 
 
-def rope_dims(pairs: Tensor, rotary_dim: int) -> Tensor:
-    """Head dims of the kept pairs in rotate_half order (first halves, then second halves): [n_kv, 2 n_keep]."""
-    return torch.cat([pairs, pairs + rotary_dim // 2], dim=-1)
-
-
-def nope_dims(rope: Tensor, head_dim: int) -> Tensor:
-    """The other dims of each head, ascending: [n_kv, head_dim - rope_dim]."""
-    keep = torch.ones(rope.shape[0], head_dim, dtype=torch.bool, device=rope.device)
-    keep.scatter_(1, rope, False)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept dims first, each in ascending order
-    return order[:, : head_dim - rope.shape[1]]
-
-
 def shared_frequencies(method: str, shape: AttentionShape, n_keep: int) -> tuple[Tensor, int]:
     """Source pairs behind DeepSeek's shared RoPE key ([n_keep] = 0, s, 2s, ...) and the step s."""
     if method not in SHARED_ROPE_SELECTIONS:

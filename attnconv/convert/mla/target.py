@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from attnconv.convert import finite
+from attnconv import finite
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
 from attnconv.convert.mla.attnconv_format import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
 from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
