@@ -185,7 +185,8 @@ def test_dry_run_states_calibration_and_memory_and_writes_nothing(cli, tmp_path)
     code, out, err = cli("convert", src, tmp_path / "x", "--kv-heads", "2", "--method", "grouped+fit", "--dry-run")
     assert code == 0, err
     text = " ".join(out.split())
-    assert "(grouped+fit, calibrated)" in text and "calibration: 131,072 tokens of wikitext-2-test (the default" in text
+    assert "(grouped+fit, calibrated)" in text
+    assert "calibration: 131,072 tokens of wikitext-2-test:calib (the default" in text
     assert "beside the conversion" in text and "16x64" in text.replace(" ", "")  # k_proj: 2 heads of 8
     assert not (tmp_path / "x").exists()
 

@@ -30,6 +30,7 @@ from attnconv.convert.mla_inmemory import LayerStatistics
 from attnconv.convert.mla_rope import check_rope_dim, pair_scores, select_pairs
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
+from attnconv.textdata import CALIBRATION_SPEC
 
 ATTENTION = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.self_attn\.)(?P<key>.+)$")
 
@@ -180,5 +181,5 @@ class Calibration:
 
     def record(self) -> dict[str, Any]:
         s = self.target.settings
-        return {"data": s.calibrate or "wikitext-2-test", "tokens": int(self.tokens.numel()),
+        return {"data": s.calibrate or CALIBRATION_SPEC, "tokens": int(self.tokens.numel()),
                 "seq_len": int(self.tokens.shape[1])}

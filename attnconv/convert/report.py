@@ -11,6 +11,7 @@ from rich.table import Table
 from attnconv.convert.info import human_bytes
 from attnconv.convert.ops import OPS
 from attnconv.convert.plan import Plan
+from attnconv.textdata import CALIBRATION_SPEC
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -72,7 +73,7 @@ def _calibration_line(plan: Plan) -> str:
     memory = estimate_memory(plan.layout.config_in, s.calib_tokens, plan.target.collector_bytes(seq_len),
                              seq_len=seq_len)
     tokens = -(-s.calib_tokens // seq_len) * seq_len
-    data = s.calibrate or "wikitext-2-test (the default; --calibrate DATA to choose)"
+    data = s.calibrate or f"{CALIBRATION_SPEC} (the default; --calibrate DATA to choose)"
     return (f"calibration: {tokens:,} tokens of {data} in sequences of {seq_len}, run layer by layer (about "
             f"{human_bytes(memory)} beside the conversion)")
 

@@ -49,8 +49,9 @@ class ConvertSettings(Settings):
                           "rotation of that pair on calibration text (folded into q_proj; no cache cost).")
     q_rank: int | None = option(None, help="MLA deepseek-v3: factor the query through a latent of this size too.",
                                 minimum=1)
-    calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default the "
-                                   "WikiText-2 test split shipped with attnconv), for the calibrated GQA/MQA "
+    calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default "
+                                   "wikitext-2-test:calib, the first half of the WikiText-2 test split shipped with "
+                                   "attnconv, disjoint from eval's default second half), for the calibrated GQA/MQA "
                                    "methods and MLA's --init pca, --phases, --rope-select 2-norm.", io="data")
     calib_tokens: int = option(131072, help="Calibration tokens.", minimum=1)
     calib_seq_len: int | None = option(None, help="Tokens per calibration sequence (default min(2048, the model's "
