@@ -75,6 +75,7 @@ class LayerStatistics:
     moments: InputMoments
     pair_scores: Tensor  # [n_kv, rotary_pairs]
     phases: Tensor | None  # [n_heads, rotary_pairs] complex
+    attended: Tensor | None = None  # [hidden + 1]^2: keys weighted by the attention they get (merging KV heads)
 
 
 def collect_statistics(model, ids: Tensor, *, phases: bool = False, seq_len: int = 256) -> list[LayerStatistics]:

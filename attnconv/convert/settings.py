@@ -25,7 +25,9 @@ class ConvertSettings(Settings):
                              argument=True, run=False, io="out")
     to: str = option("gqa", help="Target attention: gqa (needs --kv-heads), mqa (1 KV head) or mla (multi-head "
                      "latent attention; needs --kv-rank).", choices=TARGETS)
-    kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads.", minimum=1)
+    kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads. With --to mla "
+                                  "--format attnconv: merge the KV heads into this many by --method first (the "
+                                  "latent then compresses that GQA; phases off).", minimum=1)
     method: str = option("mean", help=METHODS_HELP, metavar="[mean|first|random|grouped+aligned+fit|...]")
     seed: int = option(0, help="Seed for --method random and for the grouping search of --method grouped.",
                        minimum=0)
@@ -69,18 +71,23 @@ class ConvertSettings(Settings):
         if self.out is None and not self.dry_run:
             raise AttnconvError(f"an output folder {self.label('out')} is needed (or pass --dry-run to only print "
                                 "the plan)")
-        parse_method(self.method, self.label("method"))
-        if self.to == "mla" and self.method != "mean":
-            raise AttnconvError(f"{self.label('method')} is for {to} gqa/mqa; MLA's latent is set by "
-                                f"{self.label('init')}")
+        info = parse_method(self.method, self.label("method"))
+        merge = self.to == "mla" and self.kv_heads is not None
+        if self.to == "mla" and self.method != "mean" and not merge:
+            raise AttnconvError(f"{self.label('method')} is for {to} gqa/mqa, or for {to} mla with {kv} (how the "
+                                f"KV heads merge first); MLA's latent is set by {self.label('init')}")
         mla_only = ("kv_rank", "rope_dim", "q_rank")
         if self.to == "mla":
             if self.kv_rank is None:
                 raise AttnconvError(f"{to} mla needs {self.label('kv_rank')} R (the latent's dims per token and "
                                     "layer)")
-            if self.kv_heads is not None:
-                raise AttnconvError(f"{kv} is for {to} gqa; MLA's cache is set by {self.label('kv_rank')} and "
-                                    f"{self.label('rope_dim')}")
+            if merge and self.format != "attnconv":
+                raise AttnconvError(f"{kv} with {to} mla (merge the KV heads first, then the latent) needs --format "
+                                    "attnconv; DeepSeek-V3's format has one RoPE key for all heads")
+            if merge and (info.name in ("first", "random") or self.rope_select == "2-norm"):
+                raise AttnconvError(f"{to} mla {kv} merges KV heads by mean or a calibrated method (not "
+                                    f"{info.name}) and keeps RoPE pairs by high/low/uniform (2-norm scores the "
+                                    "source's heads)")
             if self.format == "attnconv" and self.q_rank is not None:
                 raise AttnconvError(f"{self.label('q_rank')} is for --format deepseek-v3")
             if self.format == "deepseek-v3" and len(self.kv_rank) > 1:
@@ -95,6 +102,8 @@ class ConvertSettings(Settings):
         """Whether the conversion reads activations on calibration text."""
         if self.to != "mla":
             return parse_method(self.method).calibrated
+        if self.kv_heads is not None:  # phases are the source heads' rotations: not used on merged heads
+            return self.init == "pca" or parse_method(self.method).calibrated
         return self.init == "pca" or self.phases or self.rope_select == "2-norm"
 
     @property
