@@ -237,3 +237,16 @@ def test_mla_from_merged_kv_heads_is_that_gqa_at_its_bytes(cli, tmp_path):
     assert record["kv_heads"] == 2 and record["method"] == "grouped+aligned+fit" and record["phases"] is False
     code, _, err = cli("convert", src, tmp_path / "x", "--to", "mla", "--kv-rank", "16", *method)
     assert code != 0 and "needs --format attnconv" in err and "\n" not in err.strip()
+
+
+def test_svd_says_it_reads_calibration_text_for_phases_only(cli, tmp_path):
+    """--init svd is weights-only with --no-phases; with --phases (the default) the dry run says that the
+    calibration text is read, how much, and for which option."""
+    src = tiny("llama", tmp_path / "src")
+    mla = ["--to", "mla", "--format", "attnconv", "--kv-rank", "16", "--init", "svd", "--dry-run"]
+    code, out, err = cli("convert", src, tmp_path / "x", *mla, "--calib-tokens", "4096")
+    assert code == 0, err
+    assert "calibration: 4,096 tokens of wikitext-2-test:calib (the default; --calibrate DATA to choose) in " \
+           "sequences of 128, for --phases," in " ".join(out.split())
+    code, out, err = cli("convert", src, tmp_path / "x", *mla, "--no-phases")
+    assert code == 0 and "calibration" not in out, err

@@ -100,11 +100,17 @@ class ConvertSettings(Settings):
     @property
     def needs_calibration(self) -> bool:
         """Whether the conversion reads activations on calibration text."""
+        return bool(self.calibration_uses)  # with --kv-heads, MLA's phases are not used (source heads' rotations)
+
+    @property
+    def calibration_uses(self) -> list[str]:
+        """The options that read calibration text (empty: weights only), for saying why it is read."""
         if self.to != "mla":
-            return parse_method(self.method).calibrated
-        if self.kv_heads is not None:  # phases are the source heads' rotations: not used on merged heads
-            return self.init == "pca" or parse_method(self.method).calibrated
-        return self.init == "pca" or self.phases or self.rope_select == "2-norm"
+            return [f"--method {self.method}"] if parse_method(self.method).calibrated else []
+        uses = ["--init pca"] if self.init == "pca" else []
+        if self.kv_heads is not None:
+            return uses + ([f"--method {self.method}"] if parse_method(self.method).calibrated else [])
+        return uses + ["--phases"] * self.phases + ["--rope-select 2-norm"] * (self.rope_select == "2-norm")
 
     @property
     def target_kv_heads(self) -> int:
