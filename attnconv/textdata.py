@@ -4,8 +4,13 @@ SPEC forms:
   path/to/file.txt | .jsonl | .json | .parquet | .csv   a local file (column `text` unless `::column`)
   path/to/folder                                         every such file in it, in name order
   name[:config][:split][:column]                         a hub dataset through `datasets` (online users)
-  wikitext-2-test                                        the WikiText-2 raw test split shipped with attnconv
+  wikitext-2-test[:calib|:eval]                          the WikiText-2 raw test split shipped with attnconv: whole,
+                                                         or its first half (calib) / second half (eval), cut
+                                                         between articles so the halves never overlap
   tinyshakespeare[:train|:test]                          Tiny Shakespeare shipped with attnconv (90/10 split)
+
+Defaults: eval scores wikitext-2-test:eval (EVAL_SPEC), convert calibrates on wikitext-2-test:calib
+(CALIBRATION_SPEC): held-out by default. `wikitext-2-test` is the whole split, as published perplexities use.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from attnconv.errors import AttnconvError
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WIKITEXT2_TEST = DATA_DIR / "wikitext-2-raw" / "wiki.test.raw"
 TINYSHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
-DEFAULT_SPEC = "wikitext-2-test"
+WIKITEXT2 = "wikitext-2-test"
+EVAL_SPEC = "wikitext-2-test:eval"  # what eval scores by default
+CALIBRATION_SPEC = "wikitext-2-test:calib"  # what convert calibrates on by default: disjoint from EVAL_SPEC
+DEFAULT_SPEC = EVAL_SPEC
 _FILE_BUILDERS = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
                   ".csv": "csv"}
 
@@ -33,6 +41,43 @@ def tinyshakespeare_split(split: str = "train") -> str:
     if split in ("test", "validation", "eval"):
         return text[cut:]
     raise AttnconvError(f"tinyshakespeare has splits train and test, not {split!r}")
+
+
+def wikitext2_part(part: str | None = None) -> str:
+    """The shipped WikiText-2 test split: whole (None), or its first half ('calib') or second half ('eval'),
+    cut at the first article heading past the middle, so each half holds whole articles."""
+    text = WIKITEXT2_TEST.read_text(encoding="utf-8")
+    if part is None:
+        return text
+    heading = re.compile(r"(?m)^ = [^=].* = $")  # ' = Title = ': an article's first line (sections use ' = = ')
+    cut = next(m.start() for m in heading.finditer(text, len(text) // 2)) - 2  # the ' \n' that opens an article
+    if part == "calib":
+        return text[:cut]
+    if part == "eval":
+        return text[cut:]
+    raise AttnconvError(f"wikitext-2-test has the parts calib (first half) and eval (second half), not {part!r}")
+
+
+def _text_identity(spec: str) -> tuple[str, frozenset[str]]:
+    """(which text, which parts of it) a spec reads, for telling whether two specs share text."""
+    name, _, part = spec.partition(":")
+    halves = frozenset({"calib", "eval"})
+    if name == WIKITEXT2:
+        return WIKITEXT2, frozenset({part}) if part else halves
+    if name == "tinyshakespeare":
+        return name, frozenset({"test" if part in ("test", "validation", "eval") else "train"})
+    path = Path(spec.partition("::")[0]).expanduser()
+    if path.exists():
+        if path.resolve() == WIKITEXT2_TEST:
+            return WIKITEXT2, halves
+        return str(path.resolve()), frozenset({"all"})
+    return spec, frozenset({"all"})
+
+
+def texts_overlap(a: str | None, b: str | None) -> bool:
+    """Whether two --data specs read some of the same text (None: the command's default, passed resolved)."""
+    (text_a, parts_a), (text_b, parts_b) = _text_identity(a or DEFAULT_SPEC), _text_identity(b or DEFAULT_SPEC)
+    return text_a == text_b and bool(parts_a & parts_b)
 
 
 def load_texts(spec: str | None = None) -> list[str]:
@@ -72,8 +117,9 @@ class Corpus:
 
     def _resolve(self):
         spec = self.spec
-        if spec == DEFAULT_SPEC:
-            return lambda: iter([(WIKITEXT2_TEST.read_text(encoding="utf-8"), True)])
+        if spec.split(":")[0] == WIKITEXT2:
+            text = wikitext2_part(spec.split(":")[1] if ":" in spec else None)
+            return lambda: iter([(text, True)])
         if spec.split(":")[0] == "tinyshakespeare":
             text = tinyshakespeare_split(spec.split(":")[1] if ":" in spec else "train")
             return lambda: iter([(text, True)])

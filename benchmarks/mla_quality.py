@@ -2,7 +2,8 @@
 
 The reference (Llama, MHA, 8 heads of 32, 6 layers) caches 512 values per token and layer. At GQA-2's 128 and
 MQA's 64: GQA by mean pooling; MLA in attnconv format (per-KV-head RoPE dims, the budget spent mostly on RoPE
-dims, as measured best) and in deepseek-v3 format (one shared RoPE key), each with --init pca (+ phases) and
+dims, as measured best; and from the calibrated GQA-2 / MQA, `--kv-heads`, which is that GQA at its bytes, and
+at half MQA's bytes) and in deepseek-v3 format (one shared RoPE key), each with --init pca (+ phases) and
 --init svd (weights only). Every model is scored on held-out Tiny Shakespeare against the source (KL, perplexity);
 the GQA baselines and the best MLA of each budget are then uptrained on 5% of the reference's pretraining tokens
 and scored again. Issue 17's targets: MLA (pca) beats GQA before and after uptraining at both budgets, and pca
@@ -36,14 +37,20 @@ MODELS = {
                                          phases=False)),
     "mla deepseek 96:32 pca": (128, dict(to="mla", kv_rank=96, rope_dim=32)),
     "mla deepseek 96:32 svd": (128, dict(to="mla", kv_rank=96, rope_dim=32, init="svd", phases=False)),
+    "mla attnconv from gqa2 64:32": (128, dict(to="mla", format="attnconv", kv_rank=64, rope_dim=32, kv_heads=2,
+                                               method="grouped+aligned+fit")),
     "mqa mean": (64, dict(to="mqa")),
     "mla attnconv 16:6 pca": (64, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=6)),
     "mla attnconv 16:6 svd": (64, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=6, init="svd",
                                        phases=False)),
     "mla deepseek 32:32 pca": (64, dict(to="mla", kv_rank=32, rope_dim=32)),
     "mla deepseek 32:32 svd": (64, dict(to="mla", kv_rank=32, rope_dim=32, init="svd", phases=False)),
+    "mla attnconv from mqa 32:32": (64, dict(to="mla", format="attnconv", kv_rank=32, rope_dim=32, kv_heads=1,
+                                             method="grouped+aligned+fit")),
+    "mla attnconv from mqa 16:16": (32, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=16, kv_heads=1,
+                                             method="grouped+aligned+fit")),
 }
-UPTRAIN = ("gqa2 mean", "mla attnconv 16:14 pca", "mqa mean", "mla attnconv 16:6 pca")
+UPTRAIN = ("gqa2 mean", "mla attnconv 16:14 pca", "mqa mean", "mla attnconv 16:6 pca", "mla attnconv from mqa 32:32")
 
 
 def main() -> None:

@@ -106,7 +106,7 @@ def test_calibration_tokens_are_the_start_of_the_text(monkeypatch):
     """Tokenised chunk by chunk (cut at lone line breaks), the ids equal those of the whole text at once."""
     tok = gpt2_tokenizer()
     monkeypatch.setattr(tokens_module, "CHUNK_CHARS", 500)
-    ids = calibration_tokens(None, tok, 1000, 64)  # the default: the shipped WikiText-2 test split
+    ids = calibration_tokens(None, tok, 1000, 64)  # the default: the first half of the shipped WikiText-2 test split
     assert ids.shape == (16, 64) and ids.dtype == torch.long  # ceil(1000 / 64) rows
     whole = tok(WIKITEXT2_TEST.read_text(encoding="utf-8")[:20000], add_special_tokens=False)["input_ids"]
     assert ids.flatten().tolist() == whole[:1024]

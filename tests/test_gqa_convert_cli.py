@@ -185,7 +185,8 @@ def test_dry_run_states_calibration_and_memory_and_writes_nothing(cli, tmp_path)
     code, out, err = cli("convert", src, tmp_path / "x", "--kv-heads", "2", "--method", "grouped+fit", "--dry-run")
     assert code == 0, err
     text = " ".join(out.split())
-    assert "(grouped+fit, calibrated)" in text and "calibration: 131,072 tokens of wikitext-2-test (the default" in text
+    assert "(grouped+fit, calibrated)" in text
+    assert "calibration: 131,072 tokens of wikitext-2-test:calib (the default" in text
     assert "beside the conversion" in text and "16x64" in text.replace(" ", "")  # k_proj: 2 heads of 8
     assert not (tmp_path / "x").exists()
 
@@ -217,3 +218,35 @@ def test_what_a_method_cannot_do_is_refused_with_the_way_out(cli, tmp_path, fami
     code, _, err = cli("convert", src, tmp_path / "out", "--to", "mqa", "--method", method)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_mla_from_merged_kv_heads_is_that_gqa_at_its_bytes(cli, tmp_path):
+    """--to mla --format attnconv --kv-heads 2 --method M: the latent of the GQA-2 that --to gqa --method M
+    writes; at that GQA's bytes (latent 2 x 8 + 2 x 8 RoPE dims) it is that GQA exactly (same calibration)."""
+    src = tiny("llama", tmp_path / "src")
+    method = ["--method", "grouped+aligned+fit", "--kv-heads", "2", *CALIB]
+    code, _, err = cli("convert", src, tmp_path / "gqa", "--to", "gqa", *method)
+    assert code == 0, err
+    code, _, err = cli("convert", src, tmp_path / "mla", "--to", "mla", "--format", "attnconv", "--kv-rank", "16",
+                       "--rope-dim", "8", *method)
+    assert code == 0, err
+    torch.testing.assert_close(logits(tmp_path / "mla"), logits(tmp_path / "gqa"), rtol=1e-4, atol=1e-4)
+    config = json.loads((tmp_path / "mla" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2 and config["kv_cache_dim_per_layer"] == 32
+    record = json.loads((tmp_path / "mla" / "attnconv.json").read_text())["conversion"]
+    assert record["kv_heads"] == 2 and record["method"] == "grouped+aligned+fit" and record["phases"] is False
+    code, _, err = cli("convert", src, tmp_path / "x", "--to", "mla", "--kv-rank", "16", *method)
+    assert code != 0 and "needs --format attnconv" in err and "\n" not in err.strip()
+
+
+def test_svd_says_it_reads_calibration_text_for_phases_only(cli, tmp_path):
+    """--init svd is weights-only with --no-phases; with --phases (the default) the dry run says that the
+    calibration text is read, how much, and for which option."""
+    src = tiny("llama", tmp_path / "src")
+    mla = ["--to", "mla", "--format", "attnconv", "--kv-rank", "16", "--init", "svd", "--dry-run"]
+    code, out, err = cli("convert", src, tmp_path / "x", *mla, "--calib-tokens", "4096")
+    assert code == 0, err
+    assert "calibration: 4,096 tokens of wikitext-2-test:calib (the default; --calibrate DATA to choose) in " \
+           "sequences of 128, for --phases," in " ".join(out.split())
+    code, out, err = cli("convert", src, tmp_path / "x", *mla, "--no-phases")
+    assert code == 0 and "calibration" not in out, err

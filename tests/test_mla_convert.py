@@ -101,7 +101,7 @@ def test_dry_run_states_the_shapes_and_cache_and_writes_nothing(cli, tiny, tmp_p
     (["--to", "mla", "--kv-rank", "1000"], "--kv-rank 1000"),
     (["--to", "mla", "--kv-rank", "16", "--rope-dim", "7"], "--rope-dim must be an even number"),
     (["--to", "mla", "--kv-rank", "16", "--rope-dim", "64"], "--rope-dim"),
-    (["--to", "mla", "--kv-rank", "16", "--kv-heads", "2"], "--kv-heads is for --to gqa"),
+    (["--to", "mla", "--kv-rank", "16", "--kv-heads", "2"], "then the latent) needs --format attnconv"),
     (["--to", "gqa", "--kv-heads", "2", "--kv-rank", "16"], "--kv-rank is for --to mla"),
     (["--to", "mla", "--kv-rank", "16,16,16"], "a rank per layer"),
     (["--to", "mla", "--kv-rank", "16", "--rope-select", "2-norm"], "use high or uniform"),

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 from attnconv.convert.mla.attnconv_format import latent_target
 from attnconv.convert.mla.calibration import InputMoments, MomentCollector
-from attnconv.convert.mla.inmemory import calibrate, collect_statistics, layer_weights, to_attnconv_mla
+from attnconv.convert.mla.inmemory import (
+    calibrate,
+    collect_statistics,
+    layer_weights,
+    merge_kv_heads,
+    to_attnconv_mla,
+)
 from attnconv.convert.mla.lowrank import joint_low_rank
 from attnconv.convert.mla.rope import select_pairs
 
@@ -102,3 +108,32 @@ def test_factored_low_rank_equals_the_full_eigenproblem(tokens):
         assert fast.energy > 1 - 1e-9 and torch.isfinite(fast.up).all() and torch.isfinite(fast.down).all()
         eye = fast.down.double() @ fast.up.double()
         assert (eye - torch.eye(rank, dtype=torch.float64)).abs().max() < 1e-4
+
+
+def _gqa_model(model, merged: list, kv_heads: int):
+    """The source with each layer's attention replaced by MERGED (AttentionWeights with kv_heads KV heads)."""
+    config = model.config.to_dict()
+    config["num_key_value_heads"] = kv_heads
+    gqa = type(model)(type(model.config).from_dict(config))
+    state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
+    for i, w in enumerate(merged):
+        state.update({f"model.layers.{i}.self_attn.{p}_proj.weight": getattr(w, p) for p in "qkvo"})
+    gqa.load_state_dict(state, strict=True)
+    return gqa.eval()
+
+
+def test_mla_from_a_calibrated_mqa_holds_it_exactly_and_goes_below(reference):
+    """kv_heads=1: the attnconv format at MQA's bytes (latent 32 + 32 RoPE dims) is the calibrated MQA, exactly;
+    at half those bytes it stays closer to the source than the K/V-balanced PCA of all 8 heads at the same bytes."""
+    model, train, test = reference
+    windows = test[:1024].reshape(4, 256)
+    stats = collect_statistics(model, train[:2048])
+    with torch.no_grad():
+        source = F.log_softmax(model(windows).logits, -1)
+    merged = merge_kv_heads(model, stats, 1, "aligned+fit")
+    mqa = _kl(_gqa_model(model, merged, 1), source, windows)
+    mla = to_attnconv_mla(model, kv_rank=32, rope_dim=32, init="pca", calibration=stats, merged=merged)
+    assert abs(_kl(mla, source, windows) - mqa) < 1e-5 * max(mqa, 1)
+    half = to_attnconv_mla(model, kv_rank=16, rope_dim=16, init="pca", calibration=stats, merged=merged)
+    all_heads = to_attnconv_mla(model, kv_rank=16, rope_dim=2, init="pca", calibration=stats)  # 16 + 8 x 2
+    assert mqa < _kl(half, source, windows) < _kl(all_heads, source, windows)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from attnconv.errors import AttnconvError
-from attnconv.textdata import DEFAULT_SPEC, Corpus
+from attnconv.textdata import CALIBRATION_SPEC, Corpus
 
 CHUNK_CHARS = 1 << 16  # characters per tokenizer call: a few times what a 4k-token request needs
 _CUT = re.compile(r"(?<=\S)\n(?=\S)")  # a lone line break between words: BPE tokenizers split there anyway
@@ -49,15 +49,16 @@ def _token_stream(corpus: Corpus, tokenizer) -> Iterator[list[int]]:
 def calibration_tokens(spec: str | None, tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
     """[n_seq, seq_len] int64 token ids: the first ceil(n_tokens / seq_len) * seq_len tokens of SPEC's text.
 
-    spec: a --data form (file, folder, hub dataset, tinyshakespeare[:split]); None is the shipped WikiText-2
-    test split. Hub datasets default to their train split. Raises AttnconvError when the text is too short.
+    spec: a --data form (file, folder, hub dataset, tinyshakespeare[:split]); None is the first half of the
+    shipped WikiText-2 test split (wikitext-2-test:calib), disjoint from what eval scores by default. Hub
+    datasets default to their train split. Raises AttnconvError when the text is too short.
     """
     if n_tokens < 1 or seq_len < 1:
         raise AttnconvError(f"calibration needs at least one token and a sequence length >= 1 "
                             f"(got --calib-tokens {n_tokens}, sequence length {seq_len})")
     n_seq = -(-n_tokens // seq_len)
     need = n_seq * seq_len
-    spec = spec or DEFAULT_SPEC
+    spec = spec or CALIBRATION_SPEC
     parts, have = [], 0
     for ids in _token_stream(Corpus(spec, default_split="train"), tokenizer):
         parts.append(torch.as_tensor(ids, dtype=torch.long))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from attnconv.convert.settings import ConvertSettings, InfoSettings
+from attnconv.textdata import CALIBRATION_SPEC
 
 
 def run_convert(settings: ConvertSettings) -> None:
@@ -27,8 +28,8 @@ def run_convert(settings: ConvertSettings) -> None:
     """
     from attnconv.convert.api import convert
 
-    if settings.needs_calibration and settings.calibrate is None and not settings.dry_run:
-        print("note: calibrating on the WikiText-2 test split shipped with attnconv (--calibrate DATA to choose)")
+    if settings.needs_calibration and not settings.dry_run:
+        print(f"note: {calibration_note(settings)}")
 
     plan = convert(settings, progress=not settings.quiet)
     from attnconv.convert.report import print_plan, print_result  # imports torch: only once the work is done
@@ -37,6 +38,14 @@ def run_convert(settings: ConvertSettings) -> None:
         print_plan(plan)
     else:
         print_result(plan, settings.out)
+
+
+def calibration_note(settings: ConvertSettings) -> str:
+    """Which text is read, how much, and which options read it (so a weights-only intent sees it is not)."""
+    data = settings.calibrate or (f"{CALIBRATION_SPEC} (the first half of the WikiText-2 test split shipped with "
+                                  "attnconv; --calibrate DATA to choose)")
+    return (f"calibrating on {settings.calib_tokens:,} tokens of {data} for "
+            f"{', '.join(settings.calibration_uses)}")
 
 
 def run_info(settings: InfoSettings) -> None:

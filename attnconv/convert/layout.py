@@ -69,7 +69,7 @@ class Source:
     config_in: dict = field(default_factory=dict)
     shards: dict[str, list[Entry]] = field(default_factory=dict)
 
-    target: object | None = None  # converts a layer at a time: mla_plan.MlaTarget, gqa_plan.GqaTarget
+    target: object | None = None  # converts a layer at a time: mla.target.MlaTarget, gqa.target.GqaTarget
 
     def reserve(self, shard: str) -> int:
         """Header bytes to reserve in an output shard (names may gain a 12-character prefix)."""

@@ -45,7 +45,7 @@ class Plan:
 
     @property
     def target(self):
-        """What converts a layer at a time (mla_plan.MlaTarget, gqa_plan.GqaTarget), or None for GQA/MQA by
+        """What converts a layer at a time (mla.target.MlaTarget, gqa.target.GqaTarget), or None for GQA/MQA by
         mean/first/random (one tensor at a time)."""
         return self.layout.target if self.layout is not None else None
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from attnconv.convert.info import human_bytes
 from attnconv.convert.ops import OPS
 from attnconv.convert.plan import Plan
+from attnconv.textdata import CALIBRATION_SPEC
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -36,8 +37,9 @@ def _what(plan: Plan, s: dict) -> str:
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     rope = (f"one shared RoPE key of {target.rope_dim}" if set_.format == "deepseek-v3"
             else f"RoPE {target.rope_dim} per KV head ({set_.rope_select})")
-    how = set_.init + (", phases" if set_.phases else "")
-    return f"{s['kv_heads_before']} KV heads -> MLA {set_.format} (latent {rank} + {rope}; {how})"
+    how = set_.init + (", phases" if set_.phases and target.merge is None else "")
+    merged = f" -> {set_.kv_heads} ({set_.method})" if target.merge is not None else ""
+    return f"{s['kv_heads_before']} KV heads{merged} -> MLA {set_.format} (latent {rank} + {rope}; {how})"
 
 
 def _console(console: Console | None) -> Console:
@@ -71,9 +73,9 @@ def _calibration_line(plan: Plan) -> str:
     memory = estimate_memory(plan.layout.config_in, s.calib_tokens, plan.target.collector_bytes(seq_len),
                              seq_len=seq_len)
     tokens = -(-s.calib_tokens // seq_len) * seq_len
-    data = s.calibrate or "wikitext-2-test (the default; --calibrate DATA to choose)"
-    return (f"calibration: {tokens:,} tokens of {data} in sequences of {seq_len}, run layer by layer (about "
-            f"{human_bytes(memory)} beside the conversion)")
+    data = s.calibrate or f"{CALIBRATION_SPEC} (the default; --calibrate DATA to choose)"
+    return (f"calibration: {tokens:,} tokens of {data} in sequences of {seq_len}, for "
+            f"{', '.join(s.calibration_uses)}, run layer by layer (about {human_bytes(memory)} beside the conversion)")
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:

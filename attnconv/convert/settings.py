@@ -25,7 +25,9 @@ class ConvertSettings(Settings):
                              argument=True, run=False, io="out")
     to: str = option("gqa", help="Target attention: gqa (needs --kv-heads), mqa (1 KV head) or mla (multi-head "
                      "latent attention; needs --kv-rank).", choices=TARGETS)
-    kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads.", minimum=1)
+    kv_heads: int | None = option(None, help="KV heads to keep; must divide the query and KV heads. With --to mla "
+                                  "--format attnconv: merge the KV heads into this many by --method first (the "
+                                  "latent then compresses that GQA; phases off).", minimum=1)
     method: str = option("mean", help=METHODS_HELP, metavar="[mean|first|random|grouped+aligned+fit|...]")
     seed: int = option(0, help="Seed for --method random and for the grouping search of --method grouped.",
                        minimum=0)
@@ -49,8 +51,9 @@ class ConvertSettings(Settings):
                           "rotation of that pair on calibration text (folded into q_proj; no cache cost).")
     q_rank: int | None = option(None, help="MLA deepseek-v3: factor the query through a latent of this size too.",
                                 minimum=1)
-    calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default the "
-                                   "WikiText-2 test split shipped with attnconv), for the calibrated GQA/MQA "
+    calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default "
+                                   "wikitext-2-test:calib, the first half of the WikiText-2 test split shipped with "
+                                   "attnconv, disjoint from eval's default second half), for the calibrated GQA/MQA "
                                    "methods and MLA's --init pca, --phases, --rope-select 2-norm.", io="data")
     calib_tokens: int = option(131072, help="Calibration tokens.", minimum=1)
     calib_seq_len: int | None = option(None, help="Tokens per calibration sequence (default min(2048, the model's "
@@ -71,17 +74,22 @@ class ConvertSettings(Settings):
                                 "the plan)")
         # parsed once: plan, ops and targets receive this Method
         object.__setattr__(self, "merge_method", parse_method(self.method, self.label("method")))
-        if self.to == "mla" and self.method != "mean":
-            raise AttnconvError(f"{self.label('method')} is for {to} gqa/mqa; MLA's latent is set by "
-                                f"{self.label('init')}")
+        merge = self.to == "mla" and self.kv_heads is not None
+        if self.to == "mla" and self.method != "mean" and not merge:
+            raise AttnconvError(f"{self.label('method')} is for {to} gqa/mqa, or for {to} mla with {kv} (how the "
+                                f"KV heads merge first); MLA's latent is set by {self.label('init')}")
         mla_only = ("kv_rank", "rope_dim", "q_rank")
         if self.to == "mla":
             if self.kv_rank is None:
                 raise AttnconvError(f"{to} mla needs {self.label('kv_rank')} R (the latent's dims per token and "
                                     "layer)")
-            if self.kv_heads is not None:
-                raise AttnconvError(f"{kv} is for {to} gqa; MLA's cache is set by {self.label('kv_rank')} and "
-                                    f"{self.label('rope_dim')}")
+            if merge and self.format != "attnconv":
+                raise AttnconvError(f"{kv} with {to} mla (merge the KV heads first, then the latent) needs --format "
+                                    "attnconv; DeepSeek-V3's format has one RoPE key for all heads")
+            if merge and (self.merge_method.name in ("first", "random") or self.rope_select == "2-norm"):
+                raise AttnconvError(f"{to} mla {kv} merges KV heads by mean or a calibrated method (not "
+                                    f"{self.merge_method.name}) and keeps RoPE pairs by high/low/uniform (2-norm "
+                                    "scores the source's heads)")
             if self.format == "attnconv" and self.q_rank is not None:
                 raise AttnconvError(f"{self.label('q_rank')} is for --format deepseek-v3")
             if self.format == "deepseek-v3" and len(self.kv_rank) > 1:
@@ -114,9 +122,17 @@ class ConvertSettings(Settings):
     @property
     def needs_calibration(self) -> bool:
         """Whether the conversion reads activations on calibration text."""
+        return bool(self.calibration_uses)  # with --kv-heads, MLA's phases are not used (source heads' rotations)
+
+    @property
+    def calibration_uses(self) -> list[str]:
+        """The options that read calibration text (empty: weights only), for saying why it is read."""
         if self.to != "mla":
-            return self.merge_method.calibrated
-        return self.init == "pca" or self.phases or self.rope_select == "2-norm"
+            return [f"--method {self.method}"] if self.merge_method.calibrated else []
+        uses = ["--init pca"] if self.init == "pca" else []
+        if self.kv_heads is not None:
+            return uses + ([f"--method {self.method}"] if self.merge_method.calibrated else [])
+        return uses + ["--phases"] * self.phases + ["--rope-select 2-norm"] * (self.rope_select == "2-norm")
 
     @property
     def target_kv_heads(self) -> int:

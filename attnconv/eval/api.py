@@ -24,9 +24,9 @@ from attnconv.eval.perplexity import PerplexityResult, TextStats, perplexity, pl
 from attnconv.eval.report import print_table, write_reports
 from attnconv.eval.settings import EvalSettings
 from attnconv.families import cache_shape, max_positions
-from attnconv.loading import load_causal_lm, load_config, load_tokenizer, resolve_source
+from attnconv.loading import load_causal_lm, load_config, load_tokenizer, read_provenance, resolve_source
 from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
-from attnconv.textdata import DEFAULT_SPEC, load_texts
+from attnconv.textdata import DEFAULT_SPEC, load_texts, texts_overlap
 
 DEFAULT_MAX_LENGTH = 1024
 
@@ -161,6 +161,7 @@ def prepare(settings: EvalSettings) -> Prepared:
                 raise AttnconvError(f"{n} and the reference {reference} use different tokenizers, so their "
                                     "predictions cannot be compared; pass a model converted from that reference")
     texts = load_texts(settings.data)
+    prepared.notes += overlap_warnings(names, settings.data or DEFAULT_SPEC)
     prepared.stats, prepared.n_documents = text_stats(texts), len(texts)
     prepared.max_length, prepared.stride = choose_windows(configs, settings.max_length, settings.stride,
                                                           prepared.notes)
@@ -174,6 +175,20 @@ def prepare(settings: EvalSettings) -> Prepared:
         _check_vocab_fit(n, by_tokenizer[key], configs[n])
         prepared.streams[n] = by_tokenizer[key]
     return prepared
+
+
+def overlap_warnings(models: list[str], data: str) -> list[str]:
+    """One line per model whose attnconv.json records calibration or training on the text being scored."""
+    warnings = []
+    for name in models:
+        record = read_provenance(name) if Path(name).is_dir() else {}
+        used = {"calibrated": ((record.get("conversion") or {}).get("calibration") or {}).get("data"),
+                "uptrained": (record.get("uptrain") or {}).get("data")}
+        for verb, spec in used.items():
+            if isinstance(spec, str) and texts_overlap(spec, data):
+                warnings.append(f"warning: {name} was {verb} on {spec}, which overlaps the scored text {data}: its "
+                                "figures are not held-out (score other text with --data)")
+    return warnings
 
 
 def score(settings: EvalSettings, prepared: Prepared, name: str, model, source=None,
@@ -244,7 +259,7 @@ def evaluate(settings: EvalSettings, console: Console | None = None) -> EvalResu
     with output_lock(settings.out) if settings.out is not None else nullcontext():
         results = _evaluate(settings, prepare(settings), dev)
         for note in results.prepared.notes:
-            console.print(f"note: {note}")
+            console.print(note if note.startswith("warning:") else f"note: {note}")
         print_table(results.to_dict(), console)
         if settings.out is not None:
             # OUT was checked before the evaluation: one made since is found at publish, which keeps the reports.

@@ -18,8 +18,9 @@ class EvalSettings(Settings):
     models: tuple[str, ...] = option(help="Model folders or hub ids to evaluate, side by side.", argument=True,
                                      metavar="MODEL", io="model")
     data: str | None = option(None, help="Text to score: a .txt/.jsonl/.parquet/.csv file, a folder, a datasets spec "
-                              "name[:config][:split][:column], or tinyshakespeare[:test]. Default: the WikiText-2 "
-                              "raw test split shipped with attnconv.", io="data")
+                              "name[:config][:split][:column], tinyshakespeare[:test] or wikitext-2-test (the whole "
+                              "WikiText-2 raw test split shipped with attnconv). Default: wikitext-2-test:eval, its "
+                              "second half (convert calibrates on the first half by default).", io="data")
     max_length: int | None = option(None, help="Window length L in tokens. Default: min(1024, the models' maximum "
                                     "positions); clamped to that maximum.", flag="--max-length", short="-L",
                                     minimum=2)

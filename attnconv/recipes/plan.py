@@ -23,13 +23,13 @@ from attnconv.loading import _HUB_ID
 from attnconv.outputs import NAME_MAX, refuse_unsafe_output
 from attnconv.recipes.recipe import Recipe, RecipeError, Stage, absolute
 from attnconv.recipes.state import State, complete, owner
-from attnconv.textdata import _FILE_BUILDERS, DEFAULT_SPEC
+from attnconv.textdata import _FILE_BUILDERS, WIKITEXT2
 
 SHIPPED_SPLITS = ("train", "test", "validation", "eval")
 _EXPECTED = {"model": "a local model folder, an earlier stage's output, or a hub id",
              "folder": "a local model folder or an earlier stage's output",
              "data": "a local file or folder, an earlier stage's output, a dataset name[:config][:split][:column], "
-                     "or tinyshakespeare[:train|:test] / wikitext-2-test",
+                     "or tinyshakespeare[:train|:test] / wikitext-2-test[:calib|:eval]",
              "path": "an existing local file or folder"}
 
 
@@ -78,8 +78,10 @@ def _looks_local(spec: str, producers: dict[Path, Stage]) -> bool:
 def _shipped(value: str) -> str | None:
     """'' for a text shipped with attnconv, a problem for a bad split of one, None for anything else."""
     name, _, split = value.partition(":")
-    if value == DEFAULT_SPEC or (name == "tinyshakespeare" and not split):
+    if (name == WIKITEXT2 or name == "tinyshakespeare") and not split:
         return ""
+    if name == WIKITEXT2:
+        return "" if split in ("calib", "eval") else f"wikitext-2-test has the parts calib and eval, not {split!r}"
     if name == "tinyshakespeare":
         return "" if split in SHIPPED_SPLITS else f"tinyshakespeare has the splits train and test, not {split!r}"
     return None

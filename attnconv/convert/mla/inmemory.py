@@ -75,6 +75,7 @@ class LayerStatistics:
     moments: InputMoments
     pair_scores: Tensor  # [n_kv, rotary_pairs]
     phases: Tensor | None  # [n_heads, rotary_pairs] complex
+    attended: Tensor | None = None  # [hidden + 1]^2: keys weighted by the attention they get (merging KV heads)
 
 
 def collect_statistics(model, ids: Tensor, *, phases: bool = False, seq_len: int = 256) -> list[LayerStatistics]:
@@ -99,11 +100,14 @@ def _resolve(model, calibration, seq_len: int, phases: bool) -> list[LayerStatis
 
 def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_select: str = "high",
                     init: str = "svd", calibration: Tensor | list[LayerStatistics] | None = None,
-                    seq_len: int = 256, phases: bool = False):
+                    seq_len: int = 256, phases: bool = False, merged: list[AttentionWeights] | None = None):
     """The attnconv-format MLA of a loaded Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3 model (float32).
 
     calibration: token ids [n] or statistics from collect_statistics; phases: rotate dropped query pairs by the
-    source's mean rotation (needs calibration).
+    source's mean rotation (needs calibration). merged: the layers to convert instead of the model's, with fewer
+    KV heads (`merge_kv_heads`): the format holds that GQA exactly at kv_rank = kv_heads x head_dim with every
+    RoPE dim kept, so the MLA starts from the best GQA of its cache and can go below it (the phases and 2-norm
+    scores are the source heads' and do not apply).
     """
     from attnconv.models.mla import CLASSES, register_auto_classes
 
@@ -111,20 +115,35 @@ def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_sele
     weights = layer_weights(model)
     n_keep = check_rope_dim(rope_dim, weights[0].shape)
     stats = _resolve(model, calibration, seq_len, phases)
+    source_config = model.config.to_dict()
+    if merged is not None:
+        if phases:
+            raise ValueError("phases are the source heads' mean rotations; they do not apply to merged heads")
+        weights = merged
+        source_config["num_key_value_heads"] = merged[0].shape.n_kv_heads
     ranks = _per_layer(kv_rank, len(weights))
     state, all_pairs = _non_attention_state(model), []
     for i, w in enumerate(weights):
         st = stats[i] if stats else None
-        pairs = select_pairs(rope_select, w.shape, n_keep, st and st.pair_scores)
+        pairs = select_pairs(rope_select, w.shape, n_keep, st.pair_scores if st and merged is None else None)
         all_pairs.append(pairs)
         out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init, moments=st and st.moments,
                                      phases=st.phases if st and phases else None)
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
-    config = attnconv_config(model.config.to_dict(), kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init)
+    config = attnconv_config(source_config, kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init)
     config_cls, _, causal_cls = CLASSES[model.config.model_type]
     mla = causal_cls(config_cls(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")}))
     mla.load_state_dict(state, strict=True)
     return mla.eval()
+
+
+def merge_kv_heads(model, stats: list[LayerStatistics], kv_heads: int,
+                   method: str = "grouped+aligned+fit") -> list[AttentionWeights]:
+    """Every layer's KV heads merged into kv_heads by a calibrated GQA method (gqa/calibrated.py; input metric)."""
+    from attnconv.convert.gqa.calibrated import convert_layer
+
+    return [convert_layer(w, st.moments.augmented(), kv_heads, method)[0]
+            for w, st in zip(layer_weights(model), stats, strict=True)]
 
 
 def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "high", init: str = "svd",

@@ -11,7 +11,7 @@ converted: memory is one layer's working set, the calibration tokens' hidden sta
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from attnconv import finite
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
+from attnconv.convert.gqa.calibrated import convert_layer as merge_layer
 from attnconv.convert.mla.attnconv_format import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
 from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
 from attnconv.convert.mla.deepseek import (
@@ -31,6 +32,7 @@ from attnconv.convert.mla.inmemory import LayerStatistics
 from attnconv.convert.mla.rope import check_rope_dim, pair_scores, select_pairs
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
+from attnconv.textdata import CALIBRATION_SPEC
 
 ATTENTION = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.self_attn\.)(?P<key>.+)$")
 
@@ -52,6 +54,8 @@ class MlaTarget:
     kv_ranks: list[int]
     notes: list[str] = field(default_factory=list)
     pairs: dict[int, Tensor] = field(default_factory=dict)  # attnconv format: kept pairs per layer, as converted
+    merge: tuple[str, ...] | None = None  # --kv-heads: the KV heads merge first by these GQA steps (() = mean)
+    source_shape: AttentionShape | None = None  # the source's heads, when merged (shape is then the merged GQA's)
     op = "mla_layer"  # the convert op (ops.py) of every output of a layer
 
     @classmethod
@@ -65,6 +69,17 @@ class MlaTarget:
         if len(ranks) not in (1, layers):
             raise AttnconvError(f"--kv-rank gives {len(ranks)} ranks for {layers} layers; give one, or one per layer")
         target = cls(settings, config, shape, rope_dim, ranks * layers if len(ranks) == 1 else ranks)
+        if settings.kv_heads is not None:
+            n = settings.kv_heads
+            if shape.n_kv_heads % n or n > shape.n_kv_heads:
+                raise AttnconvError(f"--kv-heads {n} must divide the source's {shape.n_kv_heads} KV heads")
+            if shape.rotary_dim != shape.head_dim:
+                raise AttnconvError("--kv-heads with --to mla maps each key head's RoPE pairs, which needs RoPE on "
+                                    "the whole head (this model is partial rotary); leave --kv-heads out")
+            target.merge = settings.merge_method.steps
+            target.source_shape, target.shape = shape, replace(shape, n_kv_heads=n)
+            target.notes.append(f"KV heads merged {shape.n_kv_heads} -> {n} by {settings.method} before the latent "
+                                "(phases not used: they are the source heads' rotations)")
         if settings.format == "deepseek-v3":
             if settings.rope_select not in ("high", "uniform"):
                 raise AttnconvError(f"--rope-select {settings.rope_select} keeps pairs whose frequencies DeepSeek's "
@@ -97,14 +112,16 @@ class MlaTarget:
                                    rope_select=s.rope_select, q_rank=s.q_rank)[0]
         # a layer's pairs as converted; a layer not converted (dry run) gets the selection that needs no data
         pairs = [self.pairs[i] if i in self.pairs else self._pairs(None) for i in range(len(self.kv_ranks))]
-        return attnconv_config(self.config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs,
-                               init=s.init)
+        config = dict(self.config, num_key_value_heads=self.shape.n_kv_heads)
+        return attnconv_config(config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs, init=s.init)
 
     def record(self) -> dict[str, Any]:
         """What provenance says of the MLA conversion (ranks, RoPE dims, the pairs each layer kept, notes)."""
         out = {"format": self.settings.format, "kv_rank": self.kv_ranks, "rope_dim": self.rope_dim,
                "init": self.settings.init, "rope_select": self.settings.rope_select, "phases": self.settings.phases,
                "q_rank": self.settings.q_rank, "notes": self.notes}
+        if self.merge is not None:
+            out.update(kv_heads=self.shape.n_kv_heads, method=self.settings.method, phases=False)
         if self.pairs:
             out["rope_pairs"] = {i: p.tolist() for i, p in sorted(self.pairs.items())}
         return out
@@ -115,13 +132,18 @@ class MlaTarget:
         return select_pairs(self.settings.rope_select, self.shape, n_keep, stats.pair_scores if stats else None)
 
     def weights(self, tensors: dict[str, Tensor]) -> AttentionWeights:
-        return from_tensors(tensors, self.shape, float(self.config.get("rms_norm_eps") or 1e-6))
+        return from_tensors(tensors, self.source_shape or self.shape, float(self.config.get("rms_norm_eps") or 1e-6))
 
     def convert_layer(self, layer: int, tensors: dict[str, Tensor], stats: LayerStatistics | None) -> dict[str, Tensor]:
         """One layer's output tensors (names relative to its attention module), from its source tensors."""
         s, w = self.settings, self.weights(tensors)
         moments = stats.moments if stats is not None and s.init == "pca" else None
-        phases = stats.phases if stats is not None and s.phases else None
+        phases = stats.phases if stats is not None and s.phases and self.merge is None else None
+        if self.merge is not None:  # the calibrated (or mean) GQA first; the latent compresses it
+            second = stats.moments.augmented() if stats is not None else None
+            w = merge_layer(w, second, self.shape.n_kv_heads, self.merge, attended_moment=stats and stats.attended,
+                            seed=s.seed)[0]
+            stats = None  # the pair scores are the source heads': high/low/uniform only (settings check)
         if s.format == "deepseek-v3":
             return convert_deepseek_layer(w, kv_rank=self.kv_ranks[layer], rope_dim=self.rope_dim, init=s.init,
                                           moments=moments, rope_select=s.rope_select, q_rank=s.q_rank, phases=phases)
@@ -132,24 +154,38 @@ class MlaTarget:
     def collectors(self, weights: AttentionWeights, inv_freq: Tensor, attention=None, rotary=None) -> list:
         s = self.settings
         out: list = [MomentCollector(self.shape.hidden), PairNormCollector(weights)]
-        if s.phases:
+        if self.merge:  # the calibrated GQA's attended moment, as gqa/target.py collects it
+            from attnconv.convert.gqa.target import GqaTarget
+
+            out += GqaTarget(s, self.config, self.source_shape, self.shape.n_kv_heads, self.merge).collectors(
+                weights, inv_freq, attention, rotary)
+        elif s.phases:
             out.append(AttentionPhaseCollector(weights, inv_freq))
         return out
 
     def collector_bytes(self, seq_len: int) -> int:
-        """One layer's statistics: the input moments and the pair norms, float64."""
-        return 2 * 8 * (self.shape.hidden + 1) ** 2
+        """One layer's statistics: the input moments and the pair norms, float64 (with --kv-heads, the merge's
+        attended moment and recomputed attention too)."""
+        own = 2 * 8 * (self.shape.hidden + 1) ** 2
+        if not self.merge:
+            return own
+        from attnconv.convert.gqa.target import GqaTarget
+
+        gqa = GqaTarget(self.settings, self.config, self.source_shape, self.shape.n_kv_heads, self.merge)
+        return own + gqa.collector_bytes(seq_len)
 
     @staticmethod
     def statistics(collectors: list) -> LayerStatistics:
         moments, pairs = collectors[0].result(), collectors[1].result()
+        extra = collectors[2].result() if len(collectors) > 2 else None
+        attended = extra[1] if isinstance(extra, tuple) else None  # AttendedMomentCollector: (S, A)
         return LayerStatistics(moments, pair_scores(*pairs, collectors[1].w.shape),
-                               collectors[2].result() if len(collectors) > 2 else None)
+                               None if attended is not None else extra, attended)
 
 
 class Calibration:
     """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order).
-    target: an MlaTarget or a gqa_plan.GqaTarget (collectors, statistics and weights of a layer)."""
+    target: an MlaTarget or a gqa.target.GqaTarget (collectors, statistics and weights of a layer)."""
 
     def __init__(self, target, source: Path, read_layer, progress: bool, stop=None):
         from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
@@ -181,5 +217,5 @@ class Calibration:
 
     def record(self) -> dict[str, Any]:
         s = self.target.settings
-        return {"data": s.calibrate or "wikitext-2-test", "tokens": int(self.tokens.numel()),
+        return {"data": s.calibrate or CALIBRATION_SPEC, "tokens": int(self.tokens.numel()),
                 "seq_len": int(self.tokens.shape[1])}

