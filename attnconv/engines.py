@@ -41,6 +41,10 @@ class Engine:
     expert_fields: tuple[str, ...] = ()  # expert keys it reads even when every layer is dense
     activations: tuple[str, ...] | None = None  # hidden_act values its DeepSeek MLP runs; None: any
     drops: tuple[str, ...] = ()  # what it ignores silently (so attnconv must never rely on it)
+    # what it always runs, whatever the checkpoint says: kv_a_layernorm over the latent exists in every DeepSeek
+    # implementation (transformers DeepseekV3Attention, vLLM DeepseekV2MLAAttention, llama.cpp attn_kv_a_norm),
+    # so no conversion into this format is exact while the latent's RMS varies per token (mla_deepseek.py)
+    always_applies: tuple[str, ...] = ("kv_a_layernorm",)
     note: str = ""
 
     def setting_problem(self, kv_rank: int, rope_dim: int, nope_dim: int | None = None) -> str | None:
@@ -136,7 +140,8 @@ ENGINES: dict[str, Engine] = {
         # DeepseekV3ForCausalLM with n_routed_experts 256; projections without biases as in vLLM.
         Engine("sglang", latent_pairs=((512, 64),), expert_fields=("n_routed_experts",), avoid_routed_experts=(256,),
                activations=("silu",), drops=("attention biases", "rope scaling other than yarn"),
-               note="TRTLLM MLA additionally needs qk_nope_head_dim 128"),
+               note="TRTLLM MLA additionally needs qk_nope_head_dim 128; tensor parallelism wider than "
+                    "n_routed_experts raises only where MoE layers are built (none here)"),
     ]
 }
 ENGINE_NAMES = tuple(ENGINES)

@@ -19,6 +19,7 @@ from attnconv.convert.mla_deepseek import deepseek_config, exact_query_latent, f
 from attnconv.convert.mla_inmemory import to_deepseek_v3
 from attnconv.engines import ENGINES, engine, engines_loading, engines_serving
 from attnconv.loading import load_causal_lm
+from attnconv.push.card import model_card
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
 # SmolLM2-135M's attention (9 heads, 3 KV heads of 64, hidden 576, 30 layers) and a Llama-3-8B-like one.
@@ -91,20 +92,36 @@ def test_records_say_which_engines_serve_a_setting():
     assert llamacpp.q_rank_problem(2048, 27) is not None and llamacpp.q_rank_problem(None, 26) is None
 
 
+def _same_logits(a, b, vocab: int):
+    ids = _ids(vocab, 1)
+    ref = _logits(load_causal_lm(a, dtype="float32"), ids)
+    out = _logits(load_causal_lm(b, dtype="float32"), ids)  # stock transformers DeepseekV3
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+MLA = ["--to", "mla", "--kv-rank", "24", "--rope-dim", "8", "--init", "svd", "--no-phases"]
+
+
+def test_streamed_fold_of_gemma_norms(tmp_path, cli):
+    """The CLI folds the norm as Gemma applies it (1 + w)."""
+    src = build_tiny_model("gemma", tmp_path / "gemma", n_heads=4, n_kv_heads=2, with_tokenizer=True)
+    assert cli("convert", src, tmp_path / "plain", *MLA)[0] == 0
+    assert cli("convert", src, tmp_path / "latent", *MLA, "--q-rank", "64")[0] == 0
+    _same_logits(tmp_path / "plain", tmp_path / "latent", 256)
+
+
 def test_engine_llamacpp_writes_the_exact_query_latent(tiny, tmp_path, cli):
     root, src = tiny
-    args = ["--to", "mla", "--kv-rank", "24", "--rope-dim", "8", "--init", "svd", "--no-phases"]
-    assert cli("convert", src, tmp_path / "plain", *args)[0] == 0
-    code, _, err = cli("convert", src, tmp_path / "cpp", *args, "--engine", "llama.cpp")
+    assert cli("convert", src, tmp_path / "plain", *MLA)[0] == 0
+    code, _, err = cli("convert", src, tmp_path / "cpp", *MLA, "--engine", "llama.cpp")
     assert code == 0, err
     config = json.loads((tmp_path / "cpp" / "config.json").read_text())
     assert config["q_lora_rank"] == 64 and config["n_routed_experts"] > config["n_group"]
     conv = json.loads((tmp_path / "cpp" / "attnconv.json").read_text())["conversion"]
     assert conv["engine"] == "llama.cpp" and "llama.cpp" in conv["engines"] and conv["input_norm_folded"]
-    ids = _ids(config["vocab_size"], 1)
-    ref = _logits(load_causal_lm(tmp_path / "plain", dtype="float32"), ids)
-    out = _logits(load_causal_lm(tmp_path / "cpp", dtype="float32"), ids)  # stock transformers DeepseekV3
-    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert "Made for `llama.cpp`; within the limits of: `transformers`, `llama.cpp`" in model_card(tmp_path / "cpp",
+                                                                                                 "me/tiny-mla")
+    _same_logits(tmp_path / "plain", tmp_path / "cpp", config["vocab_size"])
 
 
 @pytest.mark.parametrize("args,needles", [
