@@ -18,6 +18,23 @@ import torch
 
 TOOLS = ("llama-perplexity", "llama-simple", "llama-tokenize", "llama-bench")
 
+# convert_hf_to_gguf.py's Llama converter imports sentencepiece before it looks for tokenizer.model (and falls back
+# to tokenizer.json when that file is missing): where the package is not installed, the import error would end the
+# conversion, so the check for the file comes first.
+_CONVERT = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # the script's folder, as when it runs as a script
+from conversion import base
+load = base.TextModel._create_vocab_sentencepiece
+def create_vocab_sentencepiece(self):
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(self.dir_model / "tokenizer.model")
+    return load(self)
+base.TextModel._create_vocab_sentencepiece = create_vocab_sentencepiece
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
 
 def root() -> Path:
     cache = Path(os.environ.get("ATTNCONV_CACHE") or Path.home() / ".cache" / "attnconv")
@@ -44,8 +61,9 @@ def to_gguf(model: Path, out: Path, outtype: str = "f32") -> Path:
     src = root() / "src"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
     part = out.with_suffix(".part")
-    done = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(part),
-                           "--outtype", outtype], capture_output=True, text=True, env=env, timeout=1800)
+    done = subprocess.run([sys.executable, "-c", _CONVERT, str(src / "convert_hf_to_gguf.py"), str(model),
+                           "--outfile", str(part), "--outtype", outtype],
+                          capture_output=True, text=True, env=env, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError("convert_hf_to_gguf.py failed:\n" + "\n".join(done.stderr.strip().splitlines()[-15:]))
     part.rename(out)
