@@ -25,6 +25,9 @@ What the format cannot express is refused with the reason (use --format attnconv
 - RoPE scaling other than none (llama3, longrope, yarn, ...): DeepSeek's rotary covers rope_dim dims with its
   own yarn; the source's per-frequency scaling does not carry over.
 - MLP biases (DeepseekV3MLP has none).
+The query latent (q_rank) is exact at q_rank = hidden: the input RMSNorm's weight is folded into the attention's
+input projections and written as ones (it feeds nothing else), q_a_proj is the identity and q_a_layernorm sees an
+input of RMS 1 per token; llama.cpp needs a query latent (attnconv/engines.py).
 Expressed exactly: Gemma's (1 + w) RMSNorms (weight + 1), its sqrt(hidden)-scaled tied embeddings (embed_tokens
 scaled, lm_head the unscaled copy), GeGLU (hidden_act gelu_pytorch_tanh; note: vLLM's DeepSeek MLP runs only
 silu); Phi-3's fused qkv_proj (split by the adapter) and gate_up_proj (split here); a sliding window becomes
@@ -72,7 +75,7 @@ def check_layer(w: AttentionWeights) -> None:
 def folds_input_norm(q_rank: int | None, hidden: int) -> bool:
     """Whether a conversion folds the input RMSNorm's weight into attention (and writes it as ones): for the exact
     query latent, q_rank = hidden, whose q_a_layernorm must see an input of RMS 1 per token."""
-    return q_rank is not None and q_rank >= hidden
+    return q_rank == hidden
 
 
 def fold_input_norm(tensors: dict[str, Tensor], norm: Tensor) -> dict[str, Tensor]:
