@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.attnconv-installed
 
-.PHONY: test demo lint tools clean bench
+.PHONY: test test-engines demo lint tools clean bench
 
 tools:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) is missing; install Python >= 3.10" >&2; exit 1; }
@@ -23,6 +23,12 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# Opt-in: builds llama.cpp once into $$ATTNCONV_CACHE/llama.cpp (CPU, minutes), then checks that it serves the
+# DeepSeek-V3 output exactly as transformers runs it. CI never runs this.
+test-engines: $(STAMP)
+	$(PY) scripts/build_llamacpp.py
+	$(VENV)/bin/pytest -q -s -m engines tests/test_engines_llamacpp.py
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

@@ -17,7 +17,7 @@ FLOORS = [
     {"patches"},
     {"calibration"},
     {"convert"},
-    {"eval", "uptrain", "push"},
+    {"eval", "uptrain", "push", "llamacpp"},
     {"recipes", "testing"},
     {"cli", "__main__"},
 ]

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from attnconv.convert.settings import InfoSettings
 from attnconv.dtypes import dtype_bytes
+from attnconv.engines import ENGINES
 from attnconv.errors import AttnconvError
 from attnconv.families import CacheShape, cache_shape, family_of, max_positions
 from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
@@ -120,4 +121,16 @@ def print_info(settings: InfoSettings, console: Console | None = None) -> ModelI
         table.add_row(r["kind"], str(r["kv_heads"]), human_bytes(r["bytes_per_token"]), human_bytes(r["total_bytes"]),
                       f"{r['total_bytes'] / now:.3g}x", note)
     console.print(table)
+    if settings.kv_rank is not None:
+        console.print(engines_line(settings.kv_rank, settings.rope_dim or s.head_dim // 2, s.head_dim))
     return info
+
+
+def engines_line(kv_rank: int, rope_dim: int, nope_dim: int) -> str:
+    """Which serving engines run a DeepSeek-V3 MLA of this latent and RoPE key (attnconv/engines.py), and why
+    the others do not."""
+    problems = {e.name: e.setting_problem(kv_rank, rope_dim, nope_dim) for e in ENGINES.values()}
+    served = [name for name, p in problems.items() if p is None]
+    line = (f"DeepSeek-V3 MLA r={kv_rank} + shared RoPE {rope_dim}: served by: {', '.join(served) or 'none'}")
+    others = "; ".join(p for p in problems.values() if p is not None)
+    return line + (f". Not by: {others}" if others else "")

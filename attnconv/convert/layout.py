@@ -144,11 +144,14 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
     ordered = sorted(reader.tensors.values(), key=lambda m: (files.index(m.file), m.start))
     kept: dict[str, list[Entry]] = {shard: [] for shard in shard_of.values()}
     layers: dict[int, tuple[str, str, dict[str, TensorMeta]]] = {}  # layer -> (shard, prefix, {key: meta})
+    extra: dict[int, dict[str, TensorMeta]] = {}  # tensors outside attention a layer's conversion also reads
     for m in ordered:
         where = attention_key(m.name)
         if where is not None:  # a layer's tensors may straddle two shards: its outputs go to the first
             layers.setdefault(where[0], (shard_of[m.file], where[1], {}))[2][where[2]] = m
             continue
+        if hasattr(target, "extra_layer_input") and (hit := target.extra_layer_input(m.name)) is not None:
+            extra.setdefault(hit[0], {})[hit[1]] = m
         for out, shape, kind in target.other_outputs(m.name, m.shape):
             floating = m.st_dtype.startswith(("F", "BF"))
             out_dtype = st_dtype(dtype) if dtype is not None and floating else m.st_dtype
@@ -160,7 +163,8 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
                             f"match a {src.family.name} checkpoint")
     converted: dict[str, list[Entry]] = {shard: [] for shard in shard_of.values()}
     for layer, (shard, prefix, inputs) in sorted(layers.items()):
-        names = sorted(inputs)
+        names = sorted(inputs) + sorted(extra.get(layer, {}))  # attention tensors first: they set dtype and shard
+        inputs = {**inputs, **extra.get(layer, {})}
         first = inputs[names[0]]
         out_dtype = st_dtype(dtype) if dtype is not None else first.st_dtype
         shapes = {k: tuple(m.shape) for k, m in inputs.items()}

@@ -51,10 +51,10 @@ class Plan:
 
     def layer_inputs(self, layer: int) -> dict[str, torch.Tensor]:
         """A layer's attention tensors, named relative to its attention module."""
-        from attnconv.convert.mla.target import attention_key
+        from attnconv.convert.mla.target import layer_input_key
 
         step = next(s for s in self.steps if s.layer == layer)
-        return {attention_key(n)[2]: self.reader.get(n) for n in step.inputs}
+        return {layer_input_key(n): self.reader.get(n) for n in step.inputs}
 
     def calibration(self):
         """The calibration run (started when first needed), or None when the settings need none."""
@@ -74,9 +74,9 @@ class Plan:
         """One output of a layer's conversion: the first asked converts the layer; the others are kept until
         asked for (the executor asks in plan order, so a layer's outputs go out together)."""
         if step.layer not in self._layers:
-            from attnconv.convert.mla.target import attention_key
+            from attnconv.convert.mla.target import layer_input_key
 
-            tensors = {attention_key(n)[2]: t for n, t in zip(step.inputs, inputs, strict=True)}
+            tensors = {layer_input_key(n): t for n, t in zip(step.inputs, inputs, strict=True)}
             calibration = self.calibration()
             stats = calibration.get(step.layer) if calibration is not None else None
             with torch.no_grad():

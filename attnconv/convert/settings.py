@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from attnconv.convert.gqa.methods import METHODS_HELP, parse_method
 from attnconv.dtypes import ALIASES, DTYPES
+from attnconv.engines import ENGINE_NAMES, engine
 from attnconv.errors import AttnconvError
 from attnconv.settings import Settings, allow_pickle_option, option, overwrite_option, quiet_option
 
@@ -49,8 +50,12 @@ class ConvertSettings(Settings):
                               "attnconv format).", choices=ROPE_SELECT)
     phases: bool = option(True, help="MLA: a query pair whose rotation is dropped turns by the source's mean "
                           "rotation of that pair on calibration text (folded into q_proj; no cache cost).")
-    q_rank: int | None = option(None, help="MLA deepseek-v3: factor the query through a latent of this size too.",
-                                minimum=1)
+    q_rank: int | None = option(None, help="MLA deepseek-v3: factor the query through a latent of this size too "
+                                "(the hidden size is exact: the input RMSNorm is folded into the projections). "
+                                "Default: none, or the hidden size where --engine needs one (llama.cpp).", minimum=1)
+    engine: str = option("transformers", help="MLA deepseek-v3: the engine the output is for; the setting is "
+                         "checked against its limits before any work (attnconv/engines.py) and defaults picked to "
+                         "fit it. The output loads in transformers either way.", choices=ENGINE_NAMES)
     calibrate: str | None = option(None, help="Calibration text (the --data forms of eval/uptrain; default "
                                    "wikitext-2-test:calib, the first half of the WikiText-2 test split shipped with "
                                    "attnconv, disjoint from eval's default second half), for the calibrated GQA/MQA "
@@ -96,8 +101,18 @@ class ConvertSettings(Settings):
                 raise AttnconvError(f"a rank per layer ({self.label('kv_rank')} R1,R2,...) needs --format attnconv")
             if self.rope_dim is not None and self.rope_dim % 2:
                 raise self.error("rope_dim", "an even number (RoPE rotates pairs of dims)", self.rope_dim)
+            if self.engine != "transformers" and self.format != "deepseek-v3":
+                raise AttnconvError(f"{self.label('engine')} {self.engine} serves --format deepseek-v3; --format "
+                                    "attnconv loads only in transformers")
+            if self.format == "deepseek-v3" and self.rope_dim is not None:  # else checked once the model is read
+                problem = engine(self.engine).setting_problem(self.kv_rank[0], self.rope_dim)
+                if problem is not None:
+                    raise AttnconvError(problem)
         elif given := [n for n in mla_only if getattr(self, n) is not None]:
             raise AttnconvError(f"{self.label(given[0])} is for {to} mla")
+        elif self.engine != "transformers":
+            raise AttnconvError(f"{self.label('engine')} is for {to} mla --format deepseek-v3 (GQA/MQA outputs keep "
+                                "the source's architecture)")
         if self.calibrate is not None and not self.needs_calibration:
             raise AttnconvError(f"{self.label('calibrate')} is unused: this conversion reads no activations (it "
                                 "calibrates for the grouped/aligned/fit methods, MLA's --init pca, --phases and "

@@ -36,6 +36,9 @@ def _mla_section(prov: dict, conv: dict) -> list[str]:
         "", "| | source | this model |", "|---|---|---|",
         f"| key/value heads | {conv.get('kv_heads_before')} | latent |",
         f"| KV cache per token | {_kib(kv_before)} | {_kib(kv_after)}{ratio} |"]
+    if conv.get("engines"):  # deepseek-v3: what it was made for and every engine whose limits it meets
+        lines += ["", f"Made for `{conv.get('engine')}`; within the limits of: "
+                  + ", ".join(f"`{e}`" for e in conv["engines"]) + " (attnconv's engine records)."]
     return lines + [f"- {note}" for note in conv.get("notes") or []]
 
 

@@ -38,6 +38,9 @@ What the format cannot express is refused with the reason (use --format attnconv
 - RoPE scaling other than none (llama3, longrope, yarn, ...): DeepSeek's rotary covers rope_dim dims with its
   own yarn; the source's per-frequency scaling does not carry over.
 - MLP biases (DeepseekV3MLP has none).
+The query latent (q_rank) is exact at q_rank = hidden: the input RMSNorm's weight is folded into the attention's
+input projections and written as ones (it feeds nothing else), q_a_proj is the identity and q_a_layernorm sees an
+input of RMS 1 per token; llama.cpp needs a query latent (attnconv/engines.py).
 Expressed exactly: Gemma's (1 + w) RMSNorms (weight + 1), its sqrt(hidden)-scaled tied embeddings (embed_tokens
 scaled, lm_head the unscaled copy), GeGLU (hidden_act gelu_pytorch_tanh; note: vLLM's DeepSeek MLP runs only
 silu); Phi-3's fused qkv_proj (split by the adapter) and gate_up_proj (split here); a sliding window becomes
@@ -60,6 +63,7 @@ from attnconv.convert.mla.rope import (
     principal_rotations,
     shared_frequencies,
 )
+from attnconv.engines import DENSE_EXPERT_FIELDS
 from attnconv.errors import AttnconvError
 from attnconv.families import ROPE_FAMILIES
 
@@ -88,15 +92,40 @@ def check_layer(w: AttentionWeights) -> None:
                             f"DeepSeek-V3's attention (its latent is shared by all heads); {_OTHER_FORMAT}")
 
 
+def folds_input_norm(q_rank: int | None, hidden: int) -> bool:
+    """Whether a conversion folds the input RMSNorm's weight into attention (and writes it as ones): for the exact
+    query latent, q_rank = hidden, whose q_a_layernorm must see an input of RMS 1 per token."""
+    return q_rank == hidden
+
+
+def fold_input_norm(tensors: dict[str, Tensor], norm: Tensor) -> dict[str, Tensor]:
+    """The layer's attention tensors reading x / rms(x) instead of norm * x / rms(x): every projection that reads
+    the attention input gets its columns scaled by the norm weight [hidden]. Exact: the input RMSNorm of a
+    Llama-family layer feeds only its attention (the MLP has its own post_attention_layernorm)."""
+    reads_input = ("q_proj.weight", "q_a_proj.weight", "kv_a_proj_with_mqa.weight")
+    return {k: t * norm.float()[None] if k in reads_input else t for k, t in tensors.items()}
+
+
+def exact_query_latent(q_flat: Tensor) -> dict[str, Tensor]:
+    """q_a_proj = identity, q_a_layernorm = ones, q_b_proj = the queries: a query latent of rank hidden that changes
+    nothing when the attention input has RMS 1 per token (fold_input_norm), up to q_a_layernorm's eps."""
+    hidden = q_flat.shape[1]
+    return {"q_a_proj.weight": torch.eye(hidden), "q_a_layernorm.weight": torch.ones(hidden),
+            "q_b_proj.weight": q_flat}
+
+
 def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, init: str = "svd",
                            moments: InputMoments | None = None, rope_select: str = "high",
-                           q_rank: int | None = None, phases: Tensor | None = None) -> dict[str, Tensor]:
+                           q_rank: int | None = None, phases: Tensor | None = None,
+                           input_norm: Tensor | None = None) -> dict[str, Tensor]:
     """One layer's DeepseekV3Attention tensors (names relative to `model.layers.N.self_attn.`).
 
     The latent is scaled so that kv_a_layernorm acts linearly (module docstring), by its mean square on the
     calibration data (`moments`; without them, under E[xx^T] = I, which the LATENT_EPS_SHARE margin covers).
     phases: [n_heads, rotary_pairs] complex (AttentionPhaseCollector): the NoPE part of every query pair is
     rotated and scaled by the source's mean rotation instead of losing its rotation outright.
+    input_norm: the layer's input RMSNorm weight as applied ([hidden]), given when the caller writes that norm as
+    ones (folds_input_norm): it is folded into the projections; with q_rank = hidden the query latent is exact.
     """
     s = w.shape
     check_layer(w)
@@ -141,6 +170,8 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
         "o_proj.weight": w.o * residual_scale(w.norm_eps),
     }
     q_flat = q_all.reshape(-1, s.hidden)  # [n_heads * (d + d_r), hidden]
+    if input_norm is not None and q_rank == s.hidden:
+        return {**fold_input_norm(out, input_norm), **exact_query_latent(q_flat * input_norm.float()[None])}
     if q_rank is None:
         out["q_proj.weight"] = q_flat
     else:
@@ -152,7 +183,7 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
         rms = float(q_stats.of_linear(q_down).diagonal().mean().sqrt())
         out.update({"q_a_proj.weight": q_down, "q_a_layernorm.weight": torch.full((q_rank,), rms),
                     "q_b_proj.weight": q_low.up})
-    return out
+    return out if input_norm is None else fold_input_norm(out, input_norm)
 
 
 def deepseek_output_shapes(shape: AttentionShape, *, kv_rank: int, rope_dim: int,
@@ -240,11 +271,9 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
         "num_attention_heads": shape.n_heads, "num_key_value_heads": shape.n_heads,
         "kv_lora_rank": kv_rank, "q_lora_rank": q_rank, "qk_rope_head_dim": rope_dim,
         "qk_nope_head_dim": shape.head_dim, "v_head_dim": shape.head_dim,
-        # dense MLPs everywhere: no layer reaches first_k_dense_replace, so no expert is built (the MoE fields
-        # stay valid integers, as transformers' config and engines require)
-        "first_k_dense_replace": layers, "moe_layer_freq": 1, "n_routed_experts": 1, "n_shared_experts": 1,
-        "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "moe_intermediate_size": intermediate,
-        "routed_scaling_factor": 1.0, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        # dense MLPs everywhere: no layer reaches first_k_dense_replace, so no expert is built; the expert fields
+        # are those every engine accepts (attnconv/engines.py)
+        "first_k_dense_replace": layers, **DENSE_EXPERT_FIELDS, "moe_intermediate_size": intermediate,
         "num_nextn_predict_layers": 0, "hidden_act": act, "max_position_embeddings": max_positions,
         "rms_norm_eps": KV_NORM_EPS, "initializer_range": source.get("initializer_range", 0.02),
         "rope_theta": theta ** (step * rope_dim / shape.rotary_dim), "rope_scaling": None,
@@ -259,13 +288,16 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
     return config, notes
 
 
-def deepseek_rules(name: str, shape: tuple[int, ...], *, family: str,
-                   tied: bool) -> list[tuple[str, tuple[int, ...], str]]:
+def deepseek_rules(name: str, shape: tuple[int, ...], *, family: str, tied: bool,
+                   fold_norm: bool = False) -> list[tuple[str, tuple[int, ...], str]]:
     """What a source tensor outside attention becomes in deepseek-v3 format, without reading it:
     [(output name, output shape, transform)] with transform one of TRANSFORMS (attention goes through
-    convert_deepseek_layer). tied: the source ties lm_head to embed_tokens (the output always writes lm_head)."""
+    convert_deepseek_layer). tied: the source ties lm_head to embed_tokens (the output always writes lm_head).
+    fold_norm: the input RMSNorms are folded into attention (folds_input_norm) and written as ones."""
     if ".self_attn." in name:
         return []
+    if fold_norm and name.endswith("input_layernorm.weight"):
+        return [(name, shape, "ones")]
     if family == "gemma" and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w)
         return [(name, shape, "plus_one")]
     if name.endswith("embed_tokens.weight"):  # Gemma scales embeddings by sqrt(hidden)
@@ -290,12 +322,18 @@ def _residual(t: Tensor, residual: float) -> Tensor:
 
 # kind -> f(tensor, residual_scale of the source's eps)
 TRANSFORMS = {"copy": lambda t, r: t, "plus_one": lambda t, r: (t.float() + 1.0).to(t.dtype),
-              "scale_embedding": _scale_embedding, "residual": _residual,
+              "ones": lambda t, r: torch.ones_like(t), "scale_embedding": _scale_embedding, "residual": _residual,
               "first_half": lambda t, r: t.chunk(2, dim=0)[0], "second_half": lambda t, r: t.chunk(2, dim=0)[1]}
 
 
-def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool,
-                     source_eps: float = KV_NORM_EPS) -> list[tuple[str, Tensor]]:
+def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool, source_eps: float = KV_NORM_EPS,
+                     fold_norm: bool = False) -> list[tuple[str, Tensor]]:
     """A source tensor outside attention -> its deepseek-v3 tensors (deepseek_rules applied)."""
     return [(out, TRANSFORMS[kind](tensor, residual_scale(source_eps)))
-            for out, _, kind in deepseek_rules(name, tuple(tensor.shape), family=family, tied=tied)]
+            for out, _, kind in deepseek_rules(name, tuple(tensor.shape), family=family, tied=tied,
+                                               fold_norm=fold_norm)]
+
+
+def applied_norm(weight: Tensor, family: str) -> Tensor:
+    """An RMSNorm weight as the source applies it (Gemma multiplies by 1 + w), float32."""
+    return weight.float() + 1.0 if family == "gemma" else weight.float()

@@ -21,7 +21,13 @@ from attnconv.convert.mla.calibration import (
     MomentCollector,
     PairNormCollector,
 )
-from attnconv.convert.mla.deepseek import convert_deepseek_layer, deepseek_config, deepseek_tensors
+from attnconv.convert.mla.deepseek import (
+    applied_norm,
+    convert_deepseek_layer,
+    deepseek_config,
+    deepseek_tensors,
+    folds_input_norm,
+)
 from attnconv.convert.mla.rope import check_rope_dim, pair_scores, select_pairs
 
 
@@ -161,18 +167,20 @@ def to_deepseek_v3(model, *, kv_rank: int, rope_dim: int, rope_select: str = "hi
     config, notes = deepseek_config(source, weights[0].shape, kv_rank=kv_rank, rope_dim=rope_dim,
                                     rope_select=rope_select, q_rank=q_rank)
     stats = _resolve(model, calibration, seq_len, phases)
+    family, fold = source["model_type"], folds_input_norm(q_rank, model.config.hidden_size)
     layers = []
     for i, w in enumerate(weights):
         st = stats[i] if stats else None
+        norm = applied_norm(_layers(model)[i].input_layernorm.weight.detach(), family) if fold else None
         layers.append(convert_deepseek_layer(w, kv_rank=kv_rank, rope_dim=rope_dim, init=init, rope_select=rope_select,
                                              moments=st and st.moments, q_rank=q_rank,
-                                             phases=st.phases if st and phases else None))
+                                             phases=st.phases if st and phases else None, input_norm=norm))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and tied:
             continue
-        state.update(dict(deepseek_tensors(name, tensor, family=source["model_type"], tied=tied,
+        state.update(dict(deepseek_tensors(name, tensor, family=family, tied=tied, fold_norm=fold,
                                            source_eps=float(source.get("rms_norm_eps") or 1e-6))))
     for i, out in enumerate(layers):
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})

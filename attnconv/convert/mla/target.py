@@ -23,24 +23,35 @@ from attnconv.convert.gqa.calibrated import convert_layer as merge_layer
 from attnconv.convert.mla.attnconv_format import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
 from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
 from attnconv.convert.mla.deepseek import (
+    applied_norm,
     convert_deepseek_layer,
     deepseek_config,
     deepseek_output_shapes,
     deepseek_rules,
+    folds_input_norm,
 )
 from attnconv.convert.mla.inmemory import LayerStatistics
 from attnconv.convert.mla.rope import check_rope_dim, pair_scores, select_pairs
 from attnconv.convert.settings import ConvertSettings
+from attnconv.engines import engine, engines_loading
 from attnconv.errors import AttnconvError
 from attnconv.textdata import CALIBRATION_SPEC
 
 ATTENTION = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.self_attn\.)(?P<key>.+)$")
+INPUT_NORM = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.input_layernorm\.weight$")
+INPUT_NORM_KEY = "input_layernorm.weight"  # a layer input's key beside its attention tensors (folded into them)
 
 
 def attention_key(name: str) -> tuple[int, str, str] | None:
     """(layer, prefix, key) of a tensor inside a layer's attention module, else None."""
     m = ATTENTION.match(name)
     return (int(m.group("layer")), m.group("prefix"), m.group("key")) if m else None
+
+
+def layer_input_key(name: str) -> str:
+    """The key a layer's conversion reads a tensor under: relative to the attention module, or INPUT_NORM_KEY."""
+    where = attention_key(name)
+    return where[2] if where is not None else INPUT_NORM_KEY
 
 
 @dataclass
@@ -56,6 +67,8 @@ class MlaTarget:
     pairs: dict[int, Tensor] = field(default_factory=dict)  # attnconv format: kept pairs per layer, as converted
     merge: tuple[str, ...] | None = None  # --kv-heads: the KV heads merge first by these GQA steps (() = mean)
     source_shape: AttentionShape | None = None  # the source's heads, when merged (shape is then the merged GQA's)
+    q_rank: int | None = None  # deepseek-v3: --q-rank, or the engine's default
+    fold_norm: bool = False  # deepseek-v3: the input RMSNorms are folded into attention (exact query latent)
     op = "mla_layer"  # the convert op (ops.py) of every output of a layer
 
     @classmethod
@@ -84,8 +97,20 @@ class MlaTarget:
             if settings.rope_select not in ("high", "uniform"):
                 raise AttnconvError(f"--rope-select {settings.rope_select} keeps pairs whose frequencies DeepSeek's "
                                     "one geometric series cannot give; use high or uniform, or --format attnconv")
-            _, target.notes = deepseek_config(config, shape, kv_rank=ranks[0], rope_dim=rope_dim,
-                                              rope_select=settings.rope_select, q_rank=settings.q_rank)
+            eng = engine(settings.engine)
+            if (problem := eng.setting_problem(ranks[0], rope_dim, shape.head_dim)) is not None:
+                raise AttnconvError(problem)
+            target.q_rank = settings.q_rank or eng.default_q_rank(shape.hidden, layers)
+            if target.q_rank is not None and target.q_rank > shape.hidden:
+                raise AttnconvError(f"--q-rank {target.q_rank} exceeds the hidden size {shape.hidden}, which is "
+                                    f"already exact; choose at most {shape.hidden}")
+            if (problem := eng.q_rank_problem(target.q_rank, layers)) is not None:
+                raise AttnconvError(problem)
+            target.fold_norm = folds_input_norm(target.q_rank, shape.hidden)
+            out, target.notes = deepseek_config(config, shape, kv_rank=ranks[0], rope_dim=rope_dim,
+                                                rope_select=settings.rope_select, q_rank=target.q_rank)
+            if problems := eng.config_problems(out):  # what the source brings that the engine cannot run
+                raise AttnconvError(f"--engine {eng.name} cannot serve this model: {problems[0]}")
         return target
 
     # --- layout ---
@@ -93,7 +118,7 @@ class MlaTarget:
         """Output tensor names (relative to the layer's attention module) and shapes of one layer."""
         s, rank = self.settings, self.kv_ranks[layer]
         if s.format == "deepseek-v3":
-            return deepseek_output_shapes(self.shape, kv_rank=rank, rope_dim=self.rope_dim, q_rank=s.q_rank)
+            return deepseek_output_shapes(self.shape, kv_rank=rank, rope_dim=self.rope_dim, q_rank=self.q_rank)
         return attnconv_output_shapes(self.shape, kv_rank=rank, rope_dim=self.rope_dim,
                                       q_bias="q_proj.bias" in keys, kv_bias="k_proj.bias" in keys,
                                       o_bias="o_proj.bias" in keys, qk_norm="k_norm.weight" in keys)
@@ -103,13 +128,19 @@ class MlaTarget:
         if self.settings.format == "attnconv":
             return [(name, shape, "copy")]
         return deepseek_rules(name, shape, family=self.config["model_type"],
-                              tied=bool(self.config.get("tie_word_embeddings")))
+                              tied=bool(self.config.get("tie_word_embeddings")), fold_norm=self.fold_norm)
+
+    def extra_layer_input(self, name: str) -> tuple[int, str] | None:
+        """(layer, key) of a tensor outside attention that a layer's conversion also reads: the input RMSNorm
+        weight when it is folded into the attention projections."""
+        m = INPUT_NORM.match(name) if self.fold_norm else None
+        return (int(m.group("layer")), INPUT_NORM_KEY) if m else None
 
     def config_out(self) -> dict:
         s = self.settings
         if s.format == "deepseek-v3":
             return deepseek_config(self.config, self.shape, kv_rank=self.kv_ranks[0], rope_dim=self.rope_dim,
-                                   rope_select=s.rope_select, q_rank=s.q_rank)[0]
+                                   rope_select=s.rope_select, q_rank=self.q_rank)[0]
         # a layer's pairs as converted; a layer not converted (dry run) gets the selection that needs no data
         pairs = [self.pairs[i] if i in self.pairs else self._pairs(None) for i in range(len(self.kv_ranks))]
         config = dict(self.config, num_key_value_heads=self.shape.n_kv_heads)
@@ -119,9 +150,12 @@ class MlaTarget:
         """What provenance says of the MLA conversion (ranks, RoPE dims, the pairs each layer kept, notes)."""
         out = {"format": self.settings.format, "kv_rank": self.kv_ranks, "rope_dim": self.rope_dim,
                "init": self.settings.init, "rope_select": self.settings.rope_select, "phases": self.settings.phases,
-               "q_rank": self.settings.q_rank, "notes": self.notes}
+               "q_rank": self.q_rank, "notes": self.notes}
         if self.merge is not None:
             out.update(kv_heads=self.shape.n_kv_heads, method=self.settings.method, phases=False)
+        if self.settings.format == "deepseek-v3":  # the engine asked for, and every engine that loads the output
+            out.update(engine=self.settings.engine, engines=engines_loading(self.config_out()),
+                       input_norm_folded=self.fold_norm)
         if self.pairs:
             out["rope_pairs"] = {i: p.tolist() for i, p in sorted(self.pairs.items())}
         return out
@@ -145,8 +179,11 @@ class MlaTarget:
                             seed=s.seed)[0]
             stats = None  # the pair scores are the source heads': high/low/uniform only (settings check)
         if s.format == "deepseek-v3":
+            norm = tensors.get(INPUT_NORM_KEY)
+            norm = applied_norm(norm, self.config["model_type"]) if norm is not None else None
             return convert_deepseek_layer(w, kv_rank=self.kv_ranks[layer], rope_dim=self.rope_dim, init=s.init,
-                                          moments=moments, rope_select=s.rope_select, q_rank=s.q_rank, phases=phases)
+                                          moments=moments, rope_select=s.rope_select, q_rank=self.q_rank,
+                                          phases=phases, input_norm=norm)
         self.pairs[layer] = self._pairs(stats)
         return convert_attnconv_layer(w, kv_rank=self.kv_ranks[layer], pairs=self.pairs[layer], init=s.init,
                                       moments=moments, phases=phases)
