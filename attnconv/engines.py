@@ -125,7 +125,8 @@ ENGINES: dict[str, Engine] = {
         Engine("llama.cpp", null_q_rank="lite", lite_layers=(26, 27),
                expert_fields=("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "n_group"),
                activations=("silu",), drops=("attention biases", "hidden_act", "rope scaling other than yarn"),
-               note="CPU and GPU; any latent size (its MLA is plain ggml ops)"),
+               note="CPU and GPU; any latent size (its MLA is plain ggml ops); GGUF in bf16 or f32, not f16 "
+                    "(the latent projection lies below float16's range)"),
         # vLLM: vllm/model_executor/layers/attention/mla_attention.py MLACommonBackend.get_supported_head_sizes
         # = [320, 576] (FlashMLA and the sparse backends: [576]); TRITON_MLA crashed at kv_lora_rank 256 (vllm
         # #45031); models/deepseek_v2.py DeepseekV2MLAAttention builds every projection with bias=False (biases

@@ -4,7 +4,8 @@ The cache saving of MLA measured where people serve models: llama-bench's decode
 context of each depth (-d), and the KV cache bytes per token llama.cpp itself allocates (its `llama_kv_cache`
 log line, read from llama-simple), for the source (Llama GQA, 3 KV heads of 64) and its MLA conversion
 (--engine llama.cpp: the exact query latent; --init svd, no calibration: speed does not depend on quality).
-Both as f16 GGUFs written by llama.cpp's convert_hf_to_gguf.py. Needs scripts/build_llamacpp.py and
+Both as bf16 GGUFs written by llama.cpp's convert_hf_to_gguf.py (f16 would zero the DeepSeek-V3 latent
+projection, which is scaled below its range). Needs scripts/build_llamacpp.py and
 scripts/build_smollm2.py; writes benchmarks/results/engines.md with the CPU model and thread count.
 
     python benchmarks/engines.py [--kv-rank 96] [--rope-dim 32] [--depths 4096 16384] [--threads 2]
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--n-gen", type=int, default=32, help="tokens decoded per measurement")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--outtype", default="f16", choices=("f16", "f32"))
+    ap.add_argument("--outtype", default="bf16", choices=("bf16", "f32"))  # f16 zeroes the scaled latent projection
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if not llamacpp.available():

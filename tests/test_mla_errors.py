@@ -86,3 +86,22 @@ def test_missing_calibration_and_unknown_choices(models):
     # calibration moments are accepted for svd too (ignored: svd is weight-only)
     out = convert_attnconv_layer(w, kv_rank=8, pairs=pairs, init="svd", moments=InputMoments.identity(64))
     assert out["kv_a_proj.weight"].shape == (8, 64)
+
+
+def test_deepseek_v3_is_never_written_in_float16(tmp_path):
+    """Its latent projection is scaled below float16's range (the linear latent norm): a float16 source or
+    --dtype float16 is refused before anything is written; bfloat16 works."""
+    from attnconv.convert.api import convert
+    from attnconv.convert.settings import ConvertSettings
+
+    src = build_tiny_model("llama", tmp_path / "src", dtype=torch.float16, n_heads=4, n_kv_heads=2)
+    for dtype in ("auto", "float16"):
+        _refused(lambda d=dtype: convert(ConvertSettings(src, tmp_path / "out", to="mla", kv_rank=8, init="svd",
+                                                         phases=False, dtype=d), progress=False),
+                 "float16", "--dtype bfloat16")
+        assert not (tmp_path / "out").exists()
+    convert(ConvertSettings(src, tmp_path / "bf16", to="mla", kv_rank=8, init="svd", phases=False,
+                            dtype="bfloat16"), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    latent = model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight[:8]
+    assert latent.abs().max() > 0 and torch.isfinite(latent).all()

@@ -190,6 +190,12 @@ def _check_layer_shapes(target, prefix: str, inputs: dict[str, TensorMeta], lay:
                             f"KV heads of {lay.head_dim} ({e}); the config does not match the weights") from None
 
 
+def _source_float_dtype(src: Source) -> str | None:
+    """The dtype of the source's attention weights as a torch name ('float16', ...), from the headers."""
+    meta = next((m for m in src.reader.tensors.values() if ".self_attn." in m.name), None)
+    return None if meta is None else {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(meta.st_dtype)
+
+
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
     from attnconv.convert.mla.target import MlaTarget
 
@@ -197,6 +203,10 @@ def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype
         raise AttnconvError(f"--to mla needs RoPE attention ({', '.join(ROPE_FAMILIES)}); "
                             f"{src.family.name} has learned positions: convert it with --to mqa")
     target = src.target = MlaTarget.create(settings, src.config_in)
+    if settings.format == "deepseek-v3" and (dtype or _source_float_dtype(src)) == "float16":
+        raise AttnconvError("DeepSeek-V3 output in float16 would zero its latent projection (scaled below "
+                            "float16's range so that kv_a_layernorm acts linearly): pass --dtype bfloat16 or "
+                            "float32")
     _layer_layout(src, files, dtype)
     src.config_out = target.config_out() if settings.format == "deepseek-v3" else {}
     return src
