@@ -10,10 +10,12 @@ in layer order, the order calibration computes them in).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnconv.convert.settings import ConvertSettings
+from attnconv.convert.target import LayerTarget
 from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
 from attnconv.families import ROPE_FAMILIES, Family, HeadLayout, check_kv_heads, source_family
@@ -69,7 +71,7 @@ class Source:
     config_in: dict = field(default_factory=dict)
     shards: dict[str, list[Entry]] = field(default_factory=dict)
 
-    target: object | None = None  # converts a layer at a time: mla.target.MlaTarget, gqa.target.GqaTarget
+    target: LayerTarget | None = None  # converts a layer at a time (convert/target.py)
 
     def reserve(self, shard: str) -> int:
         """Header bytes to reserve in an output shard (names may gain a 12-character prefix)."""
@@ -136,7 +138,7 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
     """Entries of a conversion computed a layer at a time (MLA, calibrated GQA: src.target): each layer's
     attention tensors become the target's outputs (one computation per layer, written to the shard of the
     layer's first attention tensor), every other tensor what the target makes of it."""
-    from attnconv.convert.mla.target import attention_key
+    from attnconv.convert.target import attention_key
 
     target, reader = src.target, src.reader
     shard_of = {file: "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -190,6 +192,25 @@ def _check_layer_shapes(target, prefix: str, inputs: dict[str, TensorMeta], lay:
                             f"KV heads of {lay.head_dim} ({e}); the config does not match the weights") from None
 
 
+def _gqa(settings: ConvertSettings, config: dict, family: str) -> LayerTarget | None:
+    if not settings.needs_calibration:  # mean/first/random: one tensor at a time, and no torch before the copy
+        return None
+    from attnconv.convert.gqa.target import GqaTarget
+
+    return GqaTarget.create(settings, config, family)
+
+
+def _mla(settings: ConvertSettings, config: dict, family: str) -> LayerTarget:
+    from attnconv.convert.mla.target import MlaTarget
+
+    return MlaTarget.create(settings, config)
+
+
+# --to -> the LayerTarget that converts its layers (None: GQA/MQA by mean/first/random, one tensor at a time)
+TARGETS: dict[str, Callable[[ConvertSettings, dict, str], LayerTarget | None]] = {
+    "gqa": _gqa, "mqa": _gqa, "mla": _mla}
+
+
 def _source_float_dtype(src: Source) -> str | None:
     """The dtype of the source's attention weights as a torch name ('float16', ...), from the headers."""
     meta = next((m for m in src.reader.tensors.values() if ".self_attn." in m.name), None)
@@ -197,18 +218,12 @@ def _source_float_dtype(src: Source) -> str | None:
 
 
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
-    from attnconv.convert.mla.target import MlaTarget
-
-    if src.family.name not in ROPE_FAMILIES:
-        raise AttnconvError(f"--to mla needs RoPE attention ({', '.join(ROPE_FAMILIES)}); "
-                            f"{src.family.name} has learned positions: convert it with --to mqa")
-    target = src.target = MlaTarget.create(settings, src.config_in)
     if settings.format == "deepseek-v3" and (dtype or _source_float_dtype(src)) == "float16":
         raise AttnconvError("DeepSeek-V3 output in float16 would zero its latent projection (scaled below "
                             "float16's range so that kv_a_layernorm acts linearly): pass --dtype bfloat16 or "
                             "float32")
     _layer_layout(src, files, dtype)
-    src.config_out = target.config_out() if settings.format == "deepseek-v3" else {}
+    src.config_out = src.target.config_out() if settings.format == "deepseek-v3" else {}
     return src
 
 
@@ -239,13 +254,12 @@ def inspect_source(settings: ConvertSettings) -> Source:
                   if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(_SKIP_SUFFIXES))
     src = Source(settings, path, family, layout_in, layout_out, dtype, reader,
                  {} if mla else _config_out(family, config, kv_heads, dtype), copy, config_in=config)
-    if mla:
-        return _mla_layout(settings, src, files, dtype)
-    if settings.needs_calibration:  # the calibrated GQA methods convert a layer's attention as a whole
-        from attnconv.convert.gqa.target import GqaTarget
-
-        src.target = GqaTarget.create(settings, config, family.name)
-        return _layer_layout(src, files, dtype)
+    if mla and family.name not in ROPE_FAMILIES:
+        raise AttnconvError(f"--to mla needs RoPE attention ({', '.join(ROPE_FAMILIES)}); "
+                            f"{family.name} has learned positions: convert it with --to mqa")
+    src.target = TARGETS[settings.to](settings, config, family.name)  # MLA, calibrated GQA: a layer at a time
+    if src.target is not None:
+        return _mla_layout(settings, src, files, dtype) if mla else _layer_layout(src, files, dtype)
     n = len(files)
     for i, file in enumerate(files):
         shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

@@ -10,16 +10,14 @@ converted: memory is one layer's working set, the calibration tokens' hidden sta
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from attnconv import finite
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
 from attnconv.convert.gqa.calibrated import convert_layer as merge_layer
+from attnconv.convert.gqa.methods import Method
 from attnconv.convert.mla.attnconv_format import attnconv_config, attnconv_output_shapes, convert_attnconv_layer
 from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
 from attnconv.convert.mla.deepseek import (
@@ -33,25 +31,9 @@ from attnconv.convert.mla.deepseek import (
 from attnconv.convert.mla.inmemory import LayerStatistics
 from attnconv.convert.mla.rope import check_rope_dim, pair_scores, select_pairs
 from attnconv.convert.settings import ConvertSettings
+from attnconv.convert.target import INPUT_NORM, INPUT_NORM_KEY
 from attnconv.engines import engine, engines_loading
 from attnconv.errors import AttnconvError
-from attnconv.textdata import CALIBRATION_SPEC
-
-ATTENTION = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.self_attn\.)(?P<key>.+)$")
-INPUT_NORM = re.compile(r"^.*\.layers\.(?P<layer>\d+)\.input_layernorm\.weight$")
-INPUT_NORM_KEY = "input_layernorm.weight"  # a layer input's key beside its attention tensors (folded into them)
-
-
-def attention_key(name: str) -> tuple[int, str, str] | None:
-    """(layer, prefix, key) of a tensor inside a layer's attention module, else None."""
-    m = ATTENTION.match(name)
-    return (int(m.group("layer")), m.group("prefix"), m.group("key")) if m else None
-
-
-def layer_input_key(name: str) -> str:
-    """The key a layer's conversion reads a tensor under: relative to the attention module, or INPUT_NORM_KEY."""
-    where = attention_key(name)
-    return where[2] if where is not None else INPUT_NORM_KEY
 
 
 @dataclass
@@ -65,7 +47,7 @@ class MlaTarget:
     kv_ranks: list[int]
     notes: list[str] = field(default_factory=list)
     pairs: dict[int, Tensor] = field(default_factory=dict)  # attnconv format: kept pairs per layer, as converted
-    merge: tuple[str, ...] | None = None  # --kv-heads: the KV heads merge first by these GQA steps (() = mean)
+    merge: Method | None = None  # --kv-heads: the KV heads merge first by this GQA method (mean or calibrated)
     source_shape: AttentionShape | None = None  # the source's heads, when merged (shape is then the merged GQA's)
     q_rank: int | None = None  # deepseek-v3: --q-rank, or the engine's default
     fold_norm: bool = False  # deepseek-v3: the input RMSNorms are folded into attention (exact query latent)
@@ -89,7 +71,7 @@ class MlaTarget:
             if shape.rotary_dim != shape.head_dim:
                 raise AttnconvError("--kv-heads with --to mla maps each key head's RoPE pairs, which needs RoPE on "
                                     "the whole head (this model is partial rotary); leave --kv-heads out")
-            target.merge = settings.merge_method.steps
+            target.merge = settings.merge_method
             target.source_shape, target.shape = shape, replace(shape, n_kv_heads=n)
             target.notes.append(f"KV heads merged {shape.n_kv_heads} -> {n} by {settings.method} before the latent "
                                 "(phases not used: they are the source heads' rotations)")
@@ -191,7 +173,7 @@ class MlaTarget:
     def collectors(self, weights: AttentionWeights, inv_freq: Tensor, attention=None, rotary=None) -> list:
         s = self.settings
         out: list = [MomentCollector(self.shape.hidden), PairNormCollector(weights)]
-        if self.merge:  # the calibrated GQA's attended moment, as gqa/target.py collects it
+        if self.merge is not None and self.merge.calibrated:  # its attended moment, as gqa/target.py collects it
             from attnconv.convert.gqa.target import GqaTarget
 
             out += GqaTarget(s, self.config, self.source_shape, self.shape.n_kv_heads, self.merge).collectors(
@@ -204,7 +186,7 @@ class MlaTarget:
         """One layer's statistics: the input moments and the pair norms, float64 (with --kv-heads, the merge's
         attended moment and recomputed attention too)."""
         own = 2 * 8 * (self.shape.hidden + 1) ** 2
-        if not self.merge:
+        if self.merge is None or not self.merge.calibrated:
             return own
         from attnconv.convert.gqa.target import GqaTarget
 
@@ -218,41 +200,3 @@ class MlaTarget:
         attended = extra[1] if isinstance(extra, tuple) else None  # AttendedMomentCollector: (S, A)
         return LayerStatistics(moments, pair_scores(*pairs, collectors[1].w.shape),
                                None if attended is not None else extra, attended)
-
-
-class Calibration:
-    """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order).
-    target: an MlaTarget or a gqa.target.GqaTarget (collectors, statistics and weights of a layer)."""
-
-    def __init__(self, target, source: Path, read_layer, progress: bool, stop=None):
-        from attnconv.calibration import LayerwiseModel, calibration_tokens, run_layers
-        from attnconv.loading import load_tokenizer
-
-        s = target.settings
-        seq_len = s.calibration_seq_len(target.config)
-        tokens = calibration_tokens(s.calibrate, load_tokenizer(source), s.calib_tokens, seq_len)
-        model = LayerwiseModel(source, allow_pickle=s.allow_pickle)
-        inv_freq = model.inv_freq
-        self.target, self.tokens = target, tokens
-
-        def make(layer: int) -> list:
-            return target.collectors(target.weights(read_layer(layer)), inv_freq, model.layers[layer].self_attn,
-                                     model.base.rotary_emb)
-
-        self._layers = run_layers(model, tokens, make, progress=progress, stop=stop)
-        self._ready: dict[int, Any] = {}  # statistics of layers computed ahead of their conversion
-
-    def get(self, layer: int):
-        """Layer's statistics (the source is run up to it; earlier layers not yet asked for are kept)."""
-        while layer not in self._ready:
-            try:
-                index, collectors = next(self._layers)
-            except StopIteration:
-                raise RuntimeError(f"calibration ended before layer {layer}") from None
-            self._ready[index] = finite.statistics(self.target.statistics(collectors), index)
-        return self._ready.pop(layer)
-
-    def record(self) -> dict[str, Any]:
-        s = self.target.settings
-        return {"data": s.calibrate or CALIBRATION_SPEC, "tokens": int(self.tokens.numel()),
-                "seq_len": int(self.tokens.shape[1])}
