@@ -178,7 +178,7 @@ def test_console_entry_keeps_exit_codes_and_flushes_output(tmp_path):
 def test_disk_full_mid_conversion_is_one_line_and_leaves_nothing(cli, llama, tmp_path, monkeypatch):
     import errno
 
-    from attnconv.convert import tensor_io
+    from attnconv import tensor_io
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -223,7 +223,7 @@ def test_config_sizes_that_do_not_match_the_weights_are_one_line(cli, llama, tmp
 def test_q_rank_refusal_speaks_of_the_query(cli, llama, tmp_path):
     code, _, err = cli("convert", llama, tmp_path / "out", "--to", "mla", "--kv-rank", "16", "--q-rank", "5000",
                        "--init", "svd", "--no-phases")
-    assert_one_line_error(code, err, "--q-rank 5000 exceeds the 64 dims a query latent can have")
+    assert_one_line_error(code, err, "--q-rank 5000 exceeds the hidden size 64, which is already exact")
     assert "NoPE" not in err and not (tmp_path / "out").exists()
 
 
