@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gqa_calibrated import SEQ_LEN, uptrain_and_measure  # noqa: E402  (the shared uptraining setting)
+from kl_plot import kl_plot  # noqa: E402
 
 from attnconv.convert.api import convert  # noqa: E402
 from attnconv.convert.gqa.methods import parse_method  # noqa: E402
@@ -45,27 +46,10 @@ def label(kv: int) -> str:
 
 
 def plot(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results):
-        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["kv_bytes_per_token"])
-        ax.plot([r["kv_bytes_per_token"] / 1024 for r in rows], [r["kl"] for r in rows], marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("KV cache per token (KiB, float32)")
-    ax.set_ylabel("KL(source || converted), nats/token")
-    ax.set_title("Reference model (MHA, 8 heads): starting points before uptraining")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+    series = {m: [(r["kv_bytes_per_token"] / 1024, r["kl"]) for r in results if r["method"] == m]
+              for m in dict.fromkeys(r["method"] for r in results)}
+    return kl_plot(series, path, xlabel="KV cache per token (KiB, float32)", log_kl=True,
+                   title="Reference model (MHA, 8 heads): starting points before uptraining")
 
 
 def main() -> None:

@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from attnconv.convert.api import convert
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kl_plot import kl_plot  # noqa: E402
+
+from attnconv.convert.api import convert  # noqa: E402
 from attnconv.convert.settings import ConvertSettings
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
@@ -64,23 +67,10 @@ def model_folder() -> Path:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family in dict.fromkeys(r["family"] for r in rows):
-        pts = sorted((r["values"], r["kl"]) for r in rows if r["family"] == family)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("KV cache values per token and layer (source: 384, MQA: 128)")
-    ax.set_ylabel("KL(source || converted), nats/token")
-    ax.set_title("SmolLM2-135M-Instruct before uptraining (held-out WikiText-2)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    series = {f: [(r["values"], r["kl"]) for r in rows if r["family"] == f]
+              for f in dict.fromkeys(r["family"] for r in rows)}
+    kl_plot(series, path, xlabel="KV cache values per token and layer (source: 384, MQA: 128)",
+            title="SmolLM2-135M-Instruct before uptraining (held-out WikiText-2)")
 
 
 def main() -> None:
