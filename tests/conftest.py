@@ -82,3 +82,15 @@ def hub(monkeypatch, tmp_path):
         yield double
     assert not elsewhere, elsewhere
     assert not double.state.unhandled, double.state.unhandled  # the client made no call the double ignores
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama with the GPT-2 tokenizer and a short text beside it, one per test module (the safety tests'
+    common input; modules with another `tiny` define their own)."""
+    from attnconv.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=32, n_heads=4, max_positions=64)
+    (root / "text.txt").write_text("To be, or not to be, that is the question. " * 40)
+    return root, model

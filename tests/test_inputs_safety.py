@@ -8,15 +8,7 @@ import time
 
 import pytest
 
-from attnconv.testing import assert_one_line_error, build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=32, n_heads=4, max_positions=64)
-    (root / "text.txt").write_text("To be, or not to be, that is the question. " * 40)
-    return root, model
+from attnconv.testing import assert_one_line_error
 
 
 def test_a_decode_grid_beyond_memory_is_refused_before_allocating(cli, tiny, monkeypatch):

@@ -11,15 +11,7 @@ import pytest
 
 from attnconv.errors import AttnconvError
 from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock
-from attnconv.testing import assert_one_line_error, build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outputs")
-    model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=32, n_heads=4, max_positions=64)
-    (root / "text.txt").write_text("To be, or not to be, that is the question. " * 40)
-    return root, model
+from attnconv.testing import assert_one_line_error
 
 
 def test_an_empty_or_enclosing_out_is_refused_and_nothing_is_touched(cli, tiny, tmp_path, monkeypatch):

@@ -24,14 +24,6 @@ from attnconv.outputs import output_lock
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety")
-    model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=32, n_heads=4, max_positions=64)
-    (root / "text.txt").write_text("To be, or not to be, that is the question. " * 40)
-    return root, model
-
-
 def _copy(model, dest):
     shutil.copytree(model, dest)
     return dest
