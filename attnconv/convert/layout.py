@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnconv.convert.settings import ConvertSettings
-from attnconv.convert.target import LayerTarget
+from attnconv.convert.target import LayerTarget, attention_key
 from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
 from attnconv.families import ROPE_FAMILIES, Family, HeadLayout, check_kv_heads, source_family
 from attnconv.loading import check_layers, read_config, resolve_source, weight_files
-from attnconv.tensor_io import CheckpointReader, TensorMeta, header_reserve, st_dtype
+from attnconv.tensor_io import ST_DTYPES, CheckpointReader, TensorMeta, header_reserve, st_dtype
 
 # Files never copied: weights (rewritten), config (rewritten), the source's card and any remote code.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".py")
@@ -138,8 +138,6 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
     """Entries of a conversion computed a layer at a time (MLA, calibrated GQA: src.target): each layer's
     attention tensors become the target's outputs (one computation per layer, written to the shard of the
     layer's first attention tensor), every other tensor what the target makes of it."""
-    from attnconv.convert.target import attention_key
-
     target, reader = src.target, src.reader
     shard_of = {file: "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
                 for i, file in enumerate(files)}
@@ -214,7 +212,7 @@ TARGETS: dict[str, Callable[[ConvertSettings, dict, str], LayerTarget | None]] =
 def _source_float_dtype(src: Source) -> str | None:
     """The dtype of the source's attention weights as a torch name ('float16', ...), from the headers."""
     meta = next((m for m in src.reader.tensors.values() if ".self_attn." in m.name), None)
-    return None if meta is None else {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(meta.st_dtype)
+    return None if meta is None else ST_DTYPES[meta.st_dtype][0]
 
 
 def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:

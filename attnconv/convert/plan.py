@@ -18,7 +18,7 @@ from attnconv.convert.gqa.pool import tensor_generator
 from attnconv.convert.layout import Source, inspect_source
 from attnconv.convert.ops import OPS, Step
 from attnconv.convert.settings import ConvertSettings
-from attnconv.convert.target import LayerTarget
+from attnconv.convert.target import Calibration, LayerTarget, layer_input_key
 from attnconv.dtypes import dtype_bytes
 from attnconv.errors import AttnconvError
 from attnconv.families import Family, HeadLayout
@@ -52,16 +52,12 @@ class Plan:
 
     def layer_inputs(self, layer: int) -> dict[str, torch.Tensor]:
         """A layer's attention tensors, named relative to its attention module."""
-        from attnconv.convert.target import layer_input_key
-
         step = next(s for s in self.steps if s.layer == layer)
         return {layer_input_key(n): self.reader.get(n) for n in step.inputs}
 
     def calibration(self):
         """The calibration run (started when first needed), or None when the settings need none."""
         if self._calibration is None and self.settings.needs_calibration:
-            from attnconv.convert.target import Calibration
-
             self._calibration = Calibration(self.target, self.source, self.layer_inputs, self.progress, self.stop)
         return self._calibration
 
@@ -75,8 +71,6 @@ class Plan:
         """One output of a layer's conversion: the first asked converts the layer; the others are kept until
         asked for (the executor asks in plan order, so a layer's outputs go out together)."""
         if step.layer not in self._layers:
-            from attnconv.convert.target import layer_input_key
-
             tensors = {layer_input_key(n): t for n, t in zip(step.inputs, inputs, strict=True)}
             calibration = self.calibration()
             stats = calibration.get(step.layer) if calibration is not None else None
