@@ -1,7 +1,7 @@
 """The `attnconv` command line: thin wrappers over typed library functions.
 
-Each command is built from its settings dataclass (attnconv/<area>/settings.py) and calls one library function
-(attnconv/<area>/command.py). This file assembles them and turns what can go wrong into one line and an exit code:
+Each command is built from its settings dataclass and calls one library function, both named in the command table
+(attnconv/commands.py). This file assembles them and turns what can go wrong into one line and an exit code:
 AttnconvError (bad input: 2), a file system refusal (1), Ctrl-C (130) and SIGTERM (143).
 """
 
@@ -18,18 +18,11 @@ import threading
 import typer
 
 from attnconv import __version__
-from attnconv.convert.command import run_convert, run_info
-from attnconv.convert.settings import ConvertSettings, InfoSettings
+from attnconv.commands import COMMANDS
 from attnconv.errors import AttnconvError, Interrupted, Terminated, disk_full
-from attnconv.eval.command import run_eval
-from attnconv.eval.settings import EvalSettings
-from attnconv.push.command import run_push
-from attnconv.push.settings import PushSettings
 from attnconv.recipes.command import run_recipe_command
 from attnconv.runtime import prefer_huge_pages
 from attnconv.settings import command
-from attnconv.uptrain.command import run_uptrain
-from attnconv.uptrain.settings import UptrainSettings
 
 app = typer.Typer(
     name="attnconv",
@@ -42,9 +35,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's layout: at 80 columns rich's option table left help a 22-column strip
 )
-COMMANDS = {"convert": (ConvertSettings, run_convert), "info": (InfoSettings, run_info),
-            "eval": (EvalSettings, run_eval), "uptrain": (UptrainSettings, run_uptrain),
-            "push": (PushSettings, run_push)}
 KEPT = "the output folder was not created or left as it was"
 
 
@@ -63,8 +53,8 @@ def _interruptible(run):
     return guarded
 
 
-for _name, (_settings, _run) in COMMANDS.items():
-    app.command(_name, no_args_is_help=True)(command(_settings, _interruptible(_run)))
+for _name, _command in COMMANDS.items():
+    app.command(_name, no_args_is_help=True)(command(_command.settings, _interruptible(_command.run)))
 
 
 @app.command("run", no_args_is_help=True, help=run_recipe_command.__doc__)

@@ -18,6 +18,7 @@ FLOORS = [
     {"calibration"},
     {"convert"},
     {"eval", "uptrain", "push", "llamacpp"},
+    {"commands"},
     {"recipes", "testing"},
     {"cli", "__main__"},
 ]

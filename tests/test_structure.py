@@ -20,10 +20,10 @@ from attnconv.uptrain.settings import UptrainSettings
 def test_every_command_option_is_a_settings_field_and_back():
     import typer.main
 
-    for name, (settings_cls, _) in COMMANDS.items():
+    for name, entry in COMMANDS.items():
         click_command = typer.main.get_command(app).commands[name]
         options = {p.name for p in click_command.params}
-        fields = {f.name for f in dataclasses.fields(settings_cls) if f.metadata["spec"].cli}
+        fields = {f.name for f in dataclasses.fields(entry.settings) if f.metadata["spec"].cli}
         assert options == fields, name
 
 

@@ -22,16 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnconv.convert.settings import ConvertSettings
+from attnconv.commands import RECIPE_COMMANDS as COMMANDS  # the commands a stage may be (attnconv/commands.py)
 from attnconv.errors import AttnconvError
-from attnconv.eval.settings import EvalSettings
-from attnconv.push.settings import PushSettings
 from attnconv.reference import REFERENCE_DIR
 from attnconv.settings import Settings
-from attnconv.uptrain.settings import UptrainSettings
 
-COMMANDS: dict[str, type[Settings]] = {"convert": ConvertSettings, "uptrain": UptrainSettings,
-                                       "eval": EvalSettings, "push": PushSettings}
 PLACEHOLDERS = ("reference", "recipe_dir")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*)\}")
 
@@ -60,7 +55,7 @@ class Stage:
 
     def io_fields(self) -> dict[str, str]:
         """{setting: what it names on disk} ('model', 'folder', 'data', 'path' read; 'out' written)."""
-        return {f.name: f.metadata["spec"].io for f in dataclasses.fields(COMMANDS[self.command])
+        return {f.name: f.metadata["spec"].io for f in dataclasses.fields(COMMANDS[self.command].settings)
                 if "spec" in f.metadata and f.metadata["spec"].io}
 
     def reads(self) -> list[tuple[str, str, str]]:
@@ -327,11 +322,11 @@ def load_recipe(path: str | Path) -> Recipe:
                                        for p in subst_problems[before:]]
         problems += subst_problems
         settings = None
-        found = COMMANDS[command].mapping_problems(values)
+        found = COMMANDS[command].settings.mapping_problems(values)
         if found:
             problems += [f"{recipe.where(lines.get(key, line))}: stage {index} ({name}): {message}"
                          for key, message in found]
         else:
-            settings = COMMANDS[command].from_mapping(values)
+            settings = COMMANDS[command].settings.from_mapping(values)
         recipe.stages.append(Stage(index, name, command, values, line, lines, settings))
     return recipe

@@ -1,6 +1,6 @@
 """`run_recipe`: check a whole recipe, then run the stages that need it, each exactly as its command would.
 
-Each stage calls the command's own function (attnconv/<command>/command.py), so it prints and writes what
+Each stage calls the command's own function (named in attnconv/commands.py), so it prints and writes what
 `attnconv <command>` does. The runner only adds settings the recipe decides: `overwrite: true` for an output the
 recipe itself wrote and now replaces, `resume: true` for an interrupted uptrain with unchanged inputs. The state
 records an attempt before a stage starts and its fingerprint once it is done.
@@ -18,15 +18,6 @@ from attnconv.errors import AttnconvError, Interrupted, Terminated
 from attnconv.recipes.plan import Decision, check_recipe, plan
 from attnconv.recipes.recipe import COMMANDS, Recipe, RecipeError, load_recipe
 from attnconv.recipes.state import State, marker, recipe_lock
-
-
-def _command_functions() -> dict[str, Callable]:
-    from attnconv.convert.command import run_convert
-    from attnconv.eval.command import run_eval
-    from attnconv.push.command import run_push
-    from attnconv.uptrain.command import run_uptrain
-
-    return {"convert": run_convert, "uptrain": run_uptrain, "eval": run_eval, "push": run_push}
 
 
 @dataclass
@@ -101,7 +92,6 @@ def run_recipe(path: str | Path, from_stage: str | None = None, dry_run: bool = 
         if state.dirty:
             state.save()  # the content hashes of local inputs, so the next run need not read them again
         run = RecipeRun(recipe, decisions, time.perf_counter() - t0)
-        functions = _command_functions()
         n = len(decisions)
         for d in decisions:
             t_stage = time.perf_counter()
@@ -112,13 +102,14 @@ def run_recipe(path: str | Path, from_stage: str | None = None, dry_run: bool = 
                     state.finish(stage.target, d.record, marker(stage.command, stage.out), stage.out)
                 run.results.append(StageResult(d, None, time.perf_counter() - t_stage))
                 continue
-            settings = COMMANDS[stage.command].from_mapping(stage.values, **d.fixed)
+            command = COMMANDS[stage.command]
+            settings = command.settings.from_mapping(stage.values, **d.fixed)
             target = stage.target
             if target is not None:
                 state.begin(target, stage.name, d.record)
             t_cmd = time.perf_counter()
             try:
-                functions[stage.command](settings)
+                command.run(settings)
             except (AttnconvError, KeyboardInterrupt) as e:
                 raise _stage_error(e, d, recipe) from None
             command_s = time.perf_counter() - t_cmd
