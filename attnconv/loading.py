@@ -45,6 +45,11 @@ _EPS_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
+def is_hub_id(spec: str) -> bool:
+    """Whether SPEC has the form of a hub model id: `name` or `org/name`."""
+    return _HUB_ID.match(spec) is not None
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     """A checked source: its folder, and the root its files may link into (the folder, or a hub cache repo)."""
@@ -73,7 +78,7 @@ def resolve_source(src: str | Path, allow_pickle: bool = False) -> ModelFolder:
             raise AttnconvError(f"{src} is not a model folder: it has no config.json")
         folder = ModelFolder(str(src), path, path.resolve())
     else:
-        if not _HUB_ID.match(str(src)):
+        if not is_hub_id(str(src)):
             raise AttnconvError(f"{src}: no such folder, and it is not a hub id (name or org/name)")
         try:
             from huggingface_hub import snapshot_download

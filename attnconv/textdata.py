@@ -32,6 +32,11 @@ _FILE_BUILDERS = {".txt": "text", ".raw": "text", ".jsonl": "json", ".json": "js
                   ".csv": "csv"}
 
 
+def is_data_file(path: str | Path) -> bool:
+    """Whether PATH ends in the suffix of a file type attnconv reads as data (a key of _FILE_BUILDERS)."""
+    return Path(path).suffix in _FILE_BUILDERS
+
+
 def tinyshakespeare_split(split: str = "train") -> str:
     """The first 90% of Tiny Shakespeare (train) or the last 10% (test), cut at a line boundary."""
     text = TINYSHAKESPEARE.read_text(encoding="utf-8")
@@ -127,10 +132,10 @@ class Corpus:
         path = Path(path_part).expanduser()
         if path.is_file() or path.is_dir():
             files = [path] if path.is_file() else sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in _FILE_BUILDERS)
+                p for p in path.rglob("*") if p.is_file() and is_data_file(p))
             if not files:
                 raise AttnconvError(f"{path} holds no {'/'.join(_FILE_BUILDERS)} files")
-            if any(f.suffix not in _FILE_BUILDERS for f in files):
+            if not all(is_data_file(f) for f in files):
                 raise AttnconvError(f"{path}: unsupported file type; use {', '.join(_FILE_BUILDERS)}")
             if len({f.suffix for f in files}) != 1:
                 raise AttnconvError(f"mixed file types {sorted({f.suffix for f in files})}; "

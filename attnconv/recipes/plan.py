@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from attnconv.errors import AttnconvError
-from attnconv.loading import _HUB_ID
+from attnconv.loading import is_hub_id
 from attnconv.outputs import NAME_MAX, refuse_unsafe_output
 from attnconv.recipes.recipe import Recipe, RecipeError, Stage, absolute
 from attnconv.recipes.state import State, complete, owner
-from attnconv.textdata import _FILE_BUILDERS, WIKITEXT2
+from attnconv.textdata import WIKITEXT2, is_data_file
 
 SHIPPED_SPLITS = ("train", "test", "validation", "eval")
 _EXPECTED = {"model": "a local model folder, an earlier stage's output, or a hub id",
@@ -69,7 +69,7 @@ def _checkpoint_step(out: Path) -> int | None:
 def _looks_local(spec: str, producers: dict[Path, Stage]) -> bool:
     """A name that is meant as a path even though it would also pass for a hub id (`out/gqa-2`): it starts
     with ./ ../ / ~, ends in a data file's suffix, or its first folder exists here or holds a stage's output."""
-    if spec.startswith((".", "/", "~")) or Path(spec).suffix in _FILE_BUILDERS:
+    if spec.startswith((".", "/", "~")) or is_data_file(spec):
         return True
     first = absolute(Path(spec).parts[0]) if Path(spec).parts else None
     return first is not None and (first.is_dir() or any(first in p.parents for p in producers))
@@ -112,7 +112,7 @@ def _classify(stage: Stage, key: str, kind: str, value: str, producers: dict[Pat
     if path in dry:
         return f"{label} {value}: {dry[path].label} is a dry run and writes nothing"
     if not _looks_local(spec_path, producers):
-        if kind == "model" and _HUB_ID.match(value):
+        if kind == "model" and is_hub_id(value):
             return Input(key, kind, value, "hub")
         if kind == "data" and ("/" in value or ":" in value):
             return Input(key, kind, value, "dataset")
