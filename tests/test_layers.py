@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "attnconv"
 # Lowest first. A module on floor k may import floors 0..k; `attnconv` itself only registers models lazily.
 FLOORS = [
     {"errors", "dtypes", "settings", "families", "engines", "fingerprint", "runtime", "textdata", "outputs",
-     "reference", "tensor_io", "loading", "finite"},
+     "reference", "tensor_io", "model_folder", "loading", "finite"},
     {"kernels"},
     {"models"},
     {"patches"},

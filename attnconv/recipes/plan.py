@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attnconv.errors import AttnconvError
-from attnconv.loading import is_hub_id
+from attnconv.model_folder import is_hub_id
 from attnconv.outputs import NAME_MAX, refuse_unsafe_output
 from attnconv.recipes.recipe import Recipe, RecipeError, Stage, absolute
 from attnconv.recipes.state import State, complete, owner
