@@ -49,6 +49,23 @@ def test_every_family_op_is_registered_and_explained():
     assert all(op.help for op in OPS.values())
 
 
+def test_each_target_and_format_has_its_own_layer_target_speaking_the_protocol():
+    """layout.TARGETS is keyed by (--to, --format): each MLA format is its own target, GQA/MQA one target whatever
+    --format says; every target has each method the plan, layout and report call (convert/target.py)."""
+    from attnconv.convert.layout import layer_target
+    from attnconv.convert.settings import MLA_FORMATS, ConvertSettings
+    from attnconv.convert.target import LayerTarget
+
+    config = tiny_config("llama", n_heads=4, n_kv_heads=2).to_dict()
+    made = {fmt: layer_target(ConvertSettings("m", "o", to="mla", format=fmt, kv_rank=(8,), init="svd",
+                                              phases=False), config, "llama") for fmt in MLA_FORMATS}
+    made["gqa"] = layer_target(ConvertSettings("m", "o", to="gqa", kv_heads=1, method="grouped"), config, "llama")
+    assert len({type(t) for t in made.values()}) == len(made) == 3
+    protocol = {n for n in [*vars(LayerTarget), *LayerTarget.__annotations__] if not n.startswith("_")}
+    for name, target in made.items():
+        assert not [n for n in protocol if not hasattr(target, n)], name
+
+
 def test_the_family_registry_drives_test_models_kv_arithmetic_and_decode():
     assert TEST_FAMILIES == SOURCE_FAMILIES
     for name in SOURCE_FAMILIES:

@@ -2,7 +2,7 @@
 
 Torch-free on purpose for GQA/MQA: `convert` starts copying the tensors it leaves unchanged while the main thread
 is still importing torch, and the plan (which needs torch to infer the converted shapes) follows this layout. A
-layout converted a layer at a time (MLA: mla/target.py; calibrated GQA methods: gqa/target.py) imports torch: its
+layout converted a layer at a time (MLA: mla/*_target.py; calibrated GQA methods: gqa/target.py) imports torch: its
 conversion is dominated by calibration and the per-layer solves anyway.
 Within each output shard the unchanged tensors come first, in source order, then the converted ones (layers
 in layer order, the order calibration computes them in).
@@ -150,7 +150,7 @@ def _layer_layout(src: Source, files: list[Path], dtype: str | None) -> Source:
         if where is not None:  # a layer's tensors may straddle two shards: its outputs go to the first
             layers.setdefault(where[0], (shard_of[m.file], where[1], {}))[2][where[2]] = m
             continue
-        if hasattr(target, "extra_layer_input") and (hit := target.extra_layer_input(m.name)) is not None:
+        if (hit := target.extra_layer_input(m.name)) is not None:
             extra.setdefault(hit[0], {})[hit[1]] = m
         for out, shape, kind in target.other_outputs(m.name, m.shape):
             floating = m.st_dtype.startswith(("F", "BF"))
@@ -198,31 +198,33 @@ def _gqa(settings: ConvertSettings, config: dict, family: str) -> LayerTarget | 
     return GqaTarget.create(settings, config, family)
 
 
-def _mla(settings: ConvertSettings, config: dict, family: str) -> LayerTarget:
-    from attnconv.convert.mla.target import MlaTarget
+def _deepseek_v3(settings: ConvertSettings, config: dict, family: str) -> LayerTarget:
+    from attnconv.convert.mla.deepseek_target import DeepSeekV3Target
 
-    return MlaTarget.create(settings, config)
+    return DeepSeekV3Target.create(settings, config)
 
 
-# --to -> the LayerTarget that converts its layers (None: GQA/MQA by mean/first/random, one tensor at a time)
-TARGETS: dict[str, Callable[[ConvertSettings, dict, str], LayerTarget | None]] = {
-    "gqa": _gqa, "mqa": _gqa, "mla": _mla}
+def _attnconv_mla(settings: ConvertSettings, config: dict, family: str) -> LayerTarget:
+    from attnconv.convert.mla.attnconv_target import AttnconvMlaTarget
+
+    return AttnconvMlaTarget.create(settings, config)
+
+
+# (--to, --format) -> the LayerTarget that converts its layers (format None: whatever --format says, as GQA/MQA
+# have one output format; a None target: GQA/MQA by mean/first/random, one tensor at a time)
+TARGETS: dict[tuple[str, str | None], Callable[[ConvertSettings, dict, str], LayerTarget | None]] = {
+    ("gqa", None): _gqa, ("mqa", None): _gqa, ("mla", "deepseek-v3"): _deepseek_v3, ("mla", "attnconv"): _attnconv_mla}
+
+
+def layer_target(settings: ConvertSettings, config: dict, family: str) -> LayerTarget | None:
+    make = TARGETS.get((settings.to, settings.format)) or TARGETS[settings.to, None]
+    return make(settings, config, family)
 
 
 def _source_float_dtype(src: Source) -> str | None:
     """The dtype of the source's attention weights as a torch name ('float16', ...), from the headers."""
     meta = next((m for m in src.reader.tensors.values() if ".self_attn." in m.name), None)
     return None if meta is None else ST_DTYPES[meta.st_dtype][0]
-
-
-def _mla_layout(settings: ConvertSettings, src: Source, files: list[Path], dtype: str | None) -> Source:
-    if settings.format == "deepseek-v3" and (dtype or _source_float_dtype(src)) == "float16":
-        raise AttnconvError("DeepSeek-V3 output in float16 would zero its latent projection (scaled below "
-                            "float16's range so that kv_a_layernorm acts linearly): pass --dtype bfloat16 or "
-                            "float32")
-    _layer_layout(src, files, dtype)
-    src.config_out = src.target.config_out() if settings.format == "deepseek-v3" else {}
-    return src
 
 
 def inspect_source(settings: ConvertSettings) -> Source:
@@ -255,9 +257,12 @@ def inspect_source(settings: ConvertSettings) -> Source:
     if mla and family.name not in ROPE_FAMILIES:
         raise AttnconvError(f"--to mla needs RoPE attention ({', '.join(ROPE_FAMILIES)}); "
                             f"{family.name} has learned positions: convert it with --to mqa")
-    src.target = TARGETS[settings.to](settings, config, family.name)  # MLA, calibrated GQA: a layer at a time
+    src.target = layer_target(settings, config, family.name)  # MLA, calibrated GQA: a layer at a time
     if src.target is not None:
-        return _mla_layout(settings, src, files, dtype) if mla else _layer_layout(src, files, dtype)
+        src.target.check_dtype(dtype or _source_float_dtype(src))
+        _layer_layout(src, files, dtype)
+        src.config_out = src.target.planned_config(src.config_out)
+        return src
     n = len(files)
     for i, file in enumerate(files):
         shard = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"

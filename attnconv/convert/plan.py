@@ -103,14 +103,10 @@ class Plan:
         if dtype is None:
             k_name = next(s.inputs[0] for s in self.steps if s.op not in ("copy", "deepseek_tensor"))
             dtype = self.reader.tensors[k_name].dtype
-        if which == "after" and self.settings.to == "mla":
-            from attnconv.convert.mla.attnconv_format import cache_per_token
-
-            t = self.target
-            if self.settings.format == "deepseek-v3":
-                return sum(r + t.rope_dim for r in t.kv_ranks) * dtype_bytes(dtype)
-            k_norm = any("k_norm" in n for s in self.steps if s.layer == 0 for n in s.inputs)
-            return sum(cache_per_token(t.shape, r, t.rope_dim, k_norm) for r in t.kv_ranks) * dtype_bytes(dtype)
+        if which == "after" and self.target is not None:
+            keys = {layer_input_key(n) for s in self.steps if s.layer == 0 for n in s.inputs}
+            if (values := self.target.cache_values_per_token(keys)) is not None:  # MLA: its latent and RoPE keys
+                return values * dtype_bytes(dtype)
         return layout.layers * 2 * layout.n_kv_heads * layout.head_dim * dtype_bytes(dtype)
 
     def generator(self, step: Step, part: str) -> torch.Generator | None:

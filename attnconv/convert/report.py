@@ -28,18 +28,9 @@ def plan_summary(plan: Plan) -> dict:
 
 
 def _what(plan: Plan, s: dict) -> str:
-    target = plan.target
-    if plan.settings.to != "mla":
-        calibrated = ", calibrated" if plan.method.calibrated else ""
-        return f"KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} ({plan.method.name}{calibrated})"
-    set_ = plan.settings
-    ranks = sorted(set(target.kv_ranks))
-    rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-    rope = (f"one shared RoPE key of {target.rope_dim}" if set_.format == "deepseek-v3"
-            else f"RoPE {target.rope_dim} per KV head ({set_.rope_select})")
-    how = set_.init + (", phases" if set_.phases and target.merge is None else "")
-    merged = f" -> {set_.kv_heads} ({set_.method})" if target.merge is not None else ""
-    return f"{s['kv_heads_before']} KV heads{merged} -> MLA {set_.format} (latent {rank} + {rope}; {how})"
+    if plan.target is not None:  # MLA, calibrated GQA/MQA: the target says
+        return plan.target.describe(s["kv_heads_before"])
+    return f"KV heads {s['kv_heads_before']} -> {s['kv_heads_after']} ({plan.method.name})"
 
 
 def _console(console: Console | None) -> Console:

@@ -1,10 +1,11 @@
 """What converts a layer at a time, shared by the conversions that do (calibrated GQA, both MLA formats).
 
-`LayerTarget` is the protocol the plan, the layout and the calibration run speak to; layout.TARGETS chooses one by
-the settings' target, so a new conversion is a class in its folder (gqa/, mla/) and an entry there, not branches
-in the plan. A layer's tensors are named relative to its attention module (`attention_key`); the layer's
-input RMSNorm, when a target folds it, under INPUT_NORM_KEY. `Calibration` runs the source layer by layer as the
-plan reaches its layers and hands each layer's statistics to the target that asked for them.
+`LayerTarget` is the protocol the plan, the layout, the report and the calibration run speak to; layout.TARGETS
+chooses one by the settings' target and format, so a new conversion is a class in its folder (gqa/, mla/) and an
+entry there, not branches in the plan. A layer's tensors are named relative to its attention module
+(`attention_key`); the layer's input RMSNorm, when a target folds it, under INPUT_NORM_KEY. `Calibration` runs the
+source layer by layer as the plan reaches its layers and hands each layer's statistics to the target that asked
+for them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,23 @@ class LayerTarget(Protocol):
     def layer_outputs(self, layer: int, inputs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]: ...
 
     def other_outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]: ...
+
+    def extra_layer_input(self, name: str) -> tuple[int, str] | None:
+        """(layer, key) of a tensor outside attention that a layer's conversion also reads, else None."""
+
+    def check_dtype(self, dtype: str | None) -> None:
+        """Refuse (AttnconvError) an output dtype ('float16', ...; None: not known) the output cannot hold."""
+
+    def planned_config(self, layout_config: dict) -> dict:
+        """The output's config.json as the plan knows it before any layer is converted (layout_config: the
+        source's with the output's KV heads)."""
+
+    def cache_values_per_token(self, keys: set[str]) -> int | None:
+        """KV-cache values per token of the output, all layers (keys: layer 0's input keys); None: the output
+        layout's K/V heads say it."""
+
+    def describe(self, kv_before: int) -> str:
+        """The conversion in one line (the plan's header)."""
 
     def weights(self, tensors: dict[str, Tensor]) -> AttentionWeights: ...
 

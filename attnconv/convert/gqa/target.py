@@ -75,6 +75,21 @@ class GqaTarget:
     def other_outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
         return [(name, shape, "copy")]
 
+    def extra_layer_input(self, name: str) -> tuple[int, str] | None:
+        return None  # a layer reads only its attention tensors
+
+    def check_dtype(self, dtype: str | None) -> None:
+        """Every dtype holds a GQA model."""
+
+    def planned_config(self, layout_config: dict) -> dict:
+        return layout_config  # the source's, with n_out KV heads
+
+    def cache_values_per_token(self, keys: set[str]) -> int | None:
+        return None  # K and V of n_out heads: the output layout's heads say it
+
+    def describe(self, kv_before: int) -> str:
+        return f"KV heads {kv_before} -> {self.n_out} ({self.method.name}, calibrated)"
+
     # --- computation ---
     def weights(self, tensors: dict[str, Tensor]) -> AttentionWeights:
         return from_tensors(tensors, self.shape, float(self.config.get("rms_norm_eps") or 1e-6))

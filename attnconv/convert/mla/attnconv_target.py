@@ -1,0 +1,75 @@
+"""`convert --to mla --format attnconv` streamed: a layer's attention as attnconv's exact MLA.
+
+Each KV head keeps rope_dim of its RoPE dims (the pairs --rope-select chooses, per layer) beside a latent of
+that layer's --kv-rank; biases and q/k norms are kept, every tensor outside attention is copied. The config
+records each layer's kept pairs, so it is known only once the layers are converted. The layer functions are in
+mla/attnconv_format.py; what both formats share in mla/target.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
+from attnconv.convert.mla.attnconv_format import (
+    attnconv_config,
+    attnconv_output_shapes,
+    cache_per_token,
+    convert_attnconv_layer,
+)
+from attnconv.convert.mla.inmemory import LayerStatistics
+from attnconv.convert.mla.rope import select_pairs
+from attnconv.convert.mla.target import MlaTarget
+
+
+@dataclass
+class AttnconvMlaTarget(MlaTarget):
+    """MLA in attnconv's format: exact structure, lossless at full rank; loads after `import attnconv`."""
+
+    pairs: dict[int, Tensor] = field(default_factory=dict)  # kept pairs per layer, as converted
+
+    @staticmethod
+    def default_rope_dim(shape: AttentionShape) -> int:
+        return 2 * (shape.rotary_dim // 4)
+
+    # --- layout ---
+    def layer_outputs(self, layer: int, keys: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return attnconv_output_shapes(self.shape, kv_rank=self.kv_ranks[layer], rope_dim=self.rope_dim,
+                                      q_bias="q_proj.bias" in keys, kv_bias="k_proj.bias" in keys,
+                                      o_bias="o_proj.bias" in keys, qk_norm="k_norm.weight" in keys)
+
+    def other_outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
+        return [(name, shape, "copy")]
+
+    def config_out(self) -> dict:
+        # a layer's pairs as converted; a layer not converted (dry run) gets the selection that needs no data
+        pairs = [self.pairs[i] if i in self.pairs else self._pairs(None) for i in range(len(self.kv_ranks))]
+        config = dict(self.config, num_key_value_heads=self.shape.n_kv_heads)
+        return attnconv_config(config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs,
+                               init=self.settings.init)
+
+    def planned_config(self, layout_config: dict) -> dict:
+        return {}  # it records the pairs each layer keeps: known once the layers are converted
+
+    def format_record(self) -> dict[str, Any]:
+        return {"rope_pairs": {i: p.tolist() for i, p in sorted(self.pairs.items())}} if self.pairs else {}
+
+    def cache_values_per_token(self, keys: set[str]) -> int:
+        return sum(cache_per_token(self.shape, r, self.rope_dim, "k_norm.weight" in keys) for r in self.kv_ranks)
+
+    def rope_description(self) -> str:
+        return f"RoPE {self.rope_dim} per KV head ({self.settings.rope_select})"
+
+    # --- computation ---
+    def _pairs(self, stats: LayerStatistics | None) -> Tensor:
+        n_keep = self.rope_dim // 2
+        return select_pairs(self.settings.rope_select, self.shape, n_keep, stats.pair_scores if stats else None)
+
+    def convert_latent(self, layer: int, w: AttentionWeights, tensors: dict[str, Tensor],
+                       stats: LayerStatistics | None, moments, phases) -> dict[str, Tensor]:
+        self.pairs[layer] = self._pairs(stats)
+        return convert_attnconv_layer(w, kv_rank=self.kv_ranks[layer], pairs=self.pairs[layer],
+                                      init=self.settings.init, moments=moments, phases=phases)
