@@ -272,8 +272,12 @@ def register_family(family: Family) -> None:
     if family.name in FAMILIES or taken.intersection(family.model_types):
         raise AttnconvError(f"family {family.name!r} (model types {', '.join(family.model_types)}) is already known")
     FAMILIES[family.name] = family
-    for hook in _ON_CHANGE:
-        hook()
+    try:
+        for hook in _ON_CHANGE:
+            hook()
+    except Exception:
+        unregister_family(family.name)
+        raise
 
 
 def unregister_family(name: str) -> None:

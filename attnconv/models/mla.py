@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from attnconv.errors import AttnconvError
 from attnconv.families import FAMILIES, ROPE_FAMILIES, Family, mla_architecture, on_family_change, rotary_dim_of
 from attnconv.models.mla_layout import nope_dims, rope_dims
 
@@ -180,6 +181,9 @@ def _family_classes(name: str) -> tuple:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
     record = FAMILIES[name]
+    if record.model_types[0] not in CONFIG_MAPPING:
+        raise AttnconvError(f"transformers does not know model_type {record.model_types[0]!r} of family {name!r}; "
+                            "register its classes with AutoConfig, AutoModel and AutoModelForCausalLM first")
     config_cls = CONFIG_MAPPING[record.model_types[0]]
     causal_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
     norm = getattr(sys.modules[causal_cls.__module__], f"{record.hf_name}RMSNorm") if record.qk_norm else None
