@@ -108,7 +108,7 @@ class Family:
     def __post_init__(self):
         if self.ops is None:  # a Llama-like source: its K/V projections (or its fused q|k|v) change
             ops = ({rf"\.self_attn\.{self.fused_qkv}\.weight$": "fused_qkv"} if self.fused_qkv
-                   else dict(LLAMA_LIKE_OPS) if self.source else {})
+                   else dict(_LLAMA_LIKE) if self.source else {})
             object.__setattr__(self, "ops", ops)
 
     def has_bias(self, which: str, config: Any) -> bool:
@@ -151,9 +151,10 @@ class Family:
         return "copy"
 
 
-LLAMA_LIKE_OPS = {r"\.self_attn\.[kv]_proj\.(weight|bias)$": "kv_proj"}
+_LLAMA_LIKE = {r"\.self_attn\.[kv]_proj\.(weight|bias)$": "kv_proj"}
 _GPT2_CONV1D = {r"\.attn\.c_attn\.(weight|bias)$": "gpt2_c_attn", r"\.attn\.c_proj\.weight$": "transpose",
                 r"\.mlp\.c_fc\.weight$": "transpose", r"\.mlp\.c_proj\.weight$": "transpose"}
+
 
 def llama_tiny_config(*, vocab: int, hidden: int, layers: int, n_heads: int, n_kv_heads: int, max_positions: int,
                       init_std: float, head_dim: bool = False, **fixed) -> dict:
