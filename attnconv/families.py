@@ -2,14 +2,17 @@
 counts, what a token costs in its KV cache, and which of attnconv's paths support it.
 
 Everything family-specific is here; conversions, the KV arithmetic, the decode loop and the test helpers read it.
-Torch-free and transformers-free: a record reads a config.json dict and a transformers config object alike.
+Torch-free and transformers-free: a record reads a config.json dict and a transformers config object alike, and
+names transformers' classes only by model_type (resolved through its Auto mappings where they are used).
+A new Llama-like family is one more record (`register_family` adds one at run time).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from attnconv.errors import AttnconvError
@@ -65,14 +68,16 @@ class Family:
     """Where one family keeps its attention tensors, and what attnconv does with it.
 
     `ops` maps a regex over tensor names to the convert op (attnconv/convert/ops.py) that writes that tensor;
-    every other tensor is copied. `kv_heads` and `kv_values` give the KV heads and the values a token caches per
-    layer where the config does not say them the usual way (n_kv_key; 2 x n_kv x head_dim).
+    every other tensor is copied (left out: a Llama-like source's, from `fused_qkv`). `kv_heads` and `kv_values`
+    give the KV heads and the values a token caches per layer where the config does not say them the usual way
+    (n_kv_key; 2 x n_kv x head_dim). The Llama-like fields (biases to the end) say how its attention and layers
+    differ from Llama's: what the MLA formats (and attnconv's MLA classes) keep or refuse.
     """
 
     name: str
     model_types: tuple[str, ...]
     example: str
-    ops: dict[str, str] = field(default_factory=dict)
+    ops: dict[str, str] | None = None
     n_heads_key: str = "num_attention_heads"
     n_kv_key: str | None = "num_key_value_heads"
     layers_key: str = "num_hidden_layers"
@@ -87,6 +92,41 @@ class Family:
     kv_values: Callable[[Any], int] | None = None
     latent_cache: bool = False  # MLA: kv_values counts a latent row per token, shared by every head
     hf_name: str = ""  # transformers' class prefix (Llama -> LlamaForCausalLM); names the attnconv MLA classes
+    # Llama-like attention: biases of q/k/v and of o, each "attention_bias" (the config's flag), "always" or "never"
+    qkv_bias: str = "attention_bias"
+    o_bias: str = "attention_bias"
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3; class <hf_name>RMSNorm)
+    window: str = "none"  # sliding window: "none", "global" (sliding_window), "layer_types" (Qwen2's per layer)
+    fused_qkv: str | None = None  # one attention projection with rows q | k | v (Phi-3: "qkv_proj")
+    fused_gate_up: str | None = None  # one MLP projection with rows gate | up (Phi-3: "gate_up_proj")
+    norm_plus_one: bool = False  # RMSNorms multiply by (1 + w) (Gemma)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden) (Gemma)
+    act_aliases: dict[str, str] = field(default_factory=dict)  # config activation name -> what the family runs
+    tiny_config: Callable[..., dict] | None = None  # sizes -> config kwargs of a tiny test model (attnconv.testing)
+    decode_cache: str = "kv"  # the decode loop's cache: "kv" (per-head K/V), "deepseek_latent", "attnconv_latent"
+
+    def __post_init__(self):
+        if self.ops is None:  # a Llama-like source: its K/V projections (or its fused q|k|v) change
+            ops = ({rf"\.self_attn\.{self.fused_qkv}\.weight$": "fused_qkv"} if self.fused_qkv
+                   else dict(_LLAMA_LIKE) if self.source else {})
+            object.__setattr__(self, "ops", ops)
+
+    def has_bias(self, which: str, config: Any) -> bool:
+        """Whether the "qkv" or "o" projections of a model of this family have biases."""
+        kind = self.qkv_bias if which == "qkv" else self.o_bias
+        return kind == "always" or (kind == "attention_bias" and bool(config_value(config, "attention_bias")))
+
+    def sliding_window(self, config: Any, layer: int | None = None) -> int | None:
+        """The sliding window of `layer` (None: the window the config asks of every layer), or None: full."""
+        window = config_value(config, "sliding_window")
+        if self.window == "global":
+            return window
+        if self.window == "layer_types":
+            if layer is None:
+                return window if config_value(config, "use_sliding_window") else None
+            types = config_value(config, "layer_types")
+            return window if types is not None and types[layer] == "sliding_attention" else None
+        return None
 
     def layout(self, config: Any) -> HeadLayout:
         n_heads = config_value(config, self.n_heads_key)
@@ -115,20 +155,79 @@ _LLAMA_LIKE = {r"\.self_attn\.[kv]_proj\.(weight|bias)$": "kv_proj"}
 _GPT2_CONV1D = {r"\.attn\.c_attn\.(weight|bias)$": "gpt2_c_attn", r"\.attn\.c_proj\.weight$": "transpose",
                 r"\.mlp\.c_fc\.weight$": "transpose", r"\.mlp\.c_proj\.weight$": "transpose"}
 
+
+def llama_tiny_config(*, vocab: int, hidden: int, layers: int, n_heads: int, n_kv_heads: int, max_positions: int,
+                      init_std: float, head_dim: bool = False, **fixed) -> dict:
+    """Config kwargs of a tiny Llama-like test model. head_dim: write it (where the family's default is not
+    hidden / heads); `fixed`: the family's own values."""
+    sizes = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
+                 initializer_range=init_std, tie_word_embeddings=False)
+    return {**sizes, **({"head_dim": hidden // n_heads} if head_dim else {}), **fixed}
+
+
+def _gpt2_tiny_config(*, vocab: int, hidden: int, layers: int, n_heads: int, n_kv_heads: int, max_positions: int,
+                      init_std: float) -> dict:
+    if n_kv_heads != n_heads:
+        raise ValueError("GPT-2 has no grouped form")
+    return dict(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=n_heads, n_positions=max_positions,
+                initializer_range=init_std, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+
+
 _SOURCES = [
-    Family("llama", ("llama",), "meta-llama/Llama-3.2-1B", _LLAMA_LIKE, decode=True, hf_name="Llama"),
-    Family("mistral", ("mistral",), "mistralai/Mistral-7B-v0.1", _LLAMA_LIKE, decode=True, hf_name="Mistral"),
-    Family("qwen2", ("qwen2",), "Qwen/Qwen2.5-0.5B", _LLAMA_LIKE, decode=True, hf_name="Qwen2"),  # q/k/v biases
-    Family("qwen3", ("qwen3",), "Qwen/Qwen3-0.6B", _LLAMA_LIKE, decode=True, hf_name="Qwen3"),  # per-head q/k norms
-    Family("gemma", ("gemma",), "google/gemma-2b", _LLAMA_LIKE, decode=True, hf_name="Gemma"),
-    Family("phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct", {r"\.self_attn\.qkv_proj\.weight$": "fused_qkv"},
-           decode=True, hf_name="Phi3"),
+    Family("llama", ("llama",), "meta-llama/Llama-3.2-1B", decode=True, hf_name="Llama",
+           tiny_config=llama_tiny_config),
+    Family("mistral", ("mistral",), "mistralai/Mistral-7B-v0.1", decode=True, hf_name="Mistral",
+           qkv_bias="never", o_bias="never", window="global",
+           tiny_config=partial(llama_tiny_config, sliding_window=None)),
+    Family("qwen2", ("qwen2",), "Qwen/Qwen2.5-0.5B", decode=True, hf_name="Qwen2",
+           qkv_bias="always", o_bias="never", window="layer_types", tiny_config=llama_tiny_config),
+    Family("qwen3", ("qwen3",), "Qwen/Qwen3-0.6B", decode=True, hf_name="Qwen3", qk_norm=True, window="layer_types",
+           tiny_config=partial(llama_tiny_config, head_dim=True)),
+    Family("gemma", ("gemma",), "google/gemma-2b", decode=True, hf_name="Gemma", norm_plus_one=True, embed_scale=True,
+           act_aliases={"gelu": "gelu_pytorch_tanh"},  # what transformers' Gemma runs for either name
+           tiny_config=partial(llama_tiny_config, head_dim=True, tie_word_embeddings=True)),
+    Family("phi3", ("phi3",), "microsoft/Phi-3-mini-4k-instruct", decode=True, hf_name="Phi3",
+           qkv_bias="never", o_bias="never", window="global", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj",
+           tiny_config=partial(llama_tiny_config, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     Family("gpt2", ("gpt2",), "openai-community/gpt2", _GPT2_CONV1D, n_heads_key="n_head", n_kv_key=None,
            layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
-           target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha", hf_name="GPT2"),
+           target_model_type="gpt_bigcode", allowed_kv_heads="mqa_or_mha", hf_name="GPT2",
+           tiny_config=_gpt2_tiny_config),
 ]
+
+
+class _Names(Sequence):
+    """Family names read from FAMILIES at each use, so that a family registered later is among them."""
+
+    def __init__(self, keep: Callable[[Family], bool], form: str = "{}"):
+        self._keep, self._form = keep, form
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(self._form.format(f.name) for f in FAMILIES.values() if self._keep(f))
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+def _rotary_source(f: Family) -> bool:
+    return f.source and f.rope != "none"
+
+
 # The families with rotary attention: what the calibrated GQA methods, MLA (both formats) and calibration take.
-ROPE_FAMILIES = tuple(f.name for f in _SOURCES if f.rope != "none")
+ROPE_FAMILIES: Sequence[str] = _Names(_rotary_source)
 
 
 def mla_architecture(family: str) -> tuple[str, str]:
@@ -144,19 +243,48 @@ FAMILIES: dict[str, Family] = {
         # latent and the shared RoPE key; head_dim is the value head size, so the K/V rows `attnconv info` sets
         # beside it are its MHA equivalent.
         Family("deepseek_v3", ("deepseek_v3",), "deepseek-ai/DeepSeek-V3", head_dim_key="v_head_dim", source=False,
-               decode=True, kv_heads=lambda c: 1, latent_cache=True,
+               decode=True, kv_heads=lambda c: 1, latent_cache=True, decode_cache="deepseek_latent",
                kv_values=lambda c: config_value(c, "kv_lora_rank") + config_value(c, "qk_rope_head_dim")),
         # Outputs only: what GPT-2 conversions are written as, and attnconv's MLA format (a latent per token and
         # layer plus one RoPE key per KV head; decode: patches/attnconv_mla.py).
         Family("gpt_bigcode", ("gpt_bigcode",), "bigcode/gpt_bigcode-santacoder", n_heads_key="n_head",
                n_kv_key=None, layers_key="n_layer", hidden_key="n_embd", head_dim_key=None, rope="none",
                source=False, kv_heads=lambda c: 1 if config_value(c, "multi_query") else config_value(c, "n_head")),
-        Family("attnconv_mla", tuple(f"{f}_mla" for f in ROPE_FAMILIES),
+        Family("attnconv_mla", _Names(_rotary_source, "{}_mla"),
                "attnconv convert --to mla --format attnconv", source=False, decode=True, latent_cache=True,
-               kv_values=lambda c: config_value(c, "kv_cache_dim_per_layer")),
+               kv_values=lambda c: config_value(c, "kv_cache_dim_per_layer"), decode_cache="attnconv_latent"),
     ]
 }
-SOURCE_FAMILIES = tuple(name for name, f in FAMILIES.items() if f.source)
+SOURCE_FAMILIES: Sequence[str] = _Names(lambda f: f.source)
+
+
+_ON_CHANGE: list[Callable[[], None]] = []  # run when a family is registered or unregistered
+
+
+def on_family_change(hook: Callable[[], None]) -> None:
+    """Have `hook` run whenever FAMILIES changes (attnconv.models.mla registers or forgets a family's MLA classes)."""
+    _ON_CHANGE.append(hook)
+
+
+def register_family(family: Family) -> None:
+    """Add a family's record (a source to convert: a Llama-like one needs nothing else); `unregister_family` takes
+    it away. Its transformers classes must be registered with the Auto classes under its model_type first."""
+    taken = {t for f in FAMILIES.values() for t in f.model_types}
+    if family.name in FAMILIES or taken.intersection(family.model_types):
+        raise AttnconvError(f"family {family.name!r} (model types {', '.join(family.model_types)}) is already known")
+    FAMILIES[family.name] = family
+    try:
+        for hook in _ON_CHANGE:
+            hook()
+    except Exception:
+        unregister_family(family.name)
+        raise
+
+
+def unregister_family(name: str) -> None:
+    if FAMILIES.pop(name, None) is not None:
+        for hook in _ON_CHANGE:
+            hook()
 
 
 def supported_families() -> str:

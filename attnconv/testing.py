@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from attnconv.families import FAMILIES as ALL_FAMILIES
 from attnconv.families import SOURCE_FAMILIES
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "gpt2-tokenizer"
@@ -20,33 +21,17 @@ FAMILIES = SOURCE_FAMILIES  # every family attnconv converts has a tiny test mod
 def tiny_config(family: str, *, n_heads: int = 4, n_kv_heads: int | None = None, hidden: int = 64,
                 layers: int = 2, vocab: int = 256, max_positions: int = 512, init_std: float = 0.1,
                 extra: dict | None = None):
-    """A transformers config of the given family, small enough for a unit test (`extra`: more config fields)."""
-    import transformers as tf
+    """A transformers config of the given family, small enough for a unit test (`extra`: more config fields).
+    Its fields are the family record's `tiny_config`; its class is the one transformers maps its model_type to."""
+    from transformers import AutoConfig
 
+    record = ALL_FAMILIES.get(family)
+    if record is None or not record.source or record.tiny_config is None:
+        raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
     n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                  max_position_embeddings=max_positions, initializer_range=init_std, tie_word_embeddings=False,
-                  **(extra or {}))
-    if family == "llama":
-        return tf.LlamaConfig(**common)
-    if family == "mistral":
-        return tf.MistralConfig(**{"sliding_window": None, **common})
-    if family == "qwen2":
-        return tf.Qwen2Config(**common)
-    if family == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=hidden // n_heads)
-    if family == "gemma":
-        return tf.GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=hidden // n_heads)
-    if family == "phi3":
-        return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "gpt2":
-        if n_kv_heads != n_heads:
-            raise ValueError("GPT-2 has no grouped form")
-        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=n_heads,
-                             n_positions=max_positions, initializer_range=init_std,
-                             bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+    kwargs = record.tiny_config(vocab=vocab, hidden=hidden, layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                max_positions=max_positions, init_std=init_std)
+    return AutoConfig.for_model(record.model_types[0], **{**kwargs, **(extra or {})})
 
 
 def build_tiny_model(family: str, out: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,

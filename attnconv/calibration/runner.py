@@ -29,7 +29,6 @@ from attnconv.loading import check_layers, load_config, read_config, resolve_sou
 from attnconv.tensor_io import CheckpointReader
 
 PROGRESS_AFTER_S = 2.0  # a progress bar appears once a run has taken this long
-SUPPORTED = ", ".join(ROPE_FAMILIES)
 
 
 class _Stop(Exception):
@@ -55,14 +54,14 @@ class LayerwiseModel:
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         except (ValueError, KeyError, OSError) as e:
             raise AttnconvError(f"{source}: transformers cannot build a {model_type} model from its config "
-                                f"({first_line(e)}); calibration supports {SUPPORTED}") from None
+                                f"({first_line(e)}); calibration supports {', '.join(ROPE_FAMILIES)}") from None
         self.device, self.dtype = torch.device(device), dtype
         self.config = config
         self.base = self.model.base_model
         self.layers = getattr(self.base, "layers", None)
         if self.layers is None or not all(hasattr(layer, "self_attn") for layer in self.layers):
-            raise AttnconvError(f"{source}: calibration needs decoder layers with self_attn ({SUPPORTED}), "
-                                f"not {model_type}")
+            raise AttnconvError(f"{source}: calibration needs decoder layers with self_attn "
+                                f"({', '.join(ROPE_FAMILIES)}), not {model_type}")
         names = {id(m): n for n, m in self.model.named_modules()}
         self.layer_prefix = [names[id(layer)] + "." for layer in self.layers]
         self.embedding = self.model.get_input_embeddings()

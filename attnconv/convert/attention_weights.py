@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from attnconv.families import rotary_dim_of
+from attnconv.families import FAMILIES, rotary_dim_of
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,18 @@ def shape_of(config) -> AttentionShape:
     return AttentionShape(n_heads, n_kv, head_dim, hidden, rotary_dim_of(config), head_dim ** -0.5)
 
 
+def fused_qkv_key(names) -> str | None:
+    """The fused q | k | v weight among one layer's attention tensor names (relative to the attention module), as
+    a family record names it (Phi-3: `qkv_proj.weight`), or None."""
+    return next((key for f in FAMILIES.values() if f.fused_qkv and (key := f"{f.fused_qkv}.weight") in names), None)
+
+
 def from_tensors(tensors: dict[str, Tensor], shape: AttentionShape, norm_eps: float = 1e-6) -> AttentionWeights:
     """The neutral form of one layer from its attention tensors, named relative to the attention module
-    (`q_proj.weight`, ... or Phi-3's fused `qkv_proj.weight`; optional biases and q/k norms)."""
+    (`q_proj.weight`, ... or a fused q | k | v such as Phi-3's `qkv_proj.weight`; optional biases and q/k norms)."""
     d = shape.head_dim
-    if "qkv_proj.weight" in tensors:  # Phi-3: rows q | k | v
-        q, k, v = tensors["qkv_proj.weight"].split([shape.n_heads * d, shape.n_kv_heads * d, shape.n_kv_heads * d])
+    if fused := fused_qkv_key(tensors):  # rows q | k | v
+        q, k, v = tensors[fused].split([shape.n_heads * d, shape.n_kv_heads * d, shape.n_kv_heads * d])
     else:
         q, k, v = (tensors[f"{p}_proj.weight"] for p in "qkv")
     return AttentionWeights(shape, q, k, v, tensors["o_proj.weight"], tensors.get("q_proj.bias"),

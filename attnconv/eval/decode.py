@@ -51,9 +51,8 @@ def unsupported_reason(model) -> str | None:
         supported = ", ".join(f.name for f in FAMILIES.values() if f.decode)
         return (f"attnconv's decode loop does not support model type "
                 f"{getattr(model.config, 'model_type', None)!r}; supported: {supported}")
-    if family.name == "attnconv_mla":
-        return attnconv_mla.unsupported_reason(model)
-    return None
+    check = _CACHES[family.decode_cache][1]
+    return check(model) if check is not None else None
 
 
 def check_supported(model) -> None:
@@ -93,16 +92,31 @@ def _keys_as_rows(config, dtype: torch.dtype, device: torch.device, backend: str
     return shape.n_heads // shape.n_kv_heads >= 2 and shape.head_dim % 8 == 0
 
 
-def _cache_and_attention(model, batch: int, total: int, dtype: torch.dtype, device: torch.device, backend: str):
-    """The loop's cache for `batch x total` tokens and the context manager of its attention, by family."""
-    if family_of(model.config).name == "deepseek_v3":  # MLA: the latent cache, absorbed one-token steps
-        return LatentKVCache(model.config, batch, total, dtype, device), mla_decode(model, backend)
-    if family_of(model.config).name == "attnconv_mla":  # attnconv's MLA format: latent + RoPE keys per KV head
-        cache = attnconv_mla.RopeLatentKVCache(model, batch, total, dtype, device)
-        return cache, attnconv_mla.attnconv_mla_decode(model, backend)
+def _kv(model, batch: int, total: int, dtype: torch.dtype, device: torch.device, backend: str):
     cache = PreallocatedKVCache(model.config, batch, total, dtype, device,
                                 keys_as_rows=_keys_as_rows(model.config, dtype, device, backend))
     return cache, decode_attention(model)
+
+
+def _deepseek_latent(model, batch: int, total: int, dtype: torch.dtype, device: torch.device, backend: str):
+    """MLA: the latent cache, absorbed one-token steps."""
+    return LatentKVCache(model.config, batch, total, dtype, device), mla_decode(model, backend)
+
+
+def _attnconv_latent(model, batch: int, total: int, dtype: torch.dtype, device: torch.device, backend: str):
+    """attnconv's MLA format: latent + RoPE keys per KV head."""
+    cache = attnconv_mla.RopeLatentKVCache(model, batch, total, dtype, device)
+    return cache, attnconv_mla.attnconv_mla_decode(model, backend)
+
+
+# a family record's decode_cache -> (its cache and attention, why a model of it cannot run or None)
+_CACHES = {"kv": (_kv, None), "deepseek_latent": (_deepseek_latent, None),
+           "attnconv_latent": (_attnconv_latent, attnconv_mla.unsupported_reason)}
+
+
+def _cache_and_attention(model, batch: int, total: int, dtype: torch.dtype, device: torch.device, backend: str):
+    """The loop's cache for `batch x total` tokens and the context manager of its attention, by family."""
+    return _CACHES[family_of(model.config).decode_cache][0](model, batch, total, dtype, device, backend)
 
 
 @torch.inference_mode()
@@ -257,7 +271,7 @@ def _timed_runs(model, prompt, new_tokens, cache_impl, backend, repeats, device)
 
 def _baselines(config, notes: list[str]) -> list[tuple[str, str]]:
     """generate()'s cache implementations that can run this model."""
-    if family_of(config).name == "attnconv_mla":
+    if family_of(config).decode_cache == "attnconv_latent":
         notes.append("hf-static not measured: transformers' StaticCache gives the values slot the keys' head count, "
                      "and attnconv's MLA format caches per-KV-head RoPE keys beside one latent")
         return [b for b in BASELINES if b[1] != "static"]

@@ -13,51 +13,35 @@ every step (kv_b_proj), like DeepSeek's unabsorbed attention.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from attnconv.families import mla_architecture, rotary_dim_of
+from attnconv.errors import AttnconvError
+from attnconv.families import FAMILIES, ROPE_FAMILIES, Family, mla_architecture, on_family_change, rotary_dim_of
 from attnconv.models.mla_layout import nope_dims, rope_dims
 
 
 @dataclass(frozen=True)
 class FamilyAttention:
-    """How a family's attention differs: biases, per-head q/k norms, sliding windows."""
+    """How a family's attention differs (its record, attnconv/families.py), with its q/k norm class resolved."""
 
-    q_bias: Callable[[object], bool]
-    kv_bias: Callable[[object], bool]
-    o_bias: Callable[[object], bool]
-    sliding_window: Callable[[object, int], int | None]
+    record: Family
     qk_norm: type | None = None
 
+    def q_bias(self, config) -> bool:
+        return self.record.has_bias("qkv", config)
 
-def _attention_bias(c) -> bool:
-    return bool(getattr(c, "attention_bias", False))
+    kv_bias = q_bias
 
+    def o_bias(self, config) -> bool:
+        return self.record.has_bias("o", config)
 
-def _no(c) -> bool:
-    return False
-
-
-def _yes(c) -> bool:
-    return True
-
-
-def _no_window(c, i) -> int | None:
-    return None
-
-
-def _global_window(c, i) -> int | None:
-    return getattr(c, "sliding_window", None)
-
-
-def _layer_window(c, i) -> int | None:
-    types = getattr(c, "layer_types", None)
-    return c.sliding_window if types is not None and types[i] == "sliding_attention" else None
+    def sliding_window(self, config, layer: int) -> int | None:
+        return self.record.sliding_window(config, layer)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -190,22 +174,20 @@ def _use_mla(layers, config, family: FamilyAttention) -> None:
                                                               dtype=old.o_proj.weight.dtype)
 
 
-def _families() -> dict[str, tuple]:
-    """source model_type -> (config class, base model class, causal-LM class, FamilyAttention)."""
-    import transformers as tf
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+def _family_classes(name: str) -> tuple:
+    """(config class, base model class, causal-LM class, FamilyAttention) of a RoPE source family, found through
+    transformers' Auto mappings by its model_type (a family registered at run time is found the same way)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
-    plain = FamilyAttention(_attention_bias, _attention_bias, _attention_bias, _no_window)
-    return {
-        "llama": (tf.LlamaConfig, tf.LlamaModel, tf.LlamaForCausalLM, plain),
-        "mistral": (tf.MistralConfig, tf.MistralModel, tf.MistralForCausalLM,
-                    FamilyAttention(_no, _no, _no, _global_window)),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2Model, tf.Qwen2ForCausalLM, FamilyAttention(_yes, _yes, _no, _layer_window)),
-        "qwen3": (tf.Qwen3Config, tf.Qwen3Model, tf.Qwen3ForCausalLM,
-                  FamilyAttention(_attention_bias, _attention_bias, _attention_bias, _layer_window, Qwen3RMSNorm)),
-        "gemma": (tf.GemmaConfig, tf.GemmaModel, tf.GemmaForCausalLM, plain),
-        "phi3": (tf.Phi3Config, tf.Phi3Model, tf.Phi3ForCausalLM, FamilyAttention(_no, _no, _no, _global_window)),
-    }
+    record = FAMILIES[name]
+    if record.model_types[0] not in CONFIG_MAPPING:
+        raise AttnconvError(f"transformers does not know model_type {record.model_types[0]!r} of family {name!r}; "
+                            "register its classes with AutoConfig, AutoModel and AutoModelForCausalLM first")
+    config_cls = CONFIG_MAPPING[record.model_types[0]]
+    causal_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    norm = getattr(sys.modules[causal_cls.__module__], f"{record.hf_name}RMSNorm") if record.qk_norm else None
+    return config_cls, MODEL_MAPPING[config_cls], causal_cls, FamilyAttention(record, norm)
 
 
 _MLA_FIELDS = {"kv_lora_rank": (int | list[int], 0), "qk_rope_dim": (int, 0), "rope_pairs": (list | None, None),
@@ -237,12 +219,16 @@ CLASSES: dict[str, tuple] = {}  # source model_type -> (config, base model, caus
 
 
 def register_auto_classes() -> None:
-    """Register every family's MLA config and models with transformers' Auto classes (idempotent)."""
+    """Register every RoPE family's MLA config and models with transformers' Auto classes (idempotent; run again
+    whenever a family is registered or unregistered)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    if CLASSES:
-        return
-    for source_type, (config_cls, base_cls, causal_cls, family) in _families().items():
+    for gone in set(CLASSES) - set(ROPE_FAMILIES):
+        del CLASSES[gone]
+    for source_type in ROPE_FAMILIES:
+        if source_type in CLASSES:
+            continue
+        config_cls, base_cls, causal_cls, family = _family_classes(source_type)
         mla_config, mla_base, mla_causal = _make_classes(source_type, config_cls, base_cls, causal_cls, family)
         AutoConfig.register(mla_config.model_type, mla_config, exist_ok=True)
         AutoModel.register(mla_config, mla_base, exist_ok=True)
@@ -251,3 +237,4 @@ def register_auto_classes() -> None:
 
 
 register_auto_classes()  # importing this module is what makes the classes known (idempotent)
+on_family_change(register_auto_classes)

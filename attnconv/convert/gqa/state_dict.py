@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnconv.convert.attention_weights import AttentionWeights, from_tensors, shape_of
+from attnconv.convert.attention_weights import AttentionWeights, from_tensors, fused_qkv_key, shape_of
 
 
 def attention_layers(sd: dict[str, Tensor], config) -> list[AttentionWeights]:
@@ -24,8 +24,8 @@ def with_attention_layers(sd: dict[str, Tensor], layers: list[AttentionWeights])
     out = dict(sd)
     for i, layer in enumerate(layers):
         p = f"model.layers.{i}.self_attn."
-        if p + "qkv_proj.weight" in sd:
-            out[p + "qkv_proj.weight"] = torch.cat([layer.q, layer.k, layer.v])
+        if fused := fused_qkv_key({k.removeprefix(p) for k in sd if k.startswith(p)}):
+            out[p + fused] = torch.cat([layer.q, layer.k, layer.v])
         else:
             for n, w, b in (("q", layer.q, layer.q_bias), ("k", layer.k, layer.k_bias), ("v", layer.v, layer.v_bias)):
                 out[f"{p}{n}_proj.weight"] = w

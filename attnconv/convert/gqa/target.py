@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, shape_of
+from attnconv.convert.attention_weights import AttentionShape, AttentionWeights, from_tensors, fused_qkv_key, shape_of
 from attnconv.convert.gqa.calibrated import convert_layer
 from attnconv.convert.gqa.calibration import AttendedMomentCollector
 from attnconv.convert.gqa.methods import Method
@@ -68,8 +68,8 @@ class GqaTarget:
         for key in ("k_proj.bias", "v_proj.bias"):
             if key in out:
                 out[key] = (kv_rows,)
-        if "qkv_proj.weight" in out:
-            out["qkv_proj.weight"] = ((self.shape.n_heads + 2 * self.n_out) * d, hidden)
+        if fused := fused_qkv_key(out):
+            out[fused] = ((self.shape.n_heads + 2 * self.n_out) * d, hidden)
         return out
 
     def other_outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
@@ -101,8 +101,8 @@ class GqaTarget:
                                     seed=self.settings.seed)
         self.records[layer] = summary(record)
         out = dict(tensors)  # norms, o_proj.bias and anything else: unchanged
-        if "qkv_proj.weight" in tensors:
-            out["qkv_proj.weight"] = torch.cat([new.q, new.k, new.v])
+        if fused := fused_qkv_key(tensors):
+            out[fused] = torch.cat([new.q, new.k, new.v])
         else:
             for p in "qkv":
                 out[f"{p}_proj.weight"] = getattr(new, p)

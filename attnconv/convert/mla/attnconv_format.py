@@ -21,7 +21,7 @@ from attnconv.convert.mla.calibration import InputMoments
 from attnconv.convert.mla.lowrank import check_rank, input_moments, joint_low_rank
 from attnconv.convert.mla.rope import apply_phases
 from attnconv.errors import AttnconvError
-from attnconv.families import ROPE_FAMILIES, mla_architecture
+from attnconv.families import FAMILIES, ROPE_FAMILIES, mla_architecture
 from attnconv.models.mla_layout import nope_dims, rope_dims
 
 
@@ -153,6 +153,6 @@ def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, 
     out["mla_init"] = init
     # what attnconv.families.cache_shape reads: cached values per token and layer (mean over layers if ranks differ)
     n_kv = source_config.get("num_key_value_heads") or source_config["num_attention_heads"]
-    dims = [r + n_kv * rope_dim + (n_kv if model_type == "qwen3" else 0) for r in kv_ranks]
+    dims = [r + n_kv * rope_dim + (n_kv if FAMILIES[model_type].qk_norm else 0) for r in kv_ranks]
     out["kv_cache_dim_per_layer"] = dims[0] if len(set(dims)) == 1 else sum(dims) / len(dims)
     return out

@@ -65,7 +65,7 @@ from attnconv.convert.mla.rope import (
 )
 from attnconv.engines import DENSE_EXPERT_FIELDS
 from attnconv.errors import AttnconvError
-from attnconv.families import ROPE_FAMILIES
+from attnconv.families import FAMILIES, ROPE_FAMILIES
 
 _OTHER_FORMAT = "use --format attnconv, which keeps it exactly"
 KV_NORM_EPS = 1e-6  # kv_a_layernorm's eps in transformers (its default, whatever the config says)
@@ -210,16 +210,6 @@ def _rope(config: dict) -> tuple[str, float]:
     return rope_type, float(theta)
 
 
-def _window(config: dict) -> int | None:
-    """The sliding window the source applies in every layer, or None."""
-    family = config.get("model_type")
-    if family in ("mistral", "phi3"):
-        return config.get("sliding_window")
-    if family in ("qwen2", "qwen3") and config.get("use_sliding_window"):
-        return config.get("sliding_window")
-    return None
-
-
 def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_dim: int, rope_select: str = "high",
                     q_rank: int | None = None) -> tuple[dict, list[str]]:
     """config.json of the deepseek-v3 output and notes on what changed; refuses what the format cannot express.
@@ -229,11 +219,12 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
     family = source.get("model_type")
     if family not in ROPE_FAMILIES:
         raise AttnconvError(f"--format deepseek-v3 supports {', '.join(ROPE_FAMILIES)}, not {family!r}")
-    if family == "qwen2" or source.get("attention_bias"):
+    record = FAMILIES[family]
+    if record.has_bias("qkv", source) or record.has_bias("o", source):
         raise AttnconvError(f"{family} has attention biases; DeepseekV3's q_proj has no bias and DeepSeek "
                             f"engines load none; {_OTHER_FORMAT}")
-    if family == "qwen3":
-        raise AttnconvError("qwen3 normalises each q/k head (q_norm/k_norm) before RoPE, which DeepSeek-V3's "
+    if record.qk_norm:
+        raise AttnconvError(f"{family} normalises each q/k head (q_norm/k_norm) before RoPE, which DeepSeek-V3's "
                             f"attention cannot express; {_OTHER_FORMAT}")
     if source.get("mlp_bias"):
         raise AttnconvError(f"the source's MLPs have biases, which DeepseekV3's MLP lacks; {_OTHER_FORMAT}")
@@ -245,14 +236,13 @@ def deepseek_config(source: dict, shape: AttentionShape, *, kv_rank: int, rope_d
     _, step = shared_frequencies(rope_select, shape, n_keep)
     notes = []
     max_positions = source.get("max_position_embeddings", 4096)
-    window = _window(source)
+    window = record.sliding_window(source)
     if window is not None and window < max_positions:
         notes.append(f"the source attends over a sliding window of {window} tokens: max_position_embeddings "
                      f"{max_positions} -> {window}, where full attention equals it")
         max_positions = window
     act = source.get("hidden_act") or source.get("hidden_activation") or "silu"
-    if family == "gemma" and act in ("gelu", "gelu_pytorch_tanh"):
-        act = "gelu_pytorch_tanh"  # what transformers' Gemma runs for either name
+    act = record.act_aliases.get(act, act)
     if act != "silu":
         notes.append(f"hidden_act {act}: transformers runs it; vLLM's DeepSeek MLP runs only silu")
     eps = source.get("rms_norm_eps", KV_NORM_EPS)
@@ -294,20 +284,23 @@ def deepseek_rules(name: str, shape: tuple[int, ...], *, family: str, tied: bool
     [(output name, output shape, transform)] with transform one of TRANSFORMS (attention goes through
     convert_deepseek_layer). tied: the source ties lm_head to embed_tokens (the output always writes lm_head).
     fold_norm: the input RMSNorms are folded into attention (folds_input_norm) and written as ones."""
+    record = FAMILIES[family]
     if ".self_attn." in name:
         return []
     if fold_norm and name.endswith("input_layernorm.weight"):
         return [(name, shape, "ones")]
-    if family == "gemma" and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w)
+    if record.norm_plus_one and name.endswith("norm.weight"):  # Gemma's RMSNorm multiplies by (1 + w)
         return [(name, shape, "plus_one")]
     if name.endswith("embed_tokens.weight"):  # Gemma scales embeddings by sqrt(hidden)
-        out = [(name, shape, "scale_embedding" if family == "gemma" else "residual")]
+        out = [(name, shape, "scale_embedding" if record.embed_scale else "residual")]
         return out + [("lm_head.weight", shape, "copy")] if tied else out
     if name.endswith("mlp.down_proj.weight"):
         return [(name, shape, "residual")]
-    if family == "phi3" and name.endswith("mlp.gate_up_proj.weight"):  # rows: gate | up
-        stem, half = name.removesuffix("gate_up_proj.weight"), (shape[0] // 2, *shape[1:])
-        return [(stem + "gate_proj.weight", half, "first_half"), (stem + "up_proj.weight", half, "second_half")]
+    fused = f"mlp.{record.fused_gate_up}.weight"
+    if record.fused_gate_up and name.endswith(fused):  # rows: gate | up
+        stem, half = name.removesuffix(fused), (shape[0] // 2, *shape[1:])
+        return [(stem + "mlp.gate_proj.weight", half, "first_half"),
+                (stem + "mlp.up_proj.weight", half, "second_half")]
     return [(name, shape, "copy")]
 
 
@@ -336,4 +329,4 @@ def deepseek_tensors(name: str, tensor: Tensor, *, family: str, tied: bool, sour
 
 def applied_norm(weight: Tensor, family: str) -> Tensor:
     """An RMSNorm weight as the source applies it (Gemma multiplies by 1 + w), float32."""
-    return weight.float() + 1.0 if family == "gemma" else weight.float()
+    return weight.float() + 1.0 if FAMILIES[family].norm_plus_one else weight.float()
