@@ -37,6 +37,7 @@ from attnconv.loading import (
 from attnconv.outputs import RUN_SUFFIX, atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
+from attnconv.uptrain.latent_units import from_training_units, to_training_units
 from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
 from attnconv.uptrain.settings import UptrainSettings
 from attnconv.uptrain.sharded import check_fsdp_version, is_sharded, setup_fsdp
@@ -197,6 +198,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
     tokens_per_step = plan.global_batch * s.seq_len
     steps = s.steps or (math.ceil(s.tokens / tokens_per_step) if s.tokens is not None else plan.steps_per_epoch)
 
+    units = to_training_units(net)  # a linear latent norm (attnconv's DeepSeek-V3) in steppable units
     trainable, total = select_trainable(net, s.train)
     if s.gradient_checkpointing:
         enable_gradient_checkpointing(net)
@@ -220,6 +222,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
     result = run_training(accelerator, net, blocks, Run(s, steps, identity, run_dir), teacher=teacher_net,
                           eval_windows=windows, resume=will_resume, show_progress=not s.quiet)
     trained = result.pop("model")
+    from_training_units(trained, units)
     log = result.pop("log")
     summary = {"source": s.model, "data": s.data, "data_tokens": int(len(stream)), "eval_data": s.eval_data,
                "settings": {**s.record(), "steps": steps, "processes": accelerator.num_processes,
