@@ -5,9 +5,10 @@ MQA's 64: GQA by mean pooling; MLA in attnconv format (per-KV-head RoPE dims, th
 dims, as measured best; and from the calibrated GQA-2 / MQA, `--kv-heads`, which is that GQA at its bytes, and
 at half MQA's bytes) and in deepseek-v3 format (one shared RoPE key), each with --init pca (+ phases) and
 --init svd (weights only). Every model is scored on held-out Tiny Shakespeare against the source (KL, perplexity);
-the GQA baselines and the best MLA of each budget are then uptrained on 5% of the reference's pretraining tokens
-and scored again. Issue 17's targets: MLA (pca) beats GQA before and after uptraining at both budgets, and pca
-beats svd before uptraining.
+the GQA baselines (mean and the best calibrated, `grouped+aligned+fit`) and the best MLA of each budget are then
+uptrained on 5% of the reference's pretraining tokens and scored again. Targets: MLA (pca) beats GQA before and
+after uptraining at both budgets, pca beats svd before uptraining, and MLA from the calibrated GQA is at least as
+good as that GQA at its bytes, before and after the same uptraining (issue 26).
 
     python benchmarks/mla_quality.py [--workdir DIR] [--calib-tokens 32768]
 """
@@ -32,6 +33,7 @@ from attnconv.uptrain.settings import UptrainSettings
 # name -> (values per token and layer, convert settings); attnconv format: kv_rank + 8 KV heads x rope_dim
 MODELS = {
     "gqa2 mean": (128, dict(to="gqa", kv_heads=2)),
+    "gqa2 grouped+aligned+fit": (128, dict(to="gqa", kv_heads=2, method="grouped+aligned+fit")),
     "mla attnconv 16:14 pca": (128, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=14)),
     "mla attnconv 16:14 svd": (128, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=14, init="svd",
                                          phases=False)),
@@ -40,6 +42,7 @@ MODELS = {
     "mla attnconv from gqa2 64:32": (128, dict(to="mla", format="attnconv", kv_rank=64, rope_dim=32, kv_heads=2,
                                                method="grouped+aligned+fit")),
     "mqa mean": (64, dict(to="mqa")),
+    "mqa grouped+aligned+fit": (64, dict(to="mqa", method="grouped+aligned+fit")),
     "mla attnconv 16:6 pca": (64, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=6)),
     "mla attnconv 16:6 svd": (64, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=6, init="svd",
                                        phases=False)),
@@ -50,7 +53,9 @@ MODELS = {
     "mla attnconv from mqa 16:16": (32, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=16, kv_heads=1,
                                              method="grouped+aligned+fit")),
 }
-UPTRAIN = ("gqa2 mean", "mla attnconv 16:14 pca", "mqa mean", "mla attnconv 16:6 pca", "mla attnconv from mqa 32:32")
+RESULTS = Path(__file__).resolve().parent / "results"
+UPTRAIN = ("gqa2 mean", "gqa2 grouped+aligned+fit", "mla attnconv 16:14 pca", "mla attnconv from gqa2 64:32",
+           "mqa mean", "mqa grouped+aligned+fit", "mla attnconv 16:6 pca", "mla attnconv from mqa 32:32")
 
 
 def main() -> None:
@@ -92,7 +97,13 @@ def main() -> None:
         print(f"{name:<42} {values:>12} {r['kl']:>12.4f} {r['token_perplexity']:>8.1f}")
     print(f"\nsource ppl {rows[str(REFERENCE_DIR)]['token_perplexity']:.1f}; {time.perf_counter() - t0:.0f} s in all")
     (work / "mla_quality.json").write_text(json.dumps(table, indent=1))
-    print(f"written {work / 'mla_quality.json'}")
+    lines = [f"# Reference model: MLA against GQA at equal KV bytes (source perplexity "
+             f"{rows[str(REFERENCE_DIR)]['token_perplexity']:.1f}; held-out Tiny Shakespeare)", "",
+             "| model | values / token / layer | KL to source | perplexity |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['values_per_layer']} | {r['kl']:.4f} | {r['ppl']:.1f} |" for n, r in table.items()]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "mla_quality.md").write_text("\n".join(lines) + "\n")
+    print(f"written {work / 'mla_quality.json'} and {RESULTS / 'mla_quality.md'}")
 
 
 if __name__ == "__main__":
