@@ -34,7 +34,7 @@ from attnconv.convert.gqa.pool import convert_kv_proj
 from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
-from attnconv.families import HeadLayout
+from attnconv.model_shape import HeadLayout
 from attnconv.reference import REFERENCE_DIR
 from attnconv.textdata import tinyshakespeare_split
 

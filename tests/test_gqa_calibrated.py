@@ -24,7 +24,8 @@ from attnconv.convert.gqa.methods import parse_method
 from attnconv.convert.gqa.pool import convert_kv_proj
 from attnconv.convert.gqa.state_dict import attention_layers, with_attention_layers
 from attnconv.errors import AttnconvError
-from attnconv.families import ROPE_FAMILIES, HeadLayout
+from attnconv.families import ROPE_FAMILIES
+from attnconv.model_shape import HeadLayout
 from attnconv.testing import build_tiny_model
 
 FAMILIES = ROPE_FAMILIES

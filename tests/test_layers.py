@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "attnconv"
 
 # Lowest first. A module on floor k may import floors 0..k; `attnconv` itself only registers models lazily.
 FLOORS = [
-    {"errors", "dtypes", "settings", "families", "engines", "fingerprint", "runtime", "textdata", "outputs",
-     "reference", "tensor_io", "model_folder", "loading", "finite"},
+    {"errors", "dtypes", "settings", "model_shape", "families", "engines", "fingerprint", "runtime", "textdata",
+     "outputs", "reference", "tensor_io", "model_folder", "loading", "finite"},
     {"kernels"},
     {"models"},
     {"patches"},

@@ -20,7 +20,8 @@ from attnconv.convert.mla.attnconv_format import (
 )
 from attnconv.convert.mla.inmemory import to_attnconv_mla
 from attnconv.convert.mla.rope import select_pairs
-from attnconv.families import ROPE_FAMILIES, rotary_dim_of
+from attnconv.families import ROPE_FAMILIES
+from attnconv.model_shape import rotary_dim_of
 from attnconv.models.mla import register_auto_classes
 from attnconv.testing import build_tiny_model
 

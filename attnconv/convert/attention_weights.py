@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from attnconv.families import FAMILIES, rotary_dim_of
+from attnconv.families import FAMILIES
+from attnconv.model_shape import rotary_dim_of
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class AttentionWeights:
 def shape_of(config) -> AttentionShape:
     """The attention shape of a transformers config object or a config.json dict (the six Llama-like families:
     their softmax scale is head_dim ** -0.5)."""
-    from attnconv.families import config_value
+    from attnconv.model_shape import config_value
 
     n_heads = config_value(config, "num_attention_heads")
     hidden = config_value(config, "hidden_size")

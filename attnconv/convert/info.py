@@ -13,8 +13,9 @@ from attnconv.convert.settings import InfoSettings
 from attnconv.dtypes import dtype_bytes
 from attnconv.engines import ENGINES
 from attnconv.errors import AttnconvError
-from attnconv.families import CacheShape, cache_shape, family_of, max_positions
+from attnconv.families import cache_shape, family_of
 from attnconv.loading import check_layers, load_config, read_config, resolve_source, weight_files
+from attnconv.model_shape import CacheShape, max_positions
 
 
 @dataclass

@@ -18,8 +18,9 @@ from attnconv.convert.settings import ConvertSettings
 from attnconv.convert.target import LayerTarget, attention_key
 from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
-from attnconv.families import ROPE_FAMILIES, Family, HeadLayout, check_kv_heads, source_family
+from attnconv.families import ROPE_FAMILIES, Family, check_kv_heads, source_family
 from attnconv.loading import check_layers, read_config, resolve_source, weight_files
+from attnconv.model_shape import HeadLayout
 from attnconv.tensor_io import ST_DTYPES, CheckpointReader, TensorMeta, header_reserve, st_dtype
 
 # Files never copied: weights (rewritten), config (rewritten), the source's card and any remote code.

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from attnconv.convert.gqa.methods import Method
 from attnconv.convert.gqa.pool import convert_fused_qkv, convert_gpt2_c_attn, convert_kv_proj
-from attnconv.families import HeadLayout
+from attnconv.model_shape import HeadLayout
 
 
 @dataclass(frozen=True)

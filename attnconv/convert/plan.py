@@ -21,7 +21,8 @@ from attnconv.convert.settings import ConvertSettings
 from attnconv.convert.target import Calibration, LayerTarget, layer_input_key
 from attnconv.dtypes import dtype_bytes
 from attnconv.errors import AttnconvError
-from attnconv.families import Family, HeadLayout
+from attnconv.families import Family
+from attnconv.model_shape import HeadLayout
 from attnconv.tensor_io import CheckpointReader, torch_dtype
 
 

@@ -121,7 +121,7 @@ class ConvertSettings(Settings):
     def calibration_seq_len(self, config: dict) -> int:
         """Tokens per calibration sequence (--calib-seq-len, default min(2048, the model's positions)), checked
         against the model's positions and --calib-tokens."""
-        from attnconv.families import max_positions
+        from attnconv.model_shape import max_positions
 
         limit = max_positions(config)
         seq_len = self.calib_seq_len or min(2048, limit or 2048)

@@ -23,8 +23,9 @@ from attnconv.eval.agreement import AgreementResult, agreement
 from attnconv.eval.perplexity import PerplexityResult, TextStats, perplexity, plan_windows, text_stats, tokenize_corpus
 from attnconv.eval.report import print_table, write_reports
 from attnconv.eval.settings import EvalSettings
-from attnconv.families import cache_shape, max_positions
+from attnconv.families import cache_shape
 from attnconv.loading import load_causal_lm, load_config, load_tokenizer, read_provenance, resolve_source
+from attnconv.model_shape import max_positions
 from attnconv.outputs import atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.textdata import DEFAULT_SPEC, load_texts, texts_overlap
 

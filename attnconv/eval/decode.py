@@ -26,8 +26,9 @@ from attnconv.eval.decode_measure import (
     time_generate,
     weight_bytes_per_step,
 )
-from attnconv.families import FAMILIES, cache_shape, config_value, family_of, max_positions
+from attnconv.families import FAMILIES, cache_shape, family_of
 from attnconv.kernels.cpu_decode import resolve_backend
+from attnconv.model_shape import config_value, max_positions
 from attnconv.patches import attnconv_mla
 from attnconv.patches.decode_attention import decode_attention
 from attnconv.patches.decode_cache import LatentKVCache, PreallocatedKVCache

@@ -21,7 +21,8 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from attnconv.errors import AttnconvError
-from attnconv.families import FAMILIES, ROPE_FAMILIES, Family, mla_architecture, on_family_change, rotary_dim_of
+from attnconv.families import FAMILIES, ROPE_FAMILIES, Family, mla_architecture, on_family_change
+from attnconv.model_shape import rotary_dim_of
 from attnconv.models.mla_layout import nope_dims, rope_dims
 
 

@@ -21,7 +21,6 @@ import torch
 
 from attnconv.dtypes import canonical_dtype
 from attnconv.errors import AttnconvError
-from attnconv.families import max_positions
 from attnconv.fingerprint import folder_fingerprint
 from attnconv.kernels.linear_cross_entropy import cpu_has_fast_bf16
 from attnconv.loading import (
@@ -34,6 +33,7 @@ from attnconv.loading import (
     resolve_source,
     weight_files,
 )
+from attnconv.model_shape import max_positions
 from attnconv.outputs import RUN_SUFFIX, atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
 from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint

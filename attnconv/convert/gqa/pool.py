@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnconv.convert.gqa.methods import Method
-from attnconv.families import HeadLayout
+from attnconv.model_shape import HeadLayout
 
 
 def _mean(groups: Tensor, gen: torch.Generator | None, is_bias: bool) -> Tensor:
