@@ -26,31 +26,15 @@ def _revision(path: Path) -> str | None:
     return path.name if path.parent.name == "snapshots" else None
 
 
-def finish_mla_config(plan: Plan) -> dict:
-    config = plan.target.config_out()
-    if plan.out_dtype is not None:
-        config["dtype"] = str(plan.out_dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
-    return config
-
-
 def _conversion(plan: Plan) -> dict:
     lay_in, lay_out = plan.layout_in, plan.layout_out
     common = {"n_heads": lay_in.n_heads, "kv_heads_before": lay_in.n_kv_heads, "head_dim": lay_in.head_dim,
               "dtype": str(plan.out_dtype).removeprefix("torch.") if plan.out_dtype else "auto",
               "kv_bytes_per_token_before": plan.kv_bytes_per_token("before"),
               "kv_bytes_per_token_after": plan.kv_bytes_per_token("after")}
-    if plan.settings.to == "mla":
-        calibration = plan.calibration()
-        return {"to": "mla", **plan.target.record(), **common,
-                "calibration": calibration.record() if calibration is not None else None}
-    to = "mqa" if lay_out.n_kv_heads == 1 else "gqa"
-    if plan.target is not None:  # calibrated GQA/MQA: groups and choices per layer
-        record = plan.target.record()
-        return {"to": to, "method": record.pop("method"), "seed": record.pop("seed"),
-                "kv_heads_after": lay_out.n_kv_heads, **common, **record,
-                "calibration": plan.calibration().record()}
-    return {"to": to, "method": plan.method.name,
+    if plan.target is not None:  # a layer at a time: what each layer chose
+        return plan.target.conversion_record(common, plan.calibration())
+    return {"to": "mqa" if lay_out.n_kv_heads == 1 else "gqa", "method": plan.method.name,
             "seed": plan.settings.seed if plan.method.uses_seed else None, "kv_heads_after": lay_out.n_kv_heads,
             "groups": [list(range(g * lay_in.n_kv_heads // lay_out.n_kv_heads,
                                   (g + 1) * lay_in.n_kv_heads // lay_out.n_kv_heads))
@@ -95,8 +79,9 @@ def convert(settings: ConvertSettings, progress: bool = True) -> Plan:
         hasher = threading.Thread(target=sha256_files, args=(files, hashes), daemon=True)
         hasher.start()
         write_plan(plan, tmp, progress, copier)
-        if plan.settings.to == "mla":  # the config records what the layers chose (their RoPE pairs)
-            plan.config_out = finish_mla_config(plan)
+        if plan.target is not None:  # the config may record what the layers chose (MLA's RoPE pairs)
+            dtype = str(plan.out_dtype).removeprefix("torch.") if plan.out_dtype is not None else None
+            plan.config_out = plan.target.finished_config(plan.config_out, dtype)
         (tmp / "config.json").write_text(json.dumps(plan.config_out, indent=2, sort_keys=True, allow_nan=False) + "\n")
         for name in plan.files_to_copy:
             shutil.copy2(plan.source / name, tmp / name)

@@ -80,6 +80,12 @@ class LayerTarget(Protocol):
 
     def record(self) -> dict[str, Any]: ...
 
+    def conversion_record(self, common: dict[str, Any], calibration: Calibration | None) -> dict[str, Any]:
+        """attnconv.json's "conversion": what the target chose, with the fields every conversion records."""
+
+    def finished_config(self, planned: dict, out_dtype: str | None) -> dict:
+        """config.json once every layer is converted (planned: the plan's; out_dtype: --dtype, None: the source's)."""
+
 
 class Calibration:
     """Layer statistics on demand: the source runs layer by layer as the plan reaches its layers (in order)."""

@@ -138,6 +138,14 @@ class GqaTarget:
         return {"method": self.method.name, "steps": list(self.steps), "seed": self.settings.seed,
                 "key_value_metric": "attended", "layers": {i: r for i, r in sorted(self.records.items())}}
 
+    def conversion_record(self, common: dict[str, Any], calibration) -> dict[str, Any]:
+        record = self.record()
+        return {"to": "mqa" if self.n_out == 1 else "gqa", "method": record.pop("method"), "seed": record.pop("seed"),
+                "kv_heads_after": self.n_out, **common, **record, "calibration": calibration.record()}
+
+    def finished_config(self, planned: dict, out_dtype: str | None) -> dict:
+        return planned  # every choice a layer makes lives in its tensors
+
 
 def summary(record: dict) -> dict:
     """A per-layer record of convert_layer, with its per-pair lists reduced to per-head summaries (a 7B layer's

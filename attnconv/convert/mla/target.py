@@ -139,6 +139,18 @@ class MlaTarget(ABC):
             out.update(kv_heads=self.shape.n_kv_heads, method=s.method, phases=False)
         return out | self.format_record()
 
+    def conversion_record(self, common: dict[str, Any], calibration) -> dict[str, Any]:
+        return {"to": "mla", **self.record(), **common,
+                "calibration": calibration.record() if calibration is not None else None}
+
+    def finished_config(self, planned: dict, out_dtype: str | None) -> dict:
+        """What the layers chose (attnconv format: their RoPE pairs), in the output's dtype."""
+        config = self.config_out()
+        if out_dtype is not None:
+            config["dtype"] = out_dtype
+            config.pop("torch_dtype", None)
+        return config
+
     def weights(self, tensors: dict[str, Tensor]) -> AttentionWeights:
         return from_tensors(tensors, self.source_shape or self.shape, float(self.config.get("rms_norm_eps") or 1e-6))
 
