@@ -136,7 +136,8 @@ def test_both_formats_go_through_uptrain_eval_and_push(tiny, tmp_path, cli, fmt)
     code, _, err = cli("uptrain", mla, tmp_path / "up", "--data", tmp_path / "train.txt", "--steps", "2",
                        "--seq-len", "32", "--batch-size", "2", "--teacher", src, "--quiet")
     assert code == 0, err
-    code, out, err = cli("eval", mla, tmp_path / "up", "--reference", src, "--data", tmp_path / "train.txt",
+    (tmp_path / "eval.txt").write_text("To be, or not to be, that is the question. " * 8)  # a few windows suffice
+    code, out, err = cli("eval", mla, tmp_path / "up", "--reference", src, "--data", tmp_path / "eval.txt",
                          "-L", "32", "--out", tmp_path / "report", "--quiet")
     assert code == 0, err
     rows = json.loads((tmp_path / "report" / "results.json").read_text())["models"]
