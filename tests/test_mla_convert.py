@@ -116,6 +116,14 @@ def test_bad_mla_requests_are_one_line_and_write_nothing(cli, tiny, tmp_path, ar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
 
 
+def test_a_kv_rank_above_the_lossless_rank_is_refused_by_the_plan(cli, tiny, tmp_path):
+    """Before any calibration (by default 131,072 tokens through the whole model): the dry run refuses it."""
+    root, src = tiny
+    for args in (["--kv-rank", "1000"], ["--format", "attnconv", "--kv-rank", "16,1000"]):
+        code, _, err = cli("convert", src, tmp_path / "x", "--to", "mla", *args, "--dry-run")
+        assert_one_line_error(code, err, "--kv-rank 1000 exceeds the 48 ")
+
+
 @pytest.mark.parametrize("family, needle", [("gpt2", "learned positions"), ("qwen2", "--format attnconv"),
                                             ("qwen3", "--format attnconv")])
 def test_what_a_format_cannot_express_is_refused_with_the_way_out(tmp_path, family, needle):
