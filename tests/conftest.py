@@ -31,6 +31,16 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_for_the_session():
+    """Every test on one intra-op thread: the tiny models gain nothing from a second one, and on shared cores its
+    spin-waits made tests up to 10x slower (measured: test_mla_deepseek's reference-model KL, 139 -> 12 CPU s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread: on shared, oversubscribed cores two OpenMP threads run ~10x slower (measured)."""

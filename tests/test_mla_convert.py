@@ -116,6 +116,14 @@ def test_bad_mla_requests_are_one_line_and_write_nothing(cli, tiny, tmp_path, ar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
 
 
+def test_a_kv_rank_above_the_lossless_rank_is_refused_by_the_plan(cli, tiny, tmp_path):
+    """Before any calibration (by default 131,072 tokens through the whole model): the dry run refuses it."""
+    root, src = tiny
+    for args in (["--kv-rank", "1000"], ["--format", "attnconv", "--kv-rank", "16,1000"]):
+        code, _, err = cli("convert", src, tmp_path / "x", "--to", "mla", *args, "--dry-run")
+        assert_one_line_error(code, err, "--kv-rank 1000 exceeds the 48 ")
+
+
 @pytest.mark.parametrize("family, needle", [("gpt2", "learned positions"), ("qwen2", "--format attnconv"),
                                             ("qwen3", "--format attnconv")])
 def test_what_a_format_cannot_express_is_refused_with_the_way_out(tmp_path, family, needle):
@@ -136,7 +144,8 @@ def test_both_formats_go_through_uptrain_eval_and_push(tiny, tmp_path, cli, fmt)
     code, _, err = cli("uptrain", mla, tmp_path / "up", "--data", tmp_path / "train.txt", "--steps", "2",
                        "--seq-len", "32", "--batch-size", "2", "--teacher", src, "--quiet")
     assert code == 0, err
-    code, out, err = cli("eval", mla, tmp_path / "up", "--reference", src, "--data", tmp_path / "train.txt",
+    (tmp_path / "eval.txt").write_text("To be, or not to be, that is the question. " * 8)  # a few windows suffice
+    code, out, err = cli("eval", mla, tmp_path / "up", "--reference", src, "--data", tmp_path / "eval.txt",
                          "-L", "32", "--out", tmp_path / "report", "--quiet")
     assert code == 0, err
     rows = json.loads((tmp_path / "report" / "results.json").read_text())["models"]

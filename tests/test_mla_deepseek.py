@@ -133,7 +133,7 @@ def test_sliding_window_caps_positions(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(one_torch_thread):  # two threads spin-wait on busy cores: 4-5x slower measured on this model
     from attnconv.eval.perplexity import tokenize_corpus
     from attnconv.loading import load_causal_lm, load_tokenizer
     from attnconv.reference import REFERENCE_DIR

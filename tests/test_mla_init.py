@@ -26,13 +26,12 @@ from attnconv.convert.mla.rope import select_pairs
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(one_torch_thread):
     from attnconv.eval.perplexity import tokenize_corpus
     from attnconv.loading import load_causal_lm, load_tokenizer
     from attnconv.reference import REFERENCE_DIR
     from attnconv.textdata import load_texts
 
-    torch.set_num_threads(2)
     model = load_causal_lm(REFERENCE_DIR, dtype=torch.float32)
     tok = load_tokenizer(REFERENCE_DIR)
     train = tokenize_corpus(tok, load_texts("tinyshakespeare:train"))[:4096]
@@ -70,9 +69,9 @@ def _kl(model, source_logp, windows) -> float:
 def test_rope_selection_and_phases_at_full_rank(reference):
     """Full rank, 4 of 16 pairs per head: only the dropped pairs' rotation is lost."""
     model, train, test = reference
-    windows = test[:2048].reshape(8, 256)
+    windows = test[:1024].reshape(4, 256)  # KL 0.53, 0.65, 0.78, 0.93; 0.41 phased (as on 8 windows, 4096 tokens)
     rank = 8 * (2 * 32 - 8)
-    stats = collect_statistics(model, train, phases=True)
+    stats = collect_statistics(model, train[:2048], phases=True)
     with torch.no_grad():
         source = F.log_softmax(model(windows).logits, -1)
     kl = {select: _kl(to_attnconv_mla(model, kv_rank=rank, rope_dim=8, rope_select=select, calibration=stats),

@@ -16,7 +16,7 @@ from attnconv.uptrain.settings import UptrainSettings
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
+def test_two_processes_match_one_process_with_same_global_batch(tmp_path, one_torch_thread):  # as the children
     model = build_tiny_model("llama", tmp_path / "m", with_tokenizer=True, n_heads=4, n_kv_heads=2, hidden=32)
     data = tmp_path / "train.txt"
     data.write_text(tinyshakespeare_split("train")[:20_000])

@@ -191,14 +191,25 @@ def test_checkpoints_reach_the_disk_before_they_are_published(tmp_path, monkeypa
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-0000002"]
 
 
-def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path):
+class _Killed(BaseException):
+    """What the SIGKILL after a checkpoint becomes in this process (test_resume_after_sigkill_is_exact kills one)."""
+
+
+def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monkeypatch):
     """A checkpoint resumes only the run that wrote it: each setting that changes the run's mathematics, and each
     input's content, is compared, and a difference is refused with what differs."""
     out = tmp_path / "run"
-    child_env = {**os.environ, KILL_AFTER_ENV: "2", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "attnconv", "uptrain", env["model"], str(out), "--data", env["train"], "--steps",
-           "4", "--save-every", "2", "--seq-len", "32", "--batch-size", "4", "--quiet"]
-    assert subprocess.run(cmd, env=child_env, capture_output=True, timeout=300).returncode == -9
+
+    def killed(pid, signum):
+        raise _Killed
+
+    monkeypatch.setenv(KILL_AFTER_ENV, "2")
+    monkeypatch.setattr(ckpt_mod.os, "kill", killed)
+    with pytest.raises(_Killed):
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=4, save_every=2, seq_len=32,
+                                batch_size=4, cache_dir=env["cache"], quiet=True))
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "run.uptrain-run" / "checkpoints").name == "step-0000002"
     other_data = tmp_path / "other.txt"
     other_data.write_text(tinyshakespeare_split("train")[30_000:60_000])
     changed_model = tmp_path / "changed"

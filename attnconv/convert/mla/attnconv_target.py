@@ -19,6 +19,7 @@ from attnconv.convert.mla.attnconv_format import (
     attnconv_output_shapes,
     cache_per_token,
     convert_attnconv_layer,
+    max_kv_rank,
 )
 from attnconv.convert.mla.inmemory import LayerStatistics
 from attnconv.convert.mla.rope import select_pairs
@@ -34,6 +35,9 @@ class AttnconvMlaTarget(MlaTarget):
     @staticmethod
     def default_rope_dim(shape: AttentionShape) -> int:
         return 2 * (shape.rotary_dim // 4)
+
+    def max_kv_rank(self) -> int:
+        return max_kv_rank(self.shape, self.rope_dim)
 
     # --- layout ---
     def layer_outputs(self, layer: int, keys: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

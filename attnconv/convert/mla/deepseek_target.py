@@ -21,6 +21,7 @@ from attnconv.convert.mla.deepseek import (
     deepseek_output_shapes,
     deepseek_rules,
     folds_input_norm,
+    max_kv_rank,
 )
 from attnconv.convert.mla.inmemory import LayerStatistics
 from attnconv.convert.mla.target import MlaTarget
@@ -38,6 +39,9 @@ class DeepSeekV3Target(MlaTarget):
     @staticmethod
     def default_rope_dim(shape: AttentionShape) -> int:
         return min(64, shape.rotary_dim)
+
+    def max_kv_rank(self) -> int:
+        return max_kv_rank(self.shape, self.rope_dim)
 
     def prepare(self) -> None:
         s, shape, layers = self.settings, self.shape, len(self.kv_ranks)

@@ -25,6 +25,7 @@ from attnconv.convert.gqa.calibrated import convert_layer as merge_layer
 from attnconv.convert.gqa.target import GqaTarget
 from attnconv.convert.mla.calibration import AttentionPhaseCollector, MomentCollector, PairNormCollector
 from attnconv.convert.mla.inmemory import LayerStatistics
+from attnconv.convert.mla.lowrank import check_rank
 from attnconv.convert.mla.rope import check_rope_dim, pair_scores
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
@@ -67,6 +68,8 @@ class MlaTarget(ABC):
             target.notes.append(f"KV heads merged {shape.n_kv_heads} -> {n} by {settings.method} before the latent "
                                 "(phases not used: they are the source heads' rotations)")
         target.prepare()
+        for rank in sorted(set(target.kv_ranks)):  # before calibration, not when the layer is reached
+            check_rank(rank, target.max_kv_rank())
         return target
 
     # --- what each format says (the subclasses) ---
@@ -78,6 +81,10 @@ class MlaTarget(ABC):
     def prepare(self) -> None:
         """The format's own checks and defaults, once the shared ones have passed."""
         return None  # none unless the format has some
+
+    @abstractmethod
+    def max_kv_rank(self) -> int:
+        """The largest --kv-rank of a layer: the rank at which the format's latent is lossless."""
 
     @abstractmethod
     def layer_outputs(self, layer: int, keys: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
