@@ -16,14 +16,15 @@ good as that GQA at its bytes, before and after the same uptraining (issue 26).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from attnconv.convert.api import convert
-from attnconv.convert.settings import ConvertSettings
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conversions import convert_if_absent  # noqa: E402
+
 from attnconv.eval.api import evaluate
 from attnconv.eval.settings import EvalSettings
 from attnconv.reference import REFERENCE_DIR, load_train_run
@@ -69,14 +70,9 @@ def main() -> None:
     t0 = time.perf_counter()
     folders = {}
     for name, (_, extra) in MODELS.items():
-        out = work / name.replace(" ", "-").replace(":", "x")
-        if not out.exists():
-            settings = ConvertSettings(str(REFERENCE_DIR), str(out), **extra)
-            if settings.needs_calibration:  # convert refuses calibration it would not use
-                settings = dataclasses.replace(settings, calibrate="tinyshakespeare:train",
-                                               calib_tokens=args.calib_tokens, calib_seq_len=seq_len)
-            convert(settings, progress=False)
-        folders[name] = out
+        folders[name] = convert_if_absent(REFERENCE_DIR, work / name.replace(" ", "-").replace(":", "x"), extra,
+                                          calibrate="tinyshakespeare:train", calib_tokens=args.calib_tokens,
+                                          calib_seq_len=seq_len)
     for name in UPTRAIN:
         out = work / f"{folders[name].name}-up"
         if not out.exists():

@@ -19,7 +19,6 @@ half) and scored again. Writes benchmarks/results/real_model.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -31,10 +30,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conversions import convert_if_absent  # noqa: E402
 from kl_plot import kl_plot  # noqa: E402
 
-from attnconv.convert.api import convert  # noqa: E402
-from attnconv.convert.settings import ConvertSettings  # noqa: E402
 from attnconv.eval.agreement import agreement
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
 from attnconv.textdata import wikitext2_part
@@ -110,12 +108,8 @@ def main() -> None:
         family, values, extra = MODELS[name]
         folder = work / name.replace(" ", "-").replace("+", "p").replace(",", "").replace("(", "").replace(")", "")
         t = time.perf_counter()
-        if not folder.exists():
-            settings = ConvertSettings(str(source_dir), str(folder), **extra)
-            if settings.needs_calibration:  # convert refuses calibration it would not use
-                settings = dataclasses.replace(settings, calibrate="wikitext-2-test:calib",
-                                               calib_tokens=args.calib_tokens, calib_seq_len=WINDOW)
-            convert(settings, progress=False)
+        convert_if_absent(source_dir, folder, extra, calibrate="wikitext-2-test:calib", calib_tokens=args.calib_tokens,
+                          calib_seq_len=WINDOW)
         row = {"name": name, "family": family, "values": values, "convert_s": time.perf_counter() - t,
                **score(folder, source, ids, stats)}
         if args.uptrain_steps and name in UPTRAIN:
