@@ -62,8 +62,11 @@ def to_training_units(model: nn.Module) -> dict[str, tuple[float, nn.Module]]:
     return units
 
 
-def from_training_units(model: nn.Module, units: dict[str, tuple[float, nn.Module]]) -> None:
-    """Undo `to_training_units` on MODEL (the trained model, maybe another object with the same module names)."""
+def from_training_units(model: nn.Module | None, units: dict[str, tuple[float, nn.Module]]) -> None:
+    """Undo `to_training_units` on MODEL (the trained model, maybe another object with the same module names;
+    None on the processes that do not write it, under FSDP)."""
+    if model is None or not units:
+        return
     modules = dict(model.named_modules())
     for name, (s, original) in units.items():
         module = modules[name]
