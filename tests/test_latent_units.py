@@ -22,7 +22,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     build_tiny_model("llama", root / "src", hidden=64, n_heads=4, layers=2, seed=3)
     convert(ConvertSettings(root / "src", root / "ds", to="mla", kv_rank=(24,), rope_dim=8, init="svd",
-                            phases=False), progress=False)
+                            phases=False, q_rank=32), progress=False)  # a query latent below the hidden size too
     load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
     return load(root / "src"), load(root / "ds")
 
@@ -41,10 +41,11 @@ def test_training_units_keep_the_function_and_restore_the_weights(models):
     with torch.no_grad():
         ref = ds(ids).logits
         units = to_training_units(ds)
-        assert len(units) == 2 and all(isinstance(m.self_attn.kv_a_layernorm, LinearLatentNorm)
-                                       for m in ds.model.layers)
-        rows = ds.model.layers[0].self_attn.kv_a_proj_with_mqa.weight[:24]
-        assert 0.5 < rows.square().sum(1).mean().sqrt() < 2  # unit scale: what AdamW's absolute steps need
+        assert len(units) == 4 and all(isinstance(norm, LinearLatentNorm) for m in ds.model.layers
+                                       for norm in (m.self_attn.kv_a_layernorm, m.self_attn.q_a_layernorm))
+        for rows in (ds.model.layers[0].self_attn.kv_a_proj_with_mqa.weight[:24],
+                     ds.model.layers[0].self_attn.q_a_proj.weight):
+            assert 0.5 < rows.square().sum(1).mean().sqrt() < 2  # unit scale: what AdamW's absolute steps need
         torch.testing.assert_close(ds(ids).logits, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         from_training_units(ds, units)
     after = ds.state_dict()

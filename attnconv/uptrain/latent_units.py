@@ -1,10 +1,11 @@
 """Training a DeepSeek-V3 model whose latent norm works as a linear map, in units AdamW can step in.
 
-attnconv's DeepSeek-V3 output makes `kv_a_layernorm` linear (convert/mla/deepseek.py): the latent rows of
-`kv_a_proj_with_mqa` are scaled so that the latent's mean square is ~1e-6 of the norm's eps, and the norm's
-weight multiplies the scale back. The function is right, but AdamW's step is absolute (about lr per entry,
-whatever the entry's size): on latent rows of size ~1e-7 the first step of lr 1e-3 replaced them, and the
-distillation KL of a tiny Llama went 0.77 -> 1.24 in one step and stayed there (gradient norm 5.6e5).
+attnconv's DeepSeek-V3 output makes `kv_a_layernorm` (and `q_a_layernorm`, with a --q-rank below the hidden size)
+linear (convert/mla/deepseek.py): the latent rows of `kv_a_proj_with_mqa` (`q_a_proj`) are scaled so that the
+latent's mean square is ~1e-6 of the norm's eps, and the norm's weight multiplies the scale back. The function is
+right, but AdamW's step is absolute (about lr per entry, whatever the entry's size): on latent rows of size ~1e-7
+the first step of lr 1e-3 replaced them, and the distillation KL of a tiny Llama went 0.77 -> 1.24 in one step and
+stayed there (gradient norm 5.6e5).
 
 So for training, each such layer's latent rows are divided by their scale s (root mean square of the rows'
 squared norms) and the norm becomes exactly linear, x * w', with w' = w * s / sqrt(eps): the same function
@@ -36,17 +37,23 @@ class LinearLatentNorm(nn.Module):
         return x * self.weight.to(x.dtype)
 
 
-def _latent_layers(model: nn.Module):
+# (projection, its norm): the latent rows are the projection's first norm.weight.numel() rows
+LATENTS = (("kv_a_proj_with_mqa", "kv_a_layernorm"), ("q_a_proj", "q_a_layernorm"))
+
+
+def _latents(model: nn.Module):
+    """(key, attention module, projection name, norm name) of every latent norm in MODEL."""
     for name, module in model.named_modules():
-        if hasattr(module, "kv_a_layernorm") and hasattr(module, "kv_a_proj_with_mqa"):
-            yield name, module
+        for proj, norm in LATENTS:
+            if hasattr(module, proj) and hasattr(module, norm):
+                yield f"{name}.{norm}", module, proj, norm
 
 
 def to_training_units(model: nn.Module) -> dict[str, tuple[float, nn.Module]]:
-    """Rescale every linear-latent layer of MODEL in place; returns {module name: (s, the original norm)}."""
+    """Rescale every linear latent of MODEL in place; returns {module.norm name: (s, the original norm)}."""
     units = {}
-    for name, module in _latent_layers(model):
-        norm, proj = module.kv_a_layernorm, module.kv_a_proj_with_mqa
+    for key, module, proj_name, norm_name in _latents(model):
+        norm, proj = getattr(module, norm_name), getattr(module, proj_name)
         if not hasattr(norm, "variance_epsilon"):
             continue
         rank, eps = norm.weight.numel(), float(norm.variance_epsilon)
@@ -57,8 +64,8 @@ def to_training_units(model: nn.Module) -> dict[str, tuple[float, nn.Module]]:
                 continue
             rows.div_(s)
             weight = (norm.weight.detach().double() * (s / eps ** 0.5)).to(norm.weight.dtype)
-        units[name] = (s, norm)
-        module.kv_a_layernorm = LinearLatentNorm(weight).to(norm.weight.device)
+        units[key] = (s, norm)
+        setattr(module, norm_name, LinearLatentNorm(weight).to(norm.weight.device))
     return units
 
 
@@ -68,12 +75,14 @@ def from_training_units(model: nn.Module | None, units: dict[str, tuple[float, n
     if model is None or not units:
         return
     modules = dict(model.named_modules())
-    for name, (s, original) in units.items():
+    for key, (s, original) in units.items():
+        name, norm_name = key.rsplit(".", 1)
         module = modules[name]
-        linear = module.kv_a_layernorm
+        proj_name = dict((n, p) for p, n in LATENTS)[norm_name]
+        linear = getattr(module, norm_name)
         eps = float(original.variance_epsilon)
         norm = copy.deepcopy(original)
         with torch.no_grad():
-            module.kv_a_proj_with_mqa.weight[:linear.weight.numel()].mul_(s)
+            getattr(module, proj_name).weight[:linear.weight.numel()].mul_(s)
             norm.weight.copy_((linear.weight.detach().double() * (eps ** 0.5 / s)).to(norm.weight.dtype))
-        module.kv_a_layernorm = norm.to(linear.weight.device)
+        setattr(module, norm_name, norm.to(linear.weight.device))

@@ -12,19 +12,20 @@ Not exact, by construction of the format: (1) RoPE moves to one shared key, so t
 and every dropped frequency lose their rotation (exact only when the source keys already share one RoPE key:
 an MQA source keeping all pairs). With `phases` (calibration), those NoPE query pairs are rotated and scaled by
 the source attention's mean rotation instead (AttentionPhaseCollector): on the reference model at full rank
-this takes KL to the source from 0.81 to 0.61. (2) kv_a_layernorm always normalises
-the latent, which a real model's latent does not tolerate: its RMS varies across tokens (SmolLM2-135M: 0.45-0.92
-in layer 0, 1.0-2.5 in layer 1), and dividing each token's keys and values by it destroyed the model. The
-conversion therefore makes the norm linear: kv_a_proj scales the latent down until its mean square is
-LATENT_EPS_SHARE of the norm's eps, so x / sqrt(mean(x^2) + eps) is x / sqrt(eps) to within that share, and
-kv_a_layernorm's weight multiplies sqrt(eps) back. Measured on SmolLM2 (8,192 calibration tokens from the first
-half of WikiText-2 test, 16 x 512-token windows of the second half scored as llama.cpp does; source perplexity
-24.0): 96 + 32 perplexity 29,880 -> 76.9 (KL 6.8 -> 1.15), MQA aligned+fit at the same cache 163 (KL 1.77); 64 + 64
-114; full rank 320 + 64 (the source's own cache size) 32.3, KL 0.28: the cost of (1), what the format cannot
-express (one RoPE key for all heads), once the norm is linear.
-Exact only up to that share (1e-6 of each token's latent), in float32 and bfloat16;
-float16 cannot hold the scaled kv_a_proj rows (they fall below its smallest normal number), so that tensor must
-be stored in bfloat16 or float32, in engines' formats too (GGUF: not f16 or a quantisation with f16 scales).
+this takes KL to the source from 0.81 to 0.61. (2) kv_a_layernorm always normalises the latent, which a real
+model's latent does not tolerate: its RMS varies across tokens (SmolLM2-135M: 0.45-0.92 in layer 0, 1.0-2.5 in
+layer 1), and dividing each token's keys and values by it destroyed the model. The conversion therefore makes the
+norm linear: kv_a_proj scales the latent down until its mean square is LATENT_EPS_SHARE of the norm's eps, so x /
+sqrt(mean(x^2) + eps) is x / sqrt(eps) to within that share, and kv_a_layernorm's weight multiplies sqrt(eps) back.
+A query latent below the hidden size (--q-rank) is made linear the same way (q_a_proj, q_a_layernorm): normalised
+per token, it rescaled each query's logits. Measured on SmolLM2 (8,192 calibration tokens from the first half of
+WikiText-2 test, 16 x 512-token windows of the second half scored as llama.cpp does; source perplexity 24.0): 96 +
+32 perplexity 29,880 -> 76.9 (KL 6.8 -> 1.15), MQA aligned+fit at the same cache 163 (KL 1.77); 64 + 64 114; full
+rank 320 + 64 (the source's own cache size) 32.3, KL 0.28: the cost of (1), what the format cannot express (one
+RoPE key for all heads), once the norm is linear. Exact only up to that share (1e-6 of each token's latent), in
+float32 and bfloat16; float16 cannot hold the scaled kv_a_proj (and q_a_proj) rows (they fall below its smallest
+normal number), so that tensor must be stored in bfloat16 or float32, in engines' formats too (GGUF: not f16 or a
+quantisation with f16 scales).
 The eps must be the same wherever the model runs: transformers builds kv_a_layernorm with eps 1e-6 whatever the
 config says, engines read rms_norm_eps, so the config's rms_norm_eps is 1e-6 (KV_NORM_EPS). The other norms then
 stay exact because the whole residual stream is scaled by sqrt(1e-6 / the source's eps) (embeddings, o_proj,
@@ -80,6 +81,17 @@ def max_kv_rank(shape: AttentionShape, rope_dim: int) -> int:
 def residual_scale(source_eps: float) -> float:
     """The factor on every residual-stream writer that turns the source's norm eps into KV_NORM_EPS exactly."""
     return (KV_NORM_EPS / source_eps) ** 0.5 if source_eps > 0 else 1.0
+
+
+def linear_norm_shrink(square: float) -> float:
+    """The factor on a latent's down-projection rows that brings its mean square (SQUARE, on the calibration data)
+    to LATENT_EPS_SHARE of the norm's eps: the latent's RMSNorm then acts linearly (module docstring)."""
+    return (LATENT_EPS_SHARE * KV_NORM_EPS / max(square, 1e-30)) ** 0.5
+
+
+def linear_norm_weight(rank: int, shrink: float) -> Tensor:
+    """The latent norm's weight that multiplies back what linear_norm_shrink took and the norm's 1/sqrt(eps)."""
+    return torch.full((rank,), (KV_NORM_EPS * (1 + LATENT_EPS_SHARE)) ** 0.5 / shrink)
 
 
 def check_layer(w: AttentionWeights) -> None:
@@ -161,11 +173,10 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
         q_nope = apply_phases(q, phases, torch.arange(s.rotary_pairs).expand(s.n_heads, -1), s.rotary_dim)
     q_all = torch.cat([q_nope, q_rope], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # DeepSeek: (d + d_r)^-0.5
 
-    square = float((moments if moments is not None else stats).of_linear(down).diagonal().mean())  # E mean(c^2)
-    shrink = (LATENT_EPS_SHARE * KV_NORM_EPS / max(square, 1e-30)) ** 0.5  # mean(c^2) -> share * eps
+    shrink = linear_norm_shrink(float((moments if moments is not None else stats).of_linear(down).diagonal().mean()))
     out = {
         "kv_a_proj_with_mqa.weight": torch.cat([down * shrink, torch.cat([rope_a, rope_b])[perm]]),  # [r + d_r, D]
-        "kv_a_layernorm.weight": torch.full((kv_rank,), (KV_NORM_EPS * (1 + LATENT_EPS_SHARE)) ** 0.5 / shrink),
+        "kv_a_layernorm.weight": linear_norm_weight(kv_rank, shrink),
         "kv_b_proj.weight": kv_b.reshape(-1, kv_rank),  # [n_heads * 2d, r], per head [k_nope; v]
         "o_proj.weight": w.o * residual_scale(w.norm_eps),
     }
@@ -180,8 +191,8 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
         q_stats = moments if moments is not None else stats
         q_low = joint_low_rank(None, q_rank, factor=q_stats.factor_of_linear(q_flat))
         q_down = q_low.down @ q_flat
-        rms = float(q_stats.of_linear(q_down).diagonal().mean().sqrt())
-        out.update({"q_a_proj.weight": q_down, "q_a_layernorm.weight": torch.full((q_rank,), rms),
+        q_shrink = linear_norm_shrink(float(q_stats.of_linear(q_down).diagonal().mean()))
+        out.update({"q_a_proj.weight": q_down * q_shrink, "q_a_layernorm.weight": linear_norm_weight(q_rank, q_shrink),
                     "q_b_proj.weight": q_low.up})
     return out if input_norm is None else fold_input_norm(out, input_norm)
 
