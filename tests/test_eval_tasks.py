@@ -4,10 +4,13 @@ log-likelihood in plain torch."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,9 +215,24 @@ def test_harness_names_are_cached_and_rebuilt_when_stale_or_damaged(tmp_path, mo
     assert task_names.harness_task_names(build) == names and len(builds) == 7  # the task folder changed
     assert sorted(p.name for p in file.parent.iterdir()) == [file.name, f"{file.name}.lock"]  # no temp files left
 
+    file.unlink()  # two processes at once (threads here: each opens its own lock): one builds, the other reads
+    started = threading.Barrier(2)
+
+    def slow_build():
+        time.sleep(0.3)
+        return build()
+
+    def lookup():
+        started.wait()
+        return task_names.harness_task_names(slow_build)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: lookup(), range(2))) == [names, names]
+    assert len(builds) == 8
+
     (tmp_path / "blocked").write_text("a file where the cache folder would go")
     monkeypatch.setattr(task_names, "cache_folder", lambda: tmp_path / "blocked" / "cache")
-    assert task_names.harness_task_names(build) == names and len(builds) == 8
+    assert task_names.harness_task_names(build) == names and len(builds) == 9
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "1.5", "abc", "nan"])
