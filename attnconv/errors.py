@@ -46,5 +46,6 @@ def disk_full(e: BaseException) -> bool:
 
 
 def cache_root() -> Path:
-    """attnconv's cache folder: $ATTNCONV_CACHE, else ~/.cache/attnconv (token caches, compiled kernels)."""
+    """attnconv's cache folder: $ATTNCONV_CACHE, else ~/.cache/attnconv (token caches, compiled kernels,
+    lm-evaluation-harness's task names)."""
     return Path(os.environ.get("ATTNCONV_CACHE") or Path.home() / ".cache" / "attnconv")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def one_torch_thread_for_the_session():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def harness_task_names_of_this_run(tmp_path_factory):
+    """lm-evaluation-harness's task names (attnconv/eval/task_names.py) cached in this run's temp folder, never
+    read from the user's cache: built at most once per run, by one xdist worker while the others wait on its lock."""
+    from attnconv.eval import task_names
+
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "lm-eval-tasks"
+    patch = pytest.MonkeyPatch()
+    patch.setattr(task_names, "cache_folder", lambda: folder)
+    yield folder
+    patch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,21 @@ log-likelihood in plain torch."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from attnconv.errors import AttnconvError
+from attnconv.eval import task_names
+from attnconv.eval import tasks as tasks_module
 from attnconv.eval.tasks import check_tasks, parse_limit, run_tasks, task_rows, tasks_markdown
 from attnconv.testing import assert_one_line_error, build_tiny_model
 
@@ -140,7 +145,7 @@ def test_accuracy_matches_an_independent_scoring(tiny, task_dir, reference, caps
     assert f"| {TASK} | acc_norm ↑ |" in tasks_markdown({"gqa": out})
 
 
-def test_unknown_task_names_close_matches(tiny, task_dir, tmp_path):
+def test_unknown_task_names_close_matches(tiny, task_dir, tmp_path, monkeypatch):
     model, tokenizer = tiny
     with pytest.raises(AttnconvError, match=r"unknown task 'attnconv_tiny_mq' \(did you mean attnconv_tiny_mc.*"
                                             r"'hellaswagg' \(did you mean hellaswag") as e:
@@ -155,6 +160,19 @@ def test_unknown_task_names_close_matches(tiny, task_dir, tmp_path):
     with pytest.raises(AttnconvError, match="no task given"):
         check_tasks([" "])
     check_tasks([TASK], include_path=str(task_dir))
+    # A later process reads the harness's names from the cache written above: its index is not built again.
+    real_index = tasks_module._index
+
+    def only_local(include_path, include_defaults):
+        assert not include_defaults, "the harness's full task index was built again"
+        return real_index(include_path, include_defaults)
+
+    monkeypatch.setattr(tasks_module, "_index", only_local)
+    tasks_module._harness_names.cache_clear()
+    with pytest.raises(AttnconvError, match=r"unknown task 'hellaswagg' \(did you mean hellaswag"):
+        check_tasks(["hellaswagg"])
+    check_tasks(["hellaswag", TASK], include_path=str(task_dir))
+    monkeypatch.undo()
 
     broken = tmp_path / "broken"  # a task whose data file is not there: one line, not the datasets traceback
     broken.mkdir()
@@ -163,6 +181,58 @@ def test_unknown_task_names_close_matches(tiny, task_dir, tmp_path):
     with pytest.raises(AttnconvError, match=f"could not load task.s. {TASK}: ") as e:
         run_tasks(model, tokenizer, [TASK], limit=2, batch_size=1, include_path=str(broken), device=None)
     assert "\n" not in str(e.value)
+
+
+def test_harness_names_are_cached_and_rebuilt_when_stale_or_damaged(tmp_path, monkeypatch):
+    """The names cache on its own, with a stand-in for the (15 s) index build: built once, then read; a damaged
+    file, or one written for another harness version or task folder, is rebuilt; an unwritable cache still works."""
+    import lm_eval
+
+    monkeypatch.setattr(task_names, "cache_folder", lambda: tmp_path / "cache")
+    builds = []
+
+    def build():
+        builds.append(1)
+        return ["hellaswag", "arc_easy", "mmlu"]
+
+    names = frozenset(build())
+    builds.clear()
+    assert task_names.harness_task_names(build) == names and len(builds) == 1
+    assert task_names.harness_task_names(build) == names and len(builds) == 1  # read back, not built
+    file = task_names.cache_file(task_names.harness_identity())
+    assert sorted(json.loads(file.read_text())["names"]) == sorted(names)
+    for damage in ("{not json", "", json.dumps({"identity": task_names.harness_identity(), "names": "hellaswag"}),
+                   json.dumps(["hellaswag"])):
+        file.write_text(damage)
+        assert task_names.harness_task_names(build) == names
+        assert task_names.harness_task_names(build) == names  # rewritten whole: read back next time
+    assert len(builds) == 5
+    monkeypatch.setattr(lm_eval, "__version__", "0.0.1")  # another harness version installed in the same place
+    assert task_names.harness_task_names(build) == names and len(builds) == 6
+    assert json.loads(file.read_text())["identity"]["lm_eval"] == "0.0.1"
+    identity = task_names.harness_identity()
+    monkeypatch.setattr(task_names, "harness_identity", lambda: {**identity, "mtime_ns": identity["mtime_ns"] + 1})
+    assert task_names.harness_task_names(build) == names and len(builds) == 7  # the task folder changed
+    assert sorted(p.name for p in file.parent.iterdir()) == [file.name, f"{file.name}.lock"]  # no temp files left
+
+    file.unlink()  # two processes at once (threads here: each opens its own lock): one builds, the other reads
+    started = threading.Barrier(2)
+
+    def slow_build():
+        time.sleep(0.3)
+        return build()
+
+    def lookup():
+        started.wait()
+        return task_names.harness_task_names(slow_build)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(lambda _: lookup(), range(2))) == [names, names]
+    assert len(builds) == 8
+
+    (tmp_path / "blocked").write_text("a file where the cache folder would go")
+    monkeypatch.setattr(task_names, "cache_folder", lambda: tmp_path / "blocked" / "cache")
+    assert task_names.harness_task_names(build) == names and len(builds) == 9
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "1.5", "abc", "nan"])

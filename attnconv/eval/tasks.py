@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from attnconv.errors import AttnconvError
+from attnconv.eval.task_names import harness_task_names
 
 INSTALL_HINT = "pip install 'attnconv[tasks]'"
 FEWSHOT_SEED = 1234  # simple_evaluate's default, so few-shot prompts match the harness's published numbers
@@ -97,22 +98,30 @@ def _clean_names(tasks) -> tuple[str, ...]:
 
 def check_tasks(tasks: list[str], include_path: str | None = None) -> None:
     """Fail early (before any model is loaded) on a missing harness, an unknown task or a bad --task-include.
-    The task index it builds is kept for run_tasks."""
+    Only names are checked: the harness's own come from a cache (attnconv/eval/task_names.py), not its index."""
     _import_harness()
     with _quiet():
-        _task_manager(_clean_names(tasks), include_path)
+        _check_names(_clean_names(tasks), include_path)
 
 
 @functools.lru_cache(maxsize=4)
 def _index(include_path: str | None, include_defaults: bool):
-    """The harness's index of task names (cached: building the full one reads ~14k YAML files, seconds)."""
+    """The harness's index of tasks (cached: building the full one reads ~14k YAML files, seconds)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
-def _task_manager(tasks: tuple[str, ...], include_path: str | None):
-    """The index to load TASKS from: include_path's own first, the harness's full one when a name is not there."""
+@functools.cache
+def _harness_names() -> frozenset[str]:
+    """The harness's own task, group and tag names, built once per installed harness (then read from disk)."""
+    return harness_task_names(lambda: _index(None, True).all_tasks)
+
+
+def _check_names(tasks: tuple[str, ...], include_path: str | None):
+    """The resolved include_path and its own index (None without one), once every name in TASKS is known to it
+    or to the harness; else one line naming the unknown ones with close names."""
+    local = None
     if include_path is not None:
         path = Path(include_path).expanduser()
         if not path.exists():
@@ -120,23 +129,29 @@ def _task_manager(tasks: tuple[str, ...], include_path: str | None):
                                 "task YAML files")
         include_path = str(path.resolve())
         local = _index(include_path, False)
-        if all(_known(local, t) for t in tasks):
-            return local
-    manager = _index(include_path, True)
-    unknown = [t for t in tasks if not _known(manager, t)]
+        if all(_known(local.task_index, t) for t in tasks):
+            return include_path, local
+    names = _harness_names() | set(local.task_index if local is not None else ())
+    unknown = [t for t in tasks if not _known(names, t)]
     if unknown:
         hints = []
         for t in unknown:
-            close = difflib.get_close_matches(t, manager.all_tasks, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(t, sorted(names), n=3, cutoff=0.6)
             hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         where = "lm-evaluation-harness" + (f" or {include_path}" if include_path else "")
         raise AttnconvError(f"unknown task {'; '.join(hints)}: not a task, group or tag of {where}; "
                             "`lm-eval ls tasks` lists them")
-    return manager
+    return include_path, None
 
 
-def _known(manager, name: str) -> bool:
-    return name in manager.task_index or (name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file())
+def _task_manager(tasks: tuple[str, ...], include_path: str | None):
+    """The index to load TASKS from: include_path's own when it has them all, else the harness's full one."""
+    include_path, local = _check_names(tasks, include_path)
+    return local if local is not None else _index(include_path, True)
+
+
+def _known(names, name: str) -> bool:
+    return name in names or (name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file())
 
 
 def _clean(value):
