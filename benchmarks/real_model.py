@@ -118,7 +118,8 @@ def main() -> None:
             if not up.exists():
                 uptrain(UptrainSettings(str(folder), str(up), data="wikitext-2-test:calib", teacher=str(source_dir),
                                         distill_weight=1.0, steps=args.uptrain_steps, seq_len=UP_SEQ_LEN,
-                                        batch_size=UP_BATCH, lr=UP_LR, warmup=args.uptrain_steps // 10, quiet=True))
+                                        batch_size=UP_BATCH, lr=UP_LR, warmup=args.uptrain_steps // 10, quiet=True,
+                                        resume=(up.parent / f"{up.name}.uptrain-run").exists()))  # interrupted
             after = score(up, source, ids, stats)
             row.update(uptrain_s=time.perf_counter() - t, kl_up=after["kl"], ppl_up=after["ppl"],
                        top1_up=after["top1"])
