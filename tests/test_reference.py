@@ -141,9 +141,11 @@ def test_script_writes_a_consistent_tiny_model(tmp_path, capsys):
     script = _script_module()
     script.tinyshakespeare_split = lambda split: tinyshakespeare_split(split)[:20_000]
     threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):  # the script seeds torch's generator and sets its threads
-        script.main(["--out", str(out), *tiny])
-    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the script seeds torch's generator and sets its threads
+            script.main(["--out", str(out), *tiny])
+    finally:
+        torch.set_num_threads(threads)
     capsys.readouterr()
     rec = json.loads((out / TRAIN_RUN_FILE).read_text())
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == rec["model_safetensors_sha256"]
