@@ -119,3 +119,17 @@ def tiny(tmp_path_factory):
     model = build_tiny_model("llama", root / "m", with_tokenizer=True, hidden=32, n_heads=4, max_positions=64)
     (root / "text.txt").write_text("To be, or not to be, that is the question. " * 40)
     return root, model
+
+
+@pytest.fixture(scope="session")
+def reference_tokens():
+    """The reference model's first 4096 tokens of Tiny Shakespeare's train and test splits, [4096] each: from the
+    first 30,000 characters of each (the same ids as from the whole split; tokenising the whole train split took
+    ~1.2 s of every module that used these)."""
+    from attnconv.eval.perplexity import tokenize_corpus
+    from attnconv.loading import load_tokenizer
+    from attnconv.reference import REFERENCE_DIR
+    from attnconv.textdata import tinyshakespeare_split
+
+    tok = load_tokenizer(REFERENCE_DIR)
+    return tuple(tokenize_corpus(tok, [tinyshakespeare_split(split)[:30_000]])[:4096] for split in ("train", "test"))

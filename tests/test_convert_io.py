@@ -116,8 +116,11 @@ def test_a_conversion_leaves_the_callers_torch_threads_as_they_were(tmp_path):
               f"convert(ConvertSettings({str(src)!r}, {str(tmp_path / 'out')!r}, kv_heads=2), progress=False)\n"
               f"print(torch.get_num_threads())")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
-    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                           capture_output=True, text=True, timeout=60, env=env)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == fresh.stdout.split()[-1]
+    # Side by side: each process mostly imports torch. The fresh one must be another process: asking torch for
+    # its count before converting would itself keep the count (the bug left it alone in that order).
+    done, fresh = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+                   for code in (script, "import torch; print(torch.get_num_threads())")]
+    (out, err), (fresh_out, _) = done.communicate(timeout=120), fresh.communicate(timeout=120)
+    assert done.returncode == 0, err
+    assert out.split()[-1] == fresh_out.split()[-1]

@@ -68,10 +68,18 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def test_loss_falls_after_mqa_conversion_and_output_loads(env):
+def test_loss_falls_after_mqa_conversion_and_output_loads(env, monkeypatch):
+    from attnconv.uptrain import api, data
+
+    fingerprints = []  # each one sorts and serialises GPT-2's 50,257-token vocabulary: once per run
+    for module in (api, data):
+        monkeypatch.setattr(module, "tokenizer_fingerprint",
+                            lambda tok, real=data.tokenizer_fingerprint: fingerprints.append(1) or real(tok))
     out = env["root"] / "mqa-up"
     r = uptrain(UptrainSettings(str(env["mqa"]), str(out), data=env["train"], steps=10, lr=1e-2, warmup=2,
-                                eval_data=env["test"], eval_every=5, cache_dir=env["cache"], **STEPS))
+                                eval_data=env["test"], eval_every=5, max_eval_windows=16, cache_dir=env["cache"],
+                                **STEPS))
+    assert len(fingerprints) == 1
     losses = [row["loss"] for row in r["log"]]
     assert len(losses) == 10 and losses[-1] < losses[0] - 1.5, losses
     # Step 1's logged loss equals transformers' own LM loss of the input model on the same blocks.
@@ -169,7 +177,7 @@ def test_fused_loss_kernel_gives_the_reference_losses(env, tmp_path, family):
     for kernel in ("reference", "torch"):
         r = uptrain(UptrainSettings(str(src), str(tmp_path / kernel), data=env["train"], steps=4, lr=1e-2,
                                     cache_dir=env["cache"], loss_kernel=kernel, eval_data=env["test"], eval_every=2,
-                                    **STEPS))
+                                    max_eval_windows=8, **STEPS))
         assert r["settings"]["loss_kernel"] == kernel
         runs[kernel] = r
     for key in ("loss", "grad_norm", "eval_ppl"):

@@ -181,10 +181,11 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
                             f"use --seq-len {limit} or less")
     teacher_net = _load_teacher(s, tok, net.config) if s.teacher is not None else None
 
+    tok_key = tokenizer_fingerprint(tok)  # once: it sorts and serialises the whole vocabulary
     with accelerator.main_process_first():  # tokenise once; the other processes read the cache
-        stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir)
-        eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir)[0] \
-            if s.eval_data else None
+        stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir, tokenizer_key=tok_key)
+        eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir,
+                                      tokenizer_key=tok_key)[0] if s.eval_data else None
     vocab = net.get_input_embeddings().num_embeddings
     blocks = pack_blocks(stream, s.seq_len + 1, vocab)  # [n_blocks, seq_len + 1]
     plan = BlockSchedule(len(blocks), s.batch_size, s.grad_accum, accelerator.num_processes, s.seed)
@@ -212,7 +213,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
               "than --dtype float32", file=sys.stderr)
     hashing.join()
     identity = {**s.run_values(), "steps": steps, "processes": accelerator.num_processes, "data_key": data_key,
-                "tokenizer_sha256": tokenizer_fingerprint(tok), "model_sha256": hashes.get("model"),
+                "tokenizer_sha256": tok_key, "model_sha256": hashes.get("model"),
                 "teacher_sha256": hashes.get("teacher")}
     if accelerator.is_main_process and not s.quiet:
         print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "
