@@ -279,3 +279,22 @@ def test_a_full_disk_in_torch_or_safetensors_words_keeps_the_previous_checkpoint
                                 cache_dir=env["cache"], **RUN))
     ckpts = tmp_path / "full.uptrain-run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"] and not out.exists()
+
+
+def test_a_run_reads_its_tokenizers_vocabulary_once(env, tmp_path, monkeypatch):
+    """Its fingerprint and size serve the training data, the held-out data and the run's identity: reading and
+    hashing a 50k-token vocabulary takes ~0.3 s, and a run with --eval-data read it five times."""
+    from attnconv.uptrain import api
+
+    reads, load = [], api.load_tokenizer
+
+    def counted(*args, **kwargs):
+        tok = load(*args, **kwargs)
+        get_vocab = tok.get_vocab
+        tok.get_vocab = lambda: reads.append(1) or get_vocab()
+        return tok
+
+    monkeypatch.setattr(api, "load_tokenizer", counted)
+    uptrain(UptrainSettings(env["model"], str(tmp_path / "o"), data=env["train"], eval_data=env["train"], steps=1,
+                            seq_len=16, batch_size=1, cache_dir=env["cache"], quiet=True))
+    assert len(reads) == 1
