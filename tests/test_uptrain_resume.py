@@ -40,25 +40,29 @@ def _losses(out):
 
 
 def test_resume_after_sigkill_is_exact(env):
+    """Killed after the checkpoint of step 3 of 6: mid-schedule (2 warmup steps, then cosine decay)."""
     root = env["root"]
-    straight = uptrain(UptrainSettings(env["model"], str(root / "straight"), data=env["train"], steps=20,
-                                       save_every=10, cache_dir=env["cache"], **RUN))
     out = root / "killed"
     cmd = [sys.executable, "-m", "attnconv", "uptrain", env["model"], str(out), "--data", env["train"],
-           "--steps", "20", "--save-every", "10", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
+           "--steps", "6", "--save-every", "3", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
            "--warmup", "2", "--quiet"]
-    child_env = {**os.environ, KILL_AFTER_ENV: "10", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    child_env = {**os.environ, KILL_AFTER_ENV: "3", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The uninterrupted run, here while the child starts (a token cache is written under a name of its own, then
+    # renamed: the two may share it).
+    straight = uptrain(UptrainSettings(env["model"], str(root / "straight"), data=env["train"], steps=6,
+                                       save_every=3, cache_dir=env["cache"], **RUN))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == -9, err[-2000:]
     assert not out.exists()
-    assert latest_checkpoint(root / "killed.uptrain-run" / "checkpoints").name == "step-0000010"
+    assert latest_checkpoint(root / "killed.uptrain-run" / "checkpoints").name == "step-0000003"
     with pytest.raises(AttnconvError, match="--resume"):
-        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=20, cache_dir=env["cache"], **RUN))
-    resumed = uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=20, save_every=10, resume=True,
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=6, cache_dir=env["cache"], **RUN))
+    resumed = uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=6, save_every=3, resume=True,
                                       cache_dir=env["cache"], **RUN))
-    assert resumed["results"]["resumed_from"] == 10
+    assert resumed["results"]["resumed_from"] == 3
     a, b = [r["loss"] for r in straight["log"]], _losses(out)
-    assert len(a) == len(b) == 20
+    assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, (a, b)
     wa, wb = load_file(root / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
