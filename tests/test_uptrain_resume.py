@@ -201,7 +201,10 @@ class _Killed(BaseException):
 
 def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monkeypatch):
     """A checkpoint resumes only the run that wrote it: each setting that changes the run's mathematics, and each
-    input's content, is compared, and a difference is refused with what differs."""
+    input's content, is compared, and a difference is refused with what differs: a setting's before the model is
+    loaded, an input's once it is read."""
+    from attnconv.uptrain import api
+
     out = tmp_path / "run"
 
     def killed(pid, signum):
@@ -225,6 +228,8 @@ def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monke
     save_file(weights, changed_model / "model.safetensors", metadata={"format": "pt"})
     base = dict(data=env["train"], steps=4, save_every=2, seq_len=32, batch_size=4, resume=True,
                 cache_dir=env["cache"], quiet=True)
+    loads, load = [], api.load_causal_lm
+    monkeypatch.setattr(api, "load_causal_lm", lambda *a, **kw: loads.append(a[0]) or load(*a, **kw))
     cases = [({"dtype": "bf16"}, "dtype: 'float32' -> 'bfloat16'"),
              ({"teacher": env["model"]}, "teacher: None -> "),
              ({"loss_kernel": "reference"}, "loss_kernel: 'auto' -> 'reference'"),
@@ -233,9 +238,11 @@ def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monke
              ({"seed": 3}, "seed: 0 -> 3"),
              ({"max_grad_norm": 0.5}, "max_grad_norm: 1.0 -> 0.5")]
     for change, needle in cases:
+        loads.clear()
         with pytest.raises(AttnconvError, match="written by a different run") as e:
             uptrain(UptrainSettings(env["model"], str(out), **{**base, **change}))
         assert needle in str(e.value), str(e.value)
+        assert bool(loads) == bool({"teacher", "data"} & set(change)), (change, loads)
     with pytest.raises(AttnconvError, match="model_sha256: "):
         uptrain(UptrainSettings(str(changed_model), str(out), **base))
     # Display-only settings may change; the run then finishes from its checkpoint.

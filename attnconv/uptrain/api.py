@@ -41,7 +41,7 @@ from attnconv.uptrain.latent_units import from_training_units, to_training_units
 from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
 from attnconv.uptrain.settings import UptrainSettings
 from attnconv.uptrain.sharded import check_fsdp_version, is_sharded, setup_fsdp
-from attnconv.uptrain.trainer import Run, identity_differences
+from attnconv.uptrain.trainer import Run, identity_differences, refuse_other_settings
 from attnconv.uptrain.trainer import train as run_training
 
 
@@ -158,6 +158,8 @@ def uptrain(settings: UptrainSettings) -> dict:
             if done is not None:
                 return {**done, "out": str(out_path), "log": [], "already_finished": True}
         will_resume = _prepare_run_dir(out_path, run_dir, s.resume, s.overwrite)
+        if will_resume:
+            refuse_other_settings(accelerator, run_dir / "checkpoints", s)
         if main and not will_resume and run_dir.exists():
             shutil.rmtree(run_dir)  # --overwrite, or --resume with nothing to resume
         accelerator.wait_for_everyone()
