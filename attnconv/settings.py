@@ -213,6 +213,12 @@ class Settings:
             out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
         return out
 
+    @classmethod
+    def io_fields(cls) -> dict[str, str]:
+        """{setting: what it names on disk} (Spec.io) for the settings that name one."""
+        return {f.name: f.metadata["spec"].io for f in dataclasses.fields(cls)
+                if "spec" in f.metadata and f.metadata["spec"].io}
+
     def run_values(self) -> dict[str, Any]:
         """The settings that change what the command computes (compared when a run resumes)."""
         fields = {f.name: f.metadata["spec"] for f in dataclasses.fields(self) if "spec" in f.metadata}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,6 +76,27 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.fixture(scope="module")
+def ran(env: Path, tmp_path_factory) -> Path:
+    """A folder where the recipe r.yaml of stages(env) has run once (state beside it, outputs in out/); tests that
+    start from a finished run take a copy_of it."""
+    folder = tmp_path_factory.mktemp("ran")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        run_recipe(write(folder / "r.yaml", stages(env)), echo=lambda line: None)
+    return folder
+
+
+def copy_of(ran: Path, folder: Path) -> Path:
+    """The recipe, state and outputs of RAN in FOLDER, as if the recipe had run there; returns the recipe. The
+    state names outputs (and the recipe) by absolute path; its fingerprints and markers do not depend on where."""
+    shutil.copytree(ran, folder, dirs_exist_ok=True)
+    state_file = folder / ".r.attnconv-run.json"
+    state = json.loads(state_file.read_text())
+    state["recipe"] = str(folder / "r.yaml")
+    state["outputs"] = {str(folder / Path(k).relative_to(ran)): v for k, v in state["outputs"].items()}
+    state_file.write_text(json.dumps(state))
+    return folder / "r.yaml"
 
 
 def test_every_stage_runs_as_its_command_would_and_a_rerun_skips_them(env, tmp_path, monkeypatch, hub):
@@ -108,11 +130,11 @@ def test_every_stage_runs_as_its_command_would_and_a_rerun_skips_them(env, tmp_p
                                      "hub:me/tiny-gqa-up@main"}
 
 
-def test_a_changed_uptrain_key_reruns_uptrain_and_what_follows_but_not_convert(env, tmp_path, monkeypatch, cli):
+def test_a_changed_uptrain_key_reruns_uptrain_and_what_follows_but_not_convert(env, ran, tmp_path, monkeypatch,
+                                                                               cli):
     monkeypatch.chdir(tmp_path)
+    recipe = copy_of(ran, tmp_path)
     recipe_stages = stages(env)
-    recipe = write(tmp_path / "r.yaml", recipe_stages)
-    run_recipe(recipe, echo=lambda line: None)
     out = tmp_path / "out"
     converted, trained = tree(out / "gqa"), (out / "gqa-up" / "model.safetensors").read_bytes()
 
@@ -144,13 +166,13 @@ def test_a_changed_uptrain_key_reruns_uptrain_and_what_follows_but_not_convert(e
     assert_one_line_error(code, err, "--from uptrian", "did you mean 'uptrain'?")
 
 
-def test_a_setting_added_since_a_stage_ran_reruns_nothing_while_at_its_default(env, tmp_path, monkeypatch, cli):
+def test_a_setting_added_since_a_stage_ran_reruns_nothing_while_at_its_default(env, ran, tmp_path, monkeypatch,
+                                                                               cli):
     """A newer attnconv has a setting the recorded run did not: at its default the stages stay done (the run was
     made with that behaviour) and uptrain's own resume check agrees; set to anything else, they run."""
     monkeypatch.chdir(tmp_path)
+    recipe = copy_of(ran, tmp_path)
     recipe_stages = stages(env)
-    recipe = write(tmp_path / "r.yaml", recipe_stages)
-    run_recipe(recipe, echo=lambda line: None)
     state_file = tmp_path / ".r.attnconv-run.json"
     state = json.loads(state_file.read_text())
     entry = state["outputs"][str((tmp_path / "out" / "gqa-up").resolve())]

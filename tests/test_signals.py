@@ -24,10 +24,18 @@ def env(tmp_path_factory):
     return root, model
 
 
-def _start(args, root):
+def _patched_attnconv(patch: str) -> list[str]:
+    """`python -c` running the `attnconv` command line after PATCH, which imports (torch with it) what it patches:
+    the allocator settings the command applies before torch is imported come first."""
+    return [sys.executable, "-c", "from attnconv.runtime import prefer_huge_pages\nprefer_huge_pages()\n" + patch
+            + "import sys\nfrom attnconv.cli import run\nsys.argv = ['attnconv', *sys.argv[1:]]\nrun()\n"]
+
+
+def _start(args, root, patch=None):
     env = {**os.environ, "ATTNCONV_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "attnconv", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = _patched_attnconv(patch) if patch else [sys.executable, "-m", "attnconv"]
+    return subprocess.Popen([*command, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _wait_for(predicate, proc, timeout=120):
@@ -43,7 +51,19 @@ def _uptrain_args(model, out, train, steps):
             "--lr", "1e-3", "--quiet"]
 
 
-STEPS = 200  # enough that the run is still going when the signal comes after step 2
+STEPS = 16
+# Each step of the signalled process ends with a pause (sleeping, no CPU): the run is still going when the signal
+# comes after step 2, however busy the machine, and the resume here trains only the few steps left.
+_SLOW_STEPS = """
+import time
+import attnconv.uptrain.trainer as trainer
+clip_and_step = trainer.clip_and_step
+def slow(*args, **kwargs):
+    result = clip_and_step(*args, **kwargs)
+    time.sleep(0.4)
+    return result
+trainer.clip_and_step = slow
+"""
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -52,7 +72,7 @@ def test_uptrain_stops_after_the_step_with_a_checkpoint_and_resumes(env, cli, on
     root, model = env
     out = root / f"up-{code}"
     args = _uptrain_args(model, out, root / "train.txt", STEPS)
-    proc = _start(args, root)
+    proc = _start(args, root, _SLOW_STEPS)
     log = root / f"up-{code}.uptrain-run" / "train_log.jsonl"
     _wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, proc)
     proc.send_signal(signum)
@@ -76,12 +96,24 @@ def test_uptrain_stops_after_the_step_with_a_checkpoint_and_resumes(env, cli, on
     assert again == 0 and "already holds this finished run" in err, err
 
 
+# A line on stdout as the decode benchmark starts, so the signal comes while the evaluation works.
+_DECODE_MARKER = """
+import attnconv.eval.api as api
+measure_decode = api.measure_decode
+def marked(*args, **kwargs):
+    print("decoding", flush=True)
+    return measure_decode(*args, **kwargs)
+api.measure_decode = marked
+"""
+
+
 def test_eval_terminated_leaves_no_output(env):
     root, model = env
     out = root / "report"
     proc = _start(["eval", model, "--no-perplexity", "--decode", "--contexts", "8,16,32,48", "--batches", "1,2,3",
-                   "--new-tokens", 32, "--repeats", 50, "--out", out], root)
-    time.sleep(6)
+                   "--new-tokens", 32, "--repeats", 50, "--out", out], root, _DECODE_MARKER)
+    assert proc.stdout.readline().startswith("decoding"), proc.communicate()
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -89,18 +121,14 @@ def test_eval_terminated_leaves_no_output(env):
     assert not out.exists() and not [p for p in root.iterdir() if "attnconv-" in p.name]
 
 
-# `attnconv` with a line on stdout as each calibration layer starts, so the test signals mid-calibration.
+# A line on stdout as each calibration layer starts, so the test signals mid-calibration.
 _CALIBRATION_MARKER = """
-import sys
 import attnconv.calibration.runner as runner
 run_layer = runner.LayerwiseModel.run_layer
 def marked(self, index, *args, **kwargs):
     print("calibrating layer", index, flush=True)
     return run_layer(self, index, *args, **kwargs)
 runner.LayerwiseModel.run_layer = marked
-from attnconv.cli import run
-sys.argv = ["attnconv", *sys.argv[1:]]
-run()
 """
 
 
@@ -109,11 +137,9 @@ def test_calibrated_conversion_stops_within_two_seconds(tmp_path):
     src = build_tiny_model("llama", tmp_path / "src", with_tokenizer=True, hidden=64, n_heads=4, layers=4,
                            max_positions=512)
     out = tmp_path / "mla"
-    env = {**os.environ, "ATTNCONV_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _CALIBRATION_MARKER, "convert", src, out, "--to", "mla",
-                             "--format", "attnconv", "--kv-rank", "16", "--calibrate", "tinyshakespeare:train",
-                             "--calib-tokens", "16384", "--calib-seq-len", "512"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(["convert", src, out, "--to", "mla", "--format", "attnconv", "--kv-rank", "16", "--calibrate",
+                   "tinyshakespeare:train", "--calib-tokens", "16384", "--calib-seq-len", "512"], tmp_path,
+                  _CALIBRATION_MARKER)
     first = proc.stdout.readline()
     if first.startswith("note: "):  # what the calibration reads and why, said before it starts
         first = proc.stdout.readline()

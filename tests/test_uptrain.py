@@ -73,8 +73,8 @@ def test_loss_falls_after_mqa_conversion_and_output_loads(env, monkeypatch):
 
     fingerprints = []  # each one sorts and serialises GPT-2's 50,257-token vocabulary: once per run
     for module in (api, data):
-        monkeypatch.setattr(module, "tokenizer_fingerprint",
-                            lambda tok, real=data.tokenizer_fingerprint: fingerprints.append(1) or real(tok))
+        monkeypatch.setattr(module, "tokenizer_facts",
+                            lambda tok, real=data.tokenizer_facts: fingerprints.append(1) or real(tok))
     out = env["root"] / "mqa-up"
     r = uptrain(UptrainSettings(str(env["mqa"]), str(out), data=env["train"], steps=10, lr=1e-2, warmup=2,
                                 eval_data=env["test"], eval_every=5, max_eval_windows=16, cache_dir=env["cache"],

@@ -34,7 +34,9 @@ def _flags(**kw) -> list[str]:
                                                 (f"--{k.replace('_', '-')}", str(v)))]
 
 
-def _launch(processes: int, model, out, data, eval_data, cache, batch_size: int, *extra: str, kill_after=None):
+def _launch(processes: int, model, out, data, eval_data, cache, batch_size: int, *extra: str,
+            kill_after=None) -> subprocess.Popen:
+    """Starts the launch; `_finished` waits for it. Port 0: accelerate picks a free one (tests run side by side)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "fsdp_1node.yaml"),
            "--num_processes", str(processes), "--main_process_port", "0", "-m", "attnconv", "uptrain", str(model),
            str(out), "--data", str(data), "--eval-data", str(eval_data), "--batch-size", str(batch_size),
@@ -42,7 +44,13 @@ def _launch(processes: int, model, out, data, eval_data, cache, batch_size: int,
     env = {**os.environ, "ATTNCONV_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     if kill_after is not None:
         env[KILL_AFTER_ENV] = str(kill_after)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(proc: subprocess.Popen) -> tuple[int, str]:
+    """(exit code, the end of stderr) of a launch."""
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err[-3000:]
 
 
 def _log(out: Path) -> list[dict]:
@@ -65,22 +73,28 @@ def test_fsdp_matches_one_process_and_resumes_on_another_process_count(tmp_path)
     data.write_text(tinyshakespeare_split("train")[:20_000])
     held_out.write_text(tinyshakespeare_split("test")[:3_000])
     cache = tmp_path / "cache"
-    one = uptrain(UptrainSettings(str(model), str(tmp_path / "one"), data=str(data), eval_data=str(held_out),
-                                  batch_size=6, cache_dir=str(cache), **RUN))
     # 2 processes, killed right after the checkpoint of step 2 (both processes SIGKILL themselves).
     two = tmp_path / "two"
-    proc = _launch(2, model, two, data, held_out, cache, 3, kill_after=2)
-    assert proc.returncode != 0 and not two.exists(), proc.stderr[-3000:]
+    killed = _launch(2, model, two, data, held_out, cache, 3, kill_after=2)
+    # The one-process run, here while the launch starts (a token cache is written under a name of its own, then
+    # renamed: they may share it).
+    one = uptrain(UptrainSettings(str(model), str(tmp_path / "one"), data=str(data), eval_data=str(held_out),
+                                  batch_size=6, cache_dir=str(cache), **RUN))
+    code, err = _finished(killed)
+    assert code != 0 and not two.exists(), err
     ckpt = latest_checkpoint(tmp_path / "two.uptrain-run" / "checkpoints")
-    assert ckpt is not None, proc.stderr[-3000:]
+    assert ckpt is not None, err
     state = json.loads((ckpt / "state.json").read_text())
     assert ckpt.name == "step-0000002" and state["format"] == sharded.SHARDED_FORMAT and state["world"] == 2
     assert (ckpt / sharded.SHARDS / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
     shutil.copytree(tmp_path / "two.uptrain-run", tmp_path / "three.uptrain-run")
-    # Resumed on the same 2 processes, and on 3 (DCP reshards; 3 x 2 sequences is the same global batch of 12).
-    for out, processes, batch in ((two, 2, 3), (tmp_path / "three", 3, 2)):
-        proc = _launch(processes, model, out, data, held_out, cache, batch, "--resume")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # Resumed on the same 2 processes, and on 3 (DCP reshards; 3 x 2 sequences is the same global batch of 12),
+    # side by side: each run has its own copy of the checkpoint.
+    resumes = [(out, processes, _launch(processes, model, out, data, held_out, cache, batch, "--resume"))
+               for out, processes, batch in ((two, 2, 3), (tmp_path / "three", 3, 2))]
+    finished = [(out, processes, *_finished(launch)) for out, processes, launch in resumes]  # both, then the checks
+    for out, processes, code, err in finished:
+        assert code == 0, err
         record = json.loads((out / "attnconv.json").read_text())["uptrain"]
         assert record["settings"]["fsdp"] and record["settings"]["processes"] == processes
         assert record["results"]["resumed_from"] == 2

@@ -40,25 +40,29 @@ def _losses(out):
 
 
 def test_resume_after_sigkill_is_exact(env):
+    """Killed after the checkpoint of step 3 of 6: mid-schedule (2 warmup steps, then cosine decay)."""
     root = env["root"]
-    straight = uptrain(UptrainSettings(env["model"], str(root / "straight"), data=env["train"], steps=20,
-                                       save_every=10, cache_dir=env["cache"], **RUN))
     out = root / "killed"
     cmd = [sys.executable, "-m", "attnconv", "uptrain", env["model"], str(out), "--data", env["train"],
-           "--steps", "20", "--save-every", "10", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
+           "--steps", "6", "--save-every", "3", "--seq-len", "32", "--batch-size", "4", "--lr", "1e-2",
            "--warmup", "2", "--quiet"]
-    child_env = {**os.environ, KILL_AFTER_ENV: "10", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=child_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-2000:]
+    child_env = {**os.environ, KILL_AFTER_ENV: "3", "ATTNCONV_CACHE": env["cache"], "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(cmd, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The uninterrupted run, here while the child starts (a token cache is written under a name of its own, then
+    # renamed: the two may share it).
+    straight = uptrain(UptrainSettings(env["model"], str(root / "straight"), data=env["train"], steps=6,
+                                       save_every=3, cache_dir=env["cache"], **RUN))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == -9, err[-2000:]
     assert not out.exists()
-    assert latest_checkpoint(root / "killed.uptrain-run" / "checkpoints").name == "step-0000010"
+    assert latest_checkpoint(root / "killed.uptrain-run" / "checkpoints").name == "step-0000003"
     with pytest.raises(AttnconvError, match="--resume"):
-        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=20, cache_dir=env["cache"], **RUN))
-    resumed = uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=20, save_every=10, resume=True,
+        uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=6, cache_dir=env["cache"], **RUN))
+    resumed = uptrain(UptrainSettings(env["model"], str(out), data=env["train"], steps=6, save_every=3, resume=True,
                                       cache_dir=env["cache"], **RUN))
-    assert resumed["results"]["resumed_from"] == 10
+    assert resumed["results"]["resumed_from"] == 3
     a, b = [r["loss"] for r in straight["log"]], _losses(out)
-    assert len(a) == len(b) == 20
+    assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, (a, b)
     wa, wb = load_file(root / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
@@ -197,7 +201,10 @@ class _Killed(BaseException):
 
 def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monkeypatch):
     """A checkpoint resumes only the run that wrote it: each setting that changes the run's mathematics, and each
-    input's content, is compared, and a difference is refused with what differs."""
+    input's content, is compared, and a difference is refused with what differs: a setting's before the model is
+    loaded, an input's once it is read."""
+    from attnconv.uptrain import api
+
     out = tmp_path / "run"
 
     def killed(pid, signum):
@@ -221,6 +228,8 @@ def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monke
     save_file(weights, changed_model / "model.safetensors", metadata={"format": "pt"})
     base = dict(data=env["train"], steps=4, save_every=2, seq_len=32, batch_size=4, resume=True,
                 cache_dir=env["cache"], quiet=True)
+    loads, load = [], api.load_causal_lm
+    monkeypatch.setattr(api, "load_causal_lm", lambda *a, **kw: loads.append(a[0]) or load(*a, **kw))
     cases = [({"dtype": "bf16"}, "dtype: 'float32' -> 'bfloat16'"),
              ({"teacher": env["model"]}, "teacher: None -> "),
              ({"loss_kernel": "reference"}, "loss_kernel: 'auto' -> 'reference'"),
@@ -229,9 +238,11 @@ def test_resume_refuses_every_change_that_makes_another_run(env, tmp_path, monke
              ({"seed": 3}, "seed: 0 -> 3"),
              ({"max_grad_norm": 0.5}, "max_grad_norm: 1.0 -> 0.5")]
     for change, needle in cases:
+        loads.clear()
         with pytest.raises(AttnconvError, match="written by a different run") as e:
             uptrain(UptrainSettings(env["model"], str(out), **{**base, **change}))
         assert needle in str(e.value), str(e.value)
+        assert bool(loads) == bool({"teacher", "data"} & set(change)), (change, loads)
     with pytest.raises(AttnconvError, match="model_sha256: "):
         uptrain(UptrainSettings(str(changed_model), str(out), **base))
     # Display-only settings may change; the run then finishes from its checkpoint.
@@ -279,3 +290,22 @@ def test_a_full_disk_in_torch_or_safetensors_words_keeps_the_previous_checkpoint
                                 cache_dir=env["cache"], **RUN))
     ckpts = tmp_path / "full.uptrain-run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002"] and not out.exists()
+
+
+def test_a_run_reads_its_tokenizers_vocabulary_once(env, tmp_path, monkeypatch):
+    """Its fingerprint and size serve the training data, the held-out data and the run's identity: reading and
+    hashing a 50k-token vocabulary takes ~0.3 s, and a run with --eval-data read it five times."""
+    from attnconv.uptrain import api
+
+    reads, load = [], api.load_tokenizer
+
+    def counted(*args, **kwargs):
+        tok = load(*args, **kwargs)
+        get_vocab = tok.get_vocab
+        tok.get_vocab = lambda: reads.append(1) or get_vocab()
+        return tok
+
+    monkeypatch.setattr(api, "load_tokenizer", counted)
+    uptrain(UptrainSettings(env["model"], str(tmp_path / "o"), data=env["train"], eval_data=env["train"], steps=1,
+                            seq_len=16, batch_size=1, cache_dir=env["cache"], quiet=True))
+    assert len(reads) == 1

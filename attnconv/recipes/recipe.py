@@ -14,7 +14,6 @@ instead of stopping at the first, so one run of `attnconv run --dry-run` lists a
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import re
@@ -48,8 +47,7 @@ class Stage:
 
     def io_fields(self) -> dict[str, str]:
         """{setting: what it names on disk} ('model', 'folder', 'data', 'path' read; 'out' written)."""
-        return {f.name: f.metadata["spec"].io for f in dataclasses.fields(COMMANDS[self.command].settings)
-                if "spec" in f.metadata and f.metadata["spec"].io}
+        return COMMANDS[self.command].settings.io_fields()
 
     def reads(self) -> list[tuple[str, str, str]]:
         """(setting, kind, value) for every input the settings name, list settings one value each."""

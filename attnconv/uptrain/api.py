@@ -36,12 +36,12 @@ from attnconv.loading import (
 from attnconv.model_shape import max_positions
 from attnconv.outputs import RUN_SUFFIX, atomic_output_dir, check_output_dir, output_lock, protect_inputs
 from attnconv.uptrain.checkpoint import latest_checkpoint
-from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_fingerprint
+from attnconv.uptrain.data import BlockSchedule, eval_windows, pack_blocks, tokenize_cached, tokenizer_facts
 from attnconv.uptrain.latent_units import from_training_units, to_training_units
 from attnconv.uptrain.model_setup import enable_gradient_checkpointing, select_trainable
 from attnconv.uptrain.settings import UptrainSettings
 from attnconv.uptrain.sharded import check_fsdp_version, is_sharded, setup_fsdp
-from attnconv.uptrain.trainer import Run, identity_differences
+from attnconv.uptrain.trainer import Run, identity_differences, refuse_other_settings
 from attnconv.uptrain.trainer import train as run_training
 
 
@@ -158,6 +158,8 @@ def uptrain(settings: UptrainSettings) -> dict:
             if done is not None:
                 return {**done, "out": str(out_path), "log": [], "already_finished": True}
         will_resume = _prepare_run_dir(out_path, run_dir, s.resume, s.overwrite)
+        if will_resume:
+            refuse_other_settings(accelerator, run_dir / "checkpoints", s)
         if main and not will_resume and run_dir.exists():
             shutil.rmtree(run_dir)  # --overwrite, or --resume with nothing to resume
         accelerator.wait_for_everyone()
@@ -181,11 +183,11 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
                             f"use --seq-len {limit} or less")
     teacher_net = _load_teacher(s, tok, net.config) if s.teacher is not None else None
 
-    tok_key = tokenizer_fingerprint(tok)  # once: it sorts and serialises the whole vocabulary
+    tok_facts = tokenizer_facts(tok)
     with accelerator.main_process_first():  # tokenise once; the other processes read the cache
-        stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir, tokenizer_key=tok_key)
-        eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir,
-                                      tokenizer_key=tok_key)[0] if s.eval_data else None
+        stream, data_key = tokenize_cached(Corpus(s.data), tok, s.cache_dir, tok_facts)
+        eval_stream = tokenize_cached(Corpus(s.eval_data, default_split="test"), tok, s.cache_dir, tok_facts)[0] \
+            if s.eval_data else None
     vocab = net.get_input_embeddings().num_embeddings
     blocks = pack_blocks(stream, s.seq_len + 1, vocab)  # [n_blocks, seq_len + 1]
     plan = BlockSchedule(len(blocks), s.batch_size, s.grad_accum, accelerator.num_processes, s.seed)
@@ -213,7 +215,7 @@ def _uptrain(s: UptrainSettings, accelerator, folder: ModelFolder, teacher_folde
               "than --dtype float32", file=sys.stderr)
     hashing.join()
     identity = {**s.run_values(), "steps": steps, "processes": accelerator.num_processes, "data_key": data_key,
-                "tokenizer_sha256": tok_key, "model_sha256": hashes.get("model"),
+                "tokenizer_sha256": tok_facts.fingerprint, "model_sha256": hashes.get("model"),
                 "teacher_sha256": hashes.get("teacher")}
     if accelerator.is_main_process and not s.quiet:
         print(f"uptrain: {trainable:,} of {total:,} parameters learn; {steps} steps of {tokens_per_step:,} tokens "

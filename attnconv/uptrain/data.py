@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,13 +33,21 @@ def default_cache_dir() -> Path:
     return cache_root() / "tokens"
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Identifies what the tokenizer produces: its vocabulary, special tokens and class."""
+class TokenizerFacts(NamedTuple):
+    """What a run needs of its tokenizer's vocabulary, read once: a 50k-token vocabulary takes ~0.3 s to read and
+    hash, and a run needs it for each corpus and for its identity."""
+
+    fingerprint: str  # identifies what the tokenizer produces: its vocabulary, special tokens and class
+    vocab_size: int  # the largest id + 1: ids at or above it are not the tokenizer's
+
+
+def tokenizer_facts(tokenizer) -> TokenizerFacts:
+    vocab = tokenizer.get_vocab()
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
-    return h.hexdigest()
+    return TokenizerFacts(h.hexdigest(), max(vocab.values(), default=-1) + 1)
 
 
 def _pieces(texts) -> Iterable[tuple[str, bool]]:
@@ -126,22 +135,21 @@ def _clean_stale_tmp(cache: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None, *,
-                    tokenizer_key: str | None = None) -> tuple[np.ndarray, str]:
+def tokenize_cached(texts, tokenizer, cache_dir: str | Path | None = None,
+                    facts: TokenizerFacts | None = None) -> tuple[np.ndarray, str]:
     """All documents as one int32 stream of token ids, EOS after each document; cached by tokenizer+data hash.
 
     texts: a list of documents or a `Corpus` (read lazily). Returns (ids, key); the ids are memory-mapped
     from the cache file, so a corpus larger than memory trains from disk. Tokens are written to the cache
     as they are produced, under a temporary name renamed when complete, so a killed run never leaves a
     truncated cache behind; where the cache cannot be written, the stream is built in memory instead.
-    tokenizer_key: `tokenizer_fingerprint(tokenizer)` where the caller has it (~0.3 s for GPT-2's vocabulary).
+    facts: `tokenizer_facts(tokenizer)`, when the caller already has them.
     """
-    tokenizer_key = tokenizer_key or tokenizer_fingerprint(tokenizer)
-    key = hashlib.sha256(f"v{_CACHE_VERSION}:{tokenizer_key}:{texts_fingerprint(texts)}".encode()).hexdigest()[:24]
+    fingerprint, vocab_size = facts or tokenizer_facts(tokenizer)
+    key = hashlib.sha256(f"v{_CACHE_VERSION}:{fingerprint}:{texts_fingerprint(texts)}".encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"tokens-{key}.i32"
     _clean_stale_tmp(cache)
-    vocab_size = max(tokenizer.get_vocab().values(), default=-1) + 1  # ids above it are not the tokenizer's
     if path.is_file():
         try:
             return _open_tokens(path, vocab_size), key

@@ -105,10 +105,9 @@ def train(accelerator, model, blocks, run: Run, *, teacher=None, eval_windows: t
     return result
 
 
-def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    last = latest_checkpoint(run.ckpt_root)
-    if last is None:
-        return 0, []
+def _checked_state(accelerator, last: Path, now: dict, partial: bool = False) -> dict:
+    """The state of checkpoint LAST when NOW (a run's identity) is the run that wrote it; else a one-line refusal
+    that lists what differs. partial: NOW holds some of an identity's keys; only those are compared."""
     try:  # compared before any tensor is loaded: another run's optimizer state may not even fit
         state = json.loads((last / "state.json").read_text())
     except (OSError, ValueError):
@@ -116,17 +115,40 @@ def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, li
                             "checkpoint, or start over with --overwrite") from None
     fsdp = sharded.is_sharded(accelerator)
     sharded.check_resume(last, state, fsdp)
-    saved, now = state.get("identity", {}), run.identity
+    saved = state.get("identity", {})
     if fsdp:  # DCP reshards: another number of processes may continue the same global batch
         saved, now = sharded.resume_identity(saved), sharded.resume_identity(now)
     elif state.get("world") != accelerator.num_processes:
         raise AttnconvError(f"{last} was written by {state.get('world')} process(es) and this run has "
                             f"{accelerator.num_processes}; resume with the same number of processes")
+    if partial:
+        saved = {k: v for k, v in saved.items() if k in now}
     changed = identity_differences(saved, now)
     if changed:
         raise AttnconvError(f"{last} was written by a different run ({'; '.join(changed)}); resume with the "
                             "settings and inputs of the interrupted run, or start over with --overwrite")
-    if fsdp:
+    return state
+
+
+def refuse_other_settings(accelerator, ckpt_root: Path, settings: UptrainSettings) -> None:
+    """Before anything is loaded, hashed or tokenised: a resume with settings other than its checkpoint's run is
+    refused at once. The inputs, which settings name by path, are compared with their contents once read (_resume)."""
+    last = latest_checkpoint(ckpt_root)
+    if last is None:
+        return
+    inputs = settings.io_fields()
+    now = {k: v for k, v in settings.run_values().items() if k not in inputs}
+    if settings.steps is None:
+        del now["steps"]  # resolved from the data
+    _checked_state(accelerator, last, {**now, "processes": accelerator.num_processes}, partial=True)
+
+
+def _resume(accelerator, run: Run, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    last = latest_checkpoint(run.ckpt_root)
+    if last is None:
+        return 0, []
+    state = _checked_state(accelerator, last, run.identity)
+    if sharded.is_sharded(accelerator):
         state = sharded.load_sharded_checkpoint(accelerator, last, model, optimizer, scheduler, run.settings.seed)
     else:
         state = load_checkpoint(accelerator, last, model, optimizer, scheduler)
