@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml | tools
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnconv tests benchmarks scripts
 
+# one worker per core (pytest-xdist), a test file per worker so that module fixtures are built once
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --dist loadfile
 
 # Opt-in: builds llama.cpp once into $$ATTNCONV_CACHE/llama.cpp (CPU, minutes), then checks that it serves the
 # DeepSeek-V3 output exactly as transformers runs it. CI never runs this.
