@@ -29,9 +29,10 @@ def _clean_env(user_value: str | None = None) -> dict[str, str]:
 
 def _side_by_side(*children: tuple[list[str], dict[str, str]]) -> list[list[str]]:
     """The words each `python ARGS` child (args, env) prints, the children run side by side: each is mostly
-    importing torch, and what they measure is their own process's."""
+    importing torch, and what they measure is their own process's. One OpenMP thread each: filling the tensors
+    with two beside another process spin-waits (measured: more CPU side by side than one after another)."""
     procs = [subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for args, env in children]
+                              env={**env, "OMP_NUM_THREADS": "1"}) for args, env in children]
     words = []
     for proc in procs:
         out, err = proc.communicate()
