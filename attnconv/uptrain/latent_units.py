@@ -39,6 +39,7 @@ class LinearLatentNorm(nn.Module):
 
 # (projection, its norm): the latent rows are the projection's first norm.weight.numel() rows
 LATENTS = (("kv_a_proj_with_mqa", "kv_a_layernorm"), ("q_a_proj", "q_a_layernorm"))
+_PROJECTION_OF = {norm: proj for proj, norm in LATENTS}
 
 
 def _latents(model: nn.Module):
@@ -78,7 +79,7 @@ def from_training_units(model: nn.Module | None, units: dict[str, tuple[float, n
     for key, (s, original) in units.items():
         name, norm_name = key.rsplit(".", 1)
         module = modules[name]
-        proj_name = dict((n, p) for p, n in LATENTS)[norm_name]
+        proj_name = _PROJECTION_OF[norm_name]
         linear = getattr(module, norm_name)
         eps = float(original.variance_epsilon)
         norm = copy.deepcopy(original)
