@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conversions import convert_if_absent  # noqa: E402
 from kl_plot import kl_plot  # noqa: E402
 
-from attnconv.eval.agreement import agreement
+from attnconv.eval.agreement import agreement, reference_logits
 from attnconv.eval.perplexity import text_stats, tokenize_corpus
 from attnconv.textdata import wikitext2_part
 from attnconv.uptrain.api import uptrain
@@ -73,11 +73,27 @@ def model_folder() -> Path:
     return Path(run.stdout.strip().splitlines()[-1])
 
 
+def seconds(s: float | None) -> str:
+    return "-" if s is None else f"{s:.0f}"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     series = {f: [(r["values"], r["kl"]) for r in rows if r["family"] == f]
               for f in dict.fromkeys(r["family"] for r in rows)}
     kl_plot(series, path, xlabel="KV cache values per token and layer (source: 384, MQA: 128)",
             title="SmolLM2-135M-Instruct before uptraining (held-out WikiText-2)")
+
+
+def timed(folder: Path, make, *args, **kwargs) -> float | None:
+    """Seconds make(*args, **kwargs) took to build FOLDER, kept beside it (FOLDER.seconds) so that a --workdir
+    rerun reports the time of the run that built it; None when it was built without that record."""
+    record = folder.with_name(folder.name + ".seconds")
+    if folder.exists():
+        return float(record.read_text()) if record.exists() else None
+    t = time.perf_counter()
+    make(*args, **kwargs)
+    record.write_text(f"{time.perf_counter() - t:.1f}\n")
+    return float(record.read_text())
 
 
 def score(folder: Path, source, ids, stats) -> dict:
@@ -101,32 +117,30 @@ def main() -> None:
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
     text = [wikitext2_part("eval")]
     ids, stats = tokenize_corpus(tok, text)[:args.eval_tokens], text_stats(text)
+    source = reference_logits(source, ids, max_length=WINDOW, stride=STRIDE)  # run once, compared with every model
     names = [n for n in MODELS if not args.only or n in args.only.split(";")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="attnconv-real-model-"))
     rows = []
     for name in names:
         family, values, extra = MODELS[name]
         folder = work / name.replace(" ", "-").replace("+", "p").replace(",", "").replace("(", "").replace(")", "")
-        t = time.perf_counter()
-        convert_if_absent(source_dir, folder, extra, calibrate="wikitext-2-test:calib", calib_tokens=args.calib_tokens,
-                          calib_seq_len=WINDOW)
-        row = {"name": name, "family": family, "values": values, "convert_s": time.perf_counter() - t,
+        convert_s = timed(folder, convert_if_absent, source_dir, folder, extra, calibrate="wikitext-2-test:calib",
+                          calib_tokens=args.calib_tokens, calib_seq_len=WINDOW)
+        row = {"name": name, "family": family, "values": values, "convert_s": convert_s,
                **score(folder, source, ids, stats)}
         if args.uptrain_steps and name in UPTRAIN:
             up = folder.with_name(folder.name + "-up")
-            t = time.perf_counter()
-            if not up.exists():
-                uptrain(UptrainSettings(str(folder), str(up), data="wikitext-2-test:calib", teacher=str(source_dir),
-                                        distill_weight=1.0, steps=args.uptrain_steps, seq_len=UP_SEQ_LEN,
-                                        batch_size=UP_BATCH, lr=UP_LR, warmup=args.uptrain_steps // 10, quiet=True,
-                                        resume=(up.parent / f"{up.name}.uptrain-run").exists()))  # interrupted
+            uptrain_s = timed(up, uptrain, UptrainSettings(
+                str(folder), str(up), data="wikitext-2-test:calib", teacher=str(source_dir), distill_weight=1.0,
+                steps=args.uptrain_steps, seq_len=UP_SEQ_LEN, batch_size=UP_BATCH, lr=UP_LR,
+                warmup=args.uptrain_steps // 10, quiet=True,
+                resume=(up.parent / f"{up.name}.uptrain-run").exists()))  # resumes an interrupted run
             after = score(up, source, ids, stats)
-            row.update(uptrain_s=time.perf_counter() - t, kl_up=after["kl"], ppl_up=after["ppl"],
-                       top1_up=after["top1"])
+            row.update(uptrain_s=uptrain_s, kl_up=after["kl"], ppl_up=after["ppl"], top1_up=after["top1"])
         rows.append(row)
         up = f"  after uptraining KL {row['kl_up']:.3f} ppl {row['ppl_up']:,.1f}" if "kl_up" in row else ""
         print(f"{name:<44} {values:>4} values  KL {row['kl']:.3f}  ppl {row['ppl']:,.1f}  "
-              f"top-1 {row['top1']:.3f}  ({row['convert_s']:.0f} s){up}", flush=True)
+              f"top-1 {row['top1']:.3f}  ({seconds(row['convert_s'])} s){up}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = args.uptrain_steps
@@ -142,7 +156,7 @@ def main() -> None:
     for r in rows:
         after = f"{r['kl_up']:.3f} | {r['ppl_up']:,.1f}" if "kl_up" in r else "- | -"
         lines.append(f"| {r['name']} | {r['values']} | {r['kl']:.3f} | {r['ppl']:,.1f} | {r['top1']:.3f} | "
-                     f"{after} | {r['convert_s']:.0f} |")
+                     f"{after} | {seconds(r['convert_s'])} |")
     (out / "real_model.md").write_text("\n".join(lines) + "\n")
     (out / "real_model.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, out / "real_model.png")

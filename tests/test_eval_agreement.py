@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from attnconv.eval.agreement import agreement
+from attnconv.eval.agreement import agreement, reference_logits
 from attnconv.eval.perplexity import perplexity, text_stats, tokenize_corpus
 from attnconv.loading import load_causal_lm, load_tokenizer
 from attnconv.testing import build_tiny_model
@@ -77,3 +77,14 @@ def test_gqa_against_its_mha_source_matches_direct_computation(setup):
     assert res.ppl_ratio == pytest.approx(math.exp((nll_m - nll_s) / n), rel=1e-5)
     assert res.ppl_ratio == pytest.approx(res.model.token_perplexity / res.source.token_perplexity, rel=1e-9)
     assert res.source.token_perplexity == pytest.approx(math.exp(nll_s / n), rel=1e-5)
+
+
+def test_cached_source_logits_give_the_same_figures(setup):
+    """One run of the source (reference_logits) compared with the model equals running both in lockstep."""
+    mha, gqa, texts, ids = setup
+    window = dict(max_length=40, stride=24, batch_size=2)
+    live = agreement(gqa, mha, ids, text_stats(texts), **window)
+    cached = agreement(gqa, reference_logits(mha, ids, **window), ids, text_stats(texts), **window)
+    assert live.kl > 1e-4 and live.top1_agreement < 1.0
+    assert cached.to_dict() == pytest.approx(live.to_dict(), rel=1e-6)
+    assert cached.source.token_perplexity == pytest.approx(live.source.token_perplexity, rel=1e-6)

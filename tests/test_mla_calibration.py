@@ -75,7 +75,7 @@ def test_attention_phases_match_the_source_attention(qwen3):
     layer = 1
     inv_freq = qwen3.model.rotary_emb.inv_freq
     stats = calibrate(qwen3, ids.flatten(), lambda i: [AttentionPhaseCollector(
-        from_hf_attention(qwen3.model.layers[i].self_attn, qwen3.config), inv_freq, max_query_block=7)], seq_len=20)
+        from_hf_attention(qwen3.model.layers[i].self_attn, qwen3.config), inv_freq)], seq_len=20)
     got = stats[layer][0].result()  # [heads, pairs]
     p = probs[layer].double()  # [b, heads, q, k]
     dist = (torch.arange(20)[:, None] - torch.arange(20)[None, :]).double()  # [q, k]

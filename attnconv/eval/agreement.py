@@ -44,14 +44,24 @@ class AgreementResult:
                 "kl_sum": self.kl_sum, "top1_matches": self.top1_matches, "n_tokens": self.n_tokens}
 
 
+def reference_logits(source, ids: torch.Tensor, *, max_length: int, stride: int,
+                     batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The source's scored logits and targets for every batch of windows, to compare several models with one
+    source without running it again for each (memory: scored tokens x vocabulary x 4 bytes)."""
+    windows = plan_windows(len(ids), max_length, stride)
+    return list(iter_scored_logits(source, ids, windows, batch_size))
+
+
 def agreement(model, source, ids: torch.Tensor, stats: TextStats, *, max_length: int, stride: int,
               batch_size: int = 4, on_batch: Callable[[int], None] | None = None) -> AgreementResult:
-    """Run `model` and `source` in lockstep over the windows of `ids` [n]; both perplexities come out too."""
+    """Run `model` and `source` in lockstep over the windows of `ids` [n]; both perplexities come out too.
+    SOURCE is a model, or what `reference_logits` returned for the same ids, windows and batch size."""
     windows = plan_windows(len(ids), max_length, stride)
     kl_sum = nll_model = nll_source = 0.0
     matches = n = 0
+    cached = isinstance(source, list)
     pairs = zip(iter_scored_logits(model, ids, windows, batch_size, on_batch),
-                iter_scored_logits(source, ids, windows, batch_size), strict=True)
+                source if cached else iter_scored_logits(source, ids, windows, batch_size), strict=True)
     for (logits_m, targets), (logits_s, _) in pairs:
         if logits_m.shape[-1] != logits_s.shape[-1]:
             raise AttnconvError(f"the model predicts {logits_m.shape[-1]} token ids and the reference "

@@ -152,8 +152,8 @@ class AttentionPhaseCollector:
     inv_freq: [rotary_dim / 2] the source rotary's frequencies (with any RoPE scaling applied).
     """
 
-    def __init__(self, weights: AttentionWeights, inv_freq: Tensor, max_query_block: int = 256):
-        self.w, self.inv_freq, self.block = weights, inv_freq.detach().double(), max_query_block
+    def __init__(self, weights: AttentionWeights, inv_freq: Tensor):
+        self.w, self.inv_freq = weights, inv_freq.detach().double()
         s = weights.shape
         self.sum = torch.zeros(s.n_heads, s.rotary_pairs, dtype=torch.complex128)
         self.count = 0
@@ -172,18 +172,17 @@ class AttentionPhaseCollector:
         k = _rope(_rms_norm(k, w.k_norm, w.norm_eps), pos, self.inv_freq, s.rotary_dim)
         k = k[:, s.kv_head_of()]  # [t, n_heads, d]
         angle = pos[:, None].double() * self.inv_freq[None]  # [t, pairs]
-        key_phase = torch.cat([angle.cos(), -angle.sin()], 1).float()  # e^{-i angle} as [re | im]
+        key_phase = torch.cat([angle.cos(), -angle.sin()], 1).float()  # e^{-i angle} as [re | im]: [t, 2 pairs]
         pairs = angle.shape[1]
-        for q0 in range(0, t, self.block):
-            q1 = min(t, q0 + self.block)
-            scores = torch.einsum("qhd,khd->hqk", q[q0:q1], k[:q1]) * s.scaling  # [H, block, q1]
-            causal = torch.arange(q1)[None, :] > torch.arange(q0, q1)[:, None]
-            p = scores.masked_fill(causal, float("-inf")).softmax(-1)
-            # real float32 products (p is real): 8x fewer flops than a complex128 einsum, sums of <= t terms
-            mean = (p @ key_phase[:q1]).double()  # [H, block, 2 pairs]
-            mean_key = torch.complex(mean[..., :pairs], mean[..., pairs:])
-            query_phase = torch.exp(1j * angle[q0:q1])  # [block, pairs]
-            self.sum += (mean_key * query_phase[None]).sum(1)
+        # sum_k p(q, k) e^{-i theta k} is attention with the key phases as values: the fused causal kernel never
+        # holds the [heads, t, t] probabilities (3x faster than scores, softmax and a product, at 2,048 tokens)
+        # (4-D inputs: torch runs 3-D ones on its unfused path, 2.5x slower than the old loop)
+        values = key_phase[None, None].expand(1, s.n_heads, t, 2 * pairs).contiguous()  # [1, H, t, 2 pairs]
+        mean = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], values, is_causal=True,
+            scale=s.scaling)[0].double()  # [H, t, 2 pairs]
+        mean_key = torch.complex(mean[..., :pairs], mean[..., pairs:])
+        self.sum += (mean_key * torch.exp(1j * angle)[None]).sum(1)  # times the query's own phase e^{i theta q}
         self.count += t
 
     def result(self) -> Tensor:

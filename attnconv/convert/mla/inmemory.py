@@ -79,7 +79,7 @@ class LayerStatistics:
     """What calibration gives one layer: input moments, 2-norm pair scores, the attention's mean rotations."""
 
     moments: InputMoments
-    pair_scores: Tensor  # [n_kv, rotary_pairs]
+    pair_scores: Tensor | None  # [n_kv, rotary_pairs]; only for --rope-select 2-norm
     phases: Tensor | None  # [n_heads, rotary_pairs] complex
     attended: Tensor | None = None  # [hidden + 1]^2: keys weighted by the attention they get (merging KV heads)
 

@@ -174,7 +174,11 @@ class MlaTarget(ABC):
         return self.convert_latent(layer, w, tensors, stats, moments, phases)
 
     def collectors(self, weights: AttentionWeights, inv_freq: Tensor, attention=None, rotary=None) -> list:
-        out: list = [MomentCollector(self.shape.hidden), PairNormCollector(weights)]
+        """The input moments; the q/k pair norms only for --rope-select 2-norm (they recompute q and k, ~10% of
+        a calibrated conversion); the merge's attended moment or the attention's phases."""
+        out: list = [MomentCollector(self.shape.hidden)]
+        if self.settings.rope_select == "2-norm":
+            out.append(PairNormCollector(weights))
         if self.merge is not None and self.merge.method.calibrated:  # its attended moment, as the merge collects it
             out += self.merge.collectors(weights, inv_freq, attention, rotary)
         elif self.settings.phases:
@@ -191,8 +195,10 @@ class MlaTarget(ABC):
 
     @staticmethod
     def statistics(collectors: list) -> LayerStatistics:
-        moments, pairs = collectors[0].result(), collectors[1].result()
-        extra = collectors[2].result() if len(collectors) > 2 else None
+        moments = collectors[0].result()
+        pairs = next((c for c in collectors if isinstance(c, PairNormCollector)), None)
+        extra = collectors[-1].result() if not isinstance(collectors[-1], (MomentCollector, PairNormCollector)) \
+            else None
         attended = extra[1] if isinstance(extra, tuple) else None  # AttendedMomentCollector: (S, A)
-        return LayerStatistics(moments, pair_scores(*pairs, collectors[1].w.shape),
-                               None if attended is not None else extra, attended)
+        scores = pair_scores(*pairs.result(), pairs.w.shape) if pairs is not None else None
+        return LayerStatistics(moments, scores, None if attended is not None else extra, attended)
