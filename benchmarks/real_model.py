@@ -49,6 +49,8 @@ MODELS = {
     "MQA mean": ("GQA", 128, dict(to="mqa")),
     "MQA grouped+aligned+fit": ("GQA calibrated", 128, dict(to="mqa", method="grouped+aligned+fit")),
     "MLA deepseek-v3 96 + 32 (pca, phases)": ("MLA deepseek-v3", 128, dict(to="mla", kv_rank=(96,), rope_dim=32)),
+    "MLA deepseek-v3 48 + 16 (pca, phases)": ("MLA deepseek-v3", 64, dict(to="mla", kv_rank=(48,), rope_dim=16)),
+    "MLA deepseek-v3 24 + 8 (pca, phases)": ("MLA deepseek-v3", 32, dict(to="mla", kv_rank=(24,), rope_dim=8)),
     "MLA attnconv 80 + 3 x 16 (pca, phases)": (ALL, 128, dict(to="mla", format="attnconv", kv_rank=(80,),
                                                               rope_dim=16)),
     "MLA attnconv 16 + 3 x 16 (pca, phases)": (ALL, 64, dict(to="mla", format="attnconv", kv_rank=(16,),
@@ -97,10 +99,18 @@ def timed(folder: Path, make, *args, **kwargs) -> float | None:
 
 
 def score(folder: Path, source, ids, stats) -> dict:
+    """KL, perplexities and top-1 of FOLDER on the scored slice, kept beside it (FOLDER.score.json, with the
+    slice it was scored on) so that a --workdir rerun scores only what is new."""
+    record = folder.with_name(folder.name + ".score.json")
+    slice_ = {"eval_tokens": len(ids), "window": WINDOW, "stride": STRIDE}
+    if record.exists() and (kept := json.loads(record.read_text())).get("slice") == slice_:
+        return kept["score"]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     r = agreement(model, source, ids, stats, max_length=WINDOW, stride=STRIDE)
-    return {"kl": r.kl, "ppl": r.model.token_perplexity, "source_ppl": r.source.token_perplexity,
-            "top1": r.top1_agreement}
+    out = {"kl": r.kl, "ppl": r.model.token_perplexity, "source_ppl": r.source.token_perplexity,
+           "top1": r.top1_agreement}
+    record.write_text(json.dumps({"slice": slice_, "score": out}) + "\n")
+    return out
 
 
 def main() -> None:
