@@ -49,3 +49,18 @@ def cache_root() -> Path:
     """attnconv's cache folder: $ATTNCONV_CACHE, else ~/.cache/attnconv (token caches, compiled kernels,
     lm-evaluation-harness's task names)."""
     return Path(os.environ.get("ATTNCONV_CACHE") or Path.home() / ".cache" / "attnconv")
+
+
+def write_cache_file(path: Path, text: str) -> None:
+    """Write a cache file whole (a temporary name, then a rename), best effort: a read-only or full cache only
+    costs the next run the work the file would have saved."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:  # never written, or its folder cannot be used at all
+            pass

@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from attnconv.errors import write_cache_file
+
 HASH_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
@@ -28,13 +30,7 @@ def sha256_file(path: Path) -> str:
     except (OSError, ValueError):
         pass
     digest = _sha256_uncached(path)
-    try:  # best effort: a read-only or full cache only costs the next run a re-hash
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"{signature} {digest}")
-        os.replace(tmp, memo)
-    except OSError:
-        pass
+    write_cache_file(memo, f"{signature} {digest}")  # best effort: a failed write only costs a re-hash
     return digest
 
 

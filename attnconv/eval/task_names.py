@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from attnconv.errors import cache_root
+from attnconv.errors import cache_root, write_cache_file
 
 FORMAT = 1  # bump when the file's layout changes: older files are then stale
 
@@ -59,19 +59,6 @@ def _read(path: Path, identity: dict) -> frozenset[str] | None:
     return None
 
 
-def _write(path: Path, identity: dict, names: Iterable[str]) -> None:
-    """Best effort: a read-only or full cache only costs the next run a rebuild."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"identity": identity, "names": sorted(names)}), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
 @contextmanager
 def _building(path: Path):
     """Hold PATH's build lock: a second process waits here, then finds the file written."""
@@ -100,5 +87,5 @@ def harness_task_names(build: Callable[[], Iterable[str]]) -> frozenset[str]:
         names = _read(path, identity)  # another process may have built it while this one waited
         if names is None:
             names = frozenset(build())
-            _write(path, identity, names)
+            write_cache_file(path, json.dumps({"identity": identity, "names": sorted(names)}))
     return names

@@ -195,10 +195,9 @@ class MlaTarget(ABC):
 
     @staticmethod
     def statistics(collectors: list) -> LayerStatistics:
-        moments = collectors[0].result()
-        pairs = next((c for c in collectors if isinstance(c, PairNormCollector)), None)
-        extra = collectors[-1].result() if not isinstance(collectors[-1], (MomentCollector, PairNormCollector)) \
-            else None
+        moments, rest = collectors[0].result(), collectors[1:]  # as `collectors` made them
+        pairs = next((c for c in rest if isinstance(c, PairNormCollector)), None)
+        extra = next((c.result() for c in rest if c is not pairs), None)  # the merge's or the phases
         attended = extra[1] if isinstance(extra, tuple) else None  # AttendedMomentCollector: (S, A)
         scores = pair_scores(*pairs.result(), pairs.w.shape) if pairs is not None else None
         return LayerStatistics(moments, scores, None if attended is not None else extra, attended)
