@@ -38,6 +38,9 @@ VARIANTS = {
     "qwen3-lossless": ("qwen3", 32, 16, None),
     "gemma-12": ("gemma", 12, 4, None), "gemma-full": ("gemma", 56, 4, None),
     "phi3-16": ("phi3", 16, 4, PHI3), "phi3-full": ("phi3", 48, 8, PHI3),  # full keeps all 8 rotary dims: lossless
+    # --rope-key shared: one RoPE key for all heads, a full NoPE key and a latent block per query head
+    "llama-shared": ("llama", 16, 8, None), "qwen2-shared": ("qwen2", 20, 4, QWEN2_WINDOW),
+    "phi3-shared": ("phi3", 24, 4, PHI3), "gemma-shared": ("gemma", 12, 8, None),
 }
 
 
@@ -51,7 +54,9 @@ def checkpoint(tmp_path_factory):
             family, rank, rope_dim, extra = VARIANTS[variant]
             src = build_tiny_model(family, root / variant / "src", n_heads=4, n_kv_heads=2, extra=extra)
             convert(ConvertSettings(src, root / variant / "mla", to="mla", format="attnconv", kv_rank=rank,
-                                    rope_dim=rope_dim, init="svd", phases=False), progress=False)
+                                    rope_dim=rope_dim, init="svd", phases=False,
+                                    rope_key="shared" if variant.endswith("shared") else "per-kv-head"),
+                    progress=False)
             paths[variant] = src, root / variant / "mla"
         return paths[variant]
     return get
@@ -130,12 +135,13 @@ def test_greedy_tokens_equal_generate_with_left_padding(checkpoint, variant):
     assert torch.equal(alone.tokens[0], ours.tokens[0])
 
 
-@pytest.mark.parametrize("variant", ["llama-16", "qwen2-20", "qwen3-16", "phi3-full"])
+@pytest.mark.parametrize("variant", ["llama-16", "qwen2-20", "qwen3-16", "phi3-full", "qwen2-shared"])
 def test_cache_bytes_equal_the_family_record(checkpoint, variant):
     family, rank, rope_dim, _ = VARIANTS[variant]
     model = load_causal_lm(checkpoint(variant)[1], dtype="float32")
     result = greedy_generate(model, prompts(2, padded=False)[0], NEW)
-    per_token = rank + 2 * rope_dim + (2 if family == "qwen3" else 0)  # latent + RoPE keys of 2 KV heads (+ 1/rms)
+    rope_keys = 1 if variant.endswith("shared") else 2  # one shared RoPE key, or one per KV head
+    per_token = rank + rope_keys * rope_dim + (2 if family == "qwen3" else 0)  # latent + RoPE keys (+ 1/rms)
     assert result.kv_bytes == model.config.num_hidden_layers * 2 * (PROMPT + NEW) * per_token * 4
     assert cache_shape(model.config).bytes(2, PROMPT + NEW, 4) == result.kv_bytes
 
@@ -194,9 +200,10 @@ def test_torch_path_and_bfloat16(checkpoint, variant):
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-@pytest.mark.parametrize("key_scale", [False, True])
-def test_grouped_kernel_equals_the_unabsorbed_reference(backend, key_scale):
-    """float32, attnconv's CPU kernels or torch, against keys and values expanded per KV head in float64."""
+@pytest.mark.parametrize("key_scale,n_rope", [(False, 2), (True, 2), (False, 1)])
+def test_grouped_kernel_equals_the_unabsorbed_reference(backend, key_scale, n_rope):
+    """float32, attnconv's CPU kernels or torch, against keys and values expanded per KV head in float64; RoPE
+    keys per KV head (n_rope 2) or one shared by both (1)."""
     g = torch.Generator().manual_seed(0)
     b, n_kv, groups, d_nope, d_r, d_v, rank, length = 2, 2, 3, 12, 8, 16, 24, 37
 
@@ -204,7 +211,7 @@ def test_grouped_kernel_equals_the_unabsorbed_reference(backend, key_scale):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     args = [rand(b, n_kv, groups, d_nope), rand(b, n_kv, groups, d_r), rand(b, length, rank),
-            rand(b, n_kv, length, d_r), rand(n_kv, d_nope, rank) / 4, rand(n_kv, d_v, rank) / 4]
+            rand(b, n_rope, length, d_r), rand(n_kv, d_nope, rank) / 4, rand(n_kv, d_v, rank) / 4]
     keep = torch.ones(b, length, dtype=torch.bool)
     keep[0, :5] = False
     scale = rand(b, length, n_kv).abs() + 0.5 if key_scale else None

@@ -14,6 +14,7 @@ TARGETS = ("gqa", "mqa", "mla")
 MLA_FORMATS = ("deepseek-v3", "attnconv")
 MLA_INITS = ("svd", "pca")
 ROPE_SELECT = ("high", "low", "uniform", "2-norm")
+ROPE_KEYS = ("per-kv-head", "shared")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ConvertSettings(Settings):
     format: str = option("deepseek-v3", help="MLA output: deepseek-v3 (a native transformers DeepseekV3 checkpoint "
                          "that serving engines load) or attnconv (exact structure, lossless at full rank; loads "
                          "after `import attnconv`).", choices=MLA_FORMATS)
+    rope_key: str = option("per-kv-head", help="MLA attnconv: per-kv-head (each KV head keeps --rope-dim of its "
+                           "own RoPE dims; lossless at full rank, any family) or shared (one RoPE key for all heads "
+                           "and a full NoPE key per head, DeepSeek's structure without its latent norm; better on "
+                           "SmolLM2 at MQA's cache; not for per-head q/k norms).", choices=ROPE_KEYS)
     init: str = option("pca", help="MLA latent: pca (activation-aware, on the calibration text) or svd (weights "
                        "only, no calibration).", choices=MLA_INITS)
     rope_select: str = option("high", help="MLA: which RoPE pairs keep their rotation: high (the fastest-rotating "
@@ -95,6 +100,9 @@ class ConvertSettings(Settings):
                 raise AttnconvError(f"{to} mla {kv} merges KV heads by mean or a calibrated method (not "
                                     f"{self.merge_method.name}) and keeps RoPE pairs by high/low/uniform (2-norm "
                                     "scores the source's heads)")
+            if self.format != "attnconv" and self.rope_key != "per-kv-head":
+                raise AttnconvError(f"{self.label('rope_key')} is for --format attnconv (deepseek-v3's RoPE key is "
+                                    "always shared)")
             if self.format == "attnconv" and self.q_rank is not None:
                 raise AttnconvError(f"{self.label('q_rank')} is for --format deepseek-v3")
             if self.format == "deepseek-v3" and len(self.kv_rank) > 1:
@@ -110,6 +118,8 @@ class ConvertSettings(Settings):
                     raise AttnconvError(problem)
         elif given := [n for n in mla_only if getattr(self, n) is not None]:
             raise AttnconvError(f"{self.label(given[0])} is for {to} mla")
+        elif self.rope_key != "per-kv-head":
+            raise AttnconvError(f"{self.label('rope_key')} is for {to} mla --format attnconv")
         elif self.engine != "transformers":
             raise AttnconvError(f"{self.label('engine')} is for {to} mla --format deepseek-v3 (GQA/MQA outputs keep "
                                 "the source's architecture)")

@@ -1,6 +1,6 @@
 """attnconv's MLA models: a source family's own classes with only the attention replaced (format "attnconv").
 
-Each family gets a config subclass (model_type "<family>_mla", plus kv_lora_rank, qk_rope_dim, rope_pairs) and
+Each family gets a config subclass (model_type "<family>_mla", plus kv_lora_rank, qk_rope_dim, rope_pairs, rope_key) and
 model subclasses whose decoder layers use `MLAAttention`; embeddings, norms, MLPs, rotary embeddings, masks and
 caches stay the family's. `register_auto_classes()` makes `AutoModelForCausalLM.from_pretrained` load them.
 
@@ -8,7 +8,9 @@ Per token and layer the cache holds (keys slot) the kept RoPE dims of every KV h
 [b, n_kv, t, rope_dim], and (values slot) the joint latent [b, 1, t, kv_lora_rank]; for families with per-head
 k norms (Qwen3) the latent is followed by each KV head's 1/rms of its reconstructed key, so the norm is over
 the full head key and RoPE follows it, as in the source. NoPE keys and values are rebuilt from the latent at
-every step (kv_b_proj), like DeepSeek's unabsorbed attention.
+every step (kv_b_proj), like DeepSeek's unabsorbed attention. With rope_key "shared" (convert/mla/attnconv_shared.py)
+the keys slot holds one RoPE key for all heads [b, 1, t, rope_dim], each query head has rope_dim RoPE dims of its own
+beside head_dim NoPE dims, and the latent has one block per query head (num_key_value_heads = the query heads).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _kv_lora_rank(config, layer_idx: int) -> int:
 
 
 class MLAAttention(nn.Module):
-    """Per-KV-head partial-RoPE keys plus NoPE keys and values from one joint latent (attnconv format)."""
+    """Partial-RoPE keys per KV head (or one shared by all heads) plus NoPE keys and values from one joint latent
+    (attnconv format)."""
 
     def __init__(self, config, layer_idx: int, family: FamilyAttention):
         super().__init__()
@@ -72,16 +75,23 @@ class MLAAttention(nn.Module):
         self.kv_lora_rank = _kv_lora_rank(config, layer_idx)
         self.qk_rope_dim = config.qk_rope_dim
         d, dr, hidden = self.head_dim, self.qk_rope_dim, config.hidden_size
+        # "shared": one RoPE key for all heads, each query head with its own RoPE dims beside a full NoPE key
+        self.shared_rope = getattr(config, "rope_key", None) == "shared"
+        self.n_rope = 1 if self.shared_rope else self.n_kv  # RoPE key heads (cached)
+        self.nope_dim = d if self.shared_rope else d - dr  # NoPE key dims per latent head
+        if self.shared_rope and family.qk_norm is not None:
+            raise AttnconvError("rope_key 'shared' cannot hold per-head q/k norms (Qwen3); the config is damaged")
 
         # Index tensors, not buffers: from_pretrained builds modules on the meta device, where they would be lost.
-        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long, device="cpu")  # [n_kv, rope_dim / 2]
-        rope = rope_dims(pairs, self.rotary_dim)  # [n_kv, d_r]
-        self._dims = {"cpu": (rope, nope_dims(rope, d))}  # device -> (rope dims, NoPE dims [n_kv, d - d_r])
+        pairs = torch.tensor(config.rope_pairs[layer_idx], dtype=torch.long, device="cpu")  # [n_rope, rope_dim / 2]
+        rope = rope_dims(pairs, self.rotary_dim)  # [n_rope, d_r]
+        self._dims = {"cpu": (rope, nope_dims(rope, d))}  # device -> (rope dims, NoPE dims [n_rope, d - d_r])
 
-        self.q_proj = nn.Linear(hidden, self.n_heads * d, bias=family.q_bias(config))
-        self.k_rope_proj = nn.Linear(hidden, self.n_kv * dr, bias=family.kv_bias(config))
+        q_rows = self.n_heads * (dr + d if self.shared_rope else d)
+        self.q_proj = nn.Linear(hidden, q_rows, bias=family.q_bias(config))
+        self.k_rope_proj = nn.Linear(hidden, self.n_rope * dr, bias=family.kv_bias(config))
         self.kv_a_proj = nn.Linear(hidden, self.kv_lora_rank, bias=family.kv_bias(config))
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_kv * (2 * d - dr), bias=False)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_kv * (self.nope_dim + d), bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, hidden, bias=family.o_bias(config))
         self.q_norm = self.k_norm = None
         if family.qk_norm is not None:
@@ -99,30 +109,37 @@ class MLAAttention(nn.Module):
         return dims.repeat_interleave(self.num_key_value_groups, dim=0)  # [n_heads, m]
 
     def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """latent [b, 1, t, r] -> NoPE keys [b, n_kv, t, d - d_r], values [b, n_kv, t, d]."""
+        """latent [b, 1, t, r] -> NoPE keys [b, n_kv, t, nope_dim], values [b, n_kv, t, d]."""
         b, _, t, _ = latent.shape
         kv = self.kv_b_proj(latent).view(b, t, self.n_kv, -1).transpose(1, 2)
-        return kv.split([self.head_dim - self.qk_rope_dim, self.head_dim], dim=-1)
+        return kv.split([self.nope_dim, self.head_dim], dim=-1)
 
     def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-        """hidden [b, t, D] -> query [b, H, t, d] (kept RoPE dims rotated, then NoPE dims), rotated RoPE keys
-        [b, n_kv, t, d_r] and what the cache's values slot holds: [b, 1, t, r (+ n_kv 1/rms for k norms)]."""
+        """hidden [b, t, D] -> query [b, H, t, d_r + nope_dim] (RoPE dims rotated, then NoPE dims), rotated RoPE
+        keys [b, n_rope, t, d_r] and what the cache's values slot holds: [b, 1, t, r (+ n_kv 1/rms for k norms)]."""
         b, t, _ = hidden_states.shape
         cos, sin = position_embeddings  # [b, t, rotary_dim]
         rot = self.rotary_dim
         rope_dims_, nope_dims_ = self._index(hidden_states.device)
+        cos_k = cos[:, :, rope_dims_].transpose(1, 2)  # [b, n_rope, t, d_r]
+        sin_k = sin[:, :, rope_dims_].transpose(1, 2)
 
-        q = self.q_proj(hidden_states).view(b, t, self.n_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = q.transpose(1, 2)  # [b, H, t, d]
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        q_rotated = torch.cat([q[..., :rot] * c + _rotate_half(q[..., :rot]) * s, q[..., rot:]], dim=-1)
-        rope_q = self._per_query_head(rope_dims_)[None, :, None].expand(b, -1, t, -1)
-        nope_q = self._per_query_head(nope_dims_)[None, :, None].expand(b, -1, t, -1)
-        query = torch.cat([q_rotated.gather(-1, rope_q), q.gather(-1, nope_q)], dim=-1)
+        if self.shared_rope:  # each query head's own RoPE rows, rotated at the shared key's frequencies
+            q_rope, q_nope = self.q_proj(hidden_states).view(b, t, self.n_heads, -1).transpose(1, 2).split(
+                [self.qk_rope_dim, self.head_dim], dim=-1)  # [b, H, t, d_r], [b, H, t, d]
+            query = torch.cat([q_rope * cos_k + _rotate_half(q_rope) * sin_k, q_nope], dim=-1)
+        else:
+            q = self.q_proj(hidden_states).view(b, t, self.n_heads, self.head_dim)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+            q = q.transpose(1, 2)  # [b, H, t, d]
+            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+            q_rotated = torch.cat([q[..., :rot] * c + _rotate_half(q[..., :rot]) * s, q[..., rot:]], dim=-1)
+            rope_q = self._per_query_head(rope_dims_)[None, :, None].expand(b, -1, t, -1)
+            nope_q = self._per_query_head(nope_dims_)[None, :, None].expand(b, -1, t, -1)
+            query = torch.cat([q_rotated.gather(-1, rope_q), q.gather(-1, nope_q)], dim=-1)
 
-        k_rope = self.k_rope_proj(hidden_states).view(b, t, self.n_kv, self.qk_rope_dim).transpose(1, 2)
+        k_rope = self.k_rope_proj(hidden_states).view(b, t, self.n_rope, self.qk_rope_dim).transpose(1, 2)
         latent = self.kv_a_proj(hidden_states).view(b, 1, t, self.kv_lora_rank)
         if self.k_norm is not None:  # 1/rms over the full head key (kept RoPE dims + reconstructed NoPE dims)
             k_nope = self._expand(latent)[0]
@@ -131,21 +148,19 @@ class MLAAttention(nn.Module):
             k_rope = self.k_norm.weight[rope_dims_][None, :, None] * (
                 k_rope.float() * inv_rms[..., None]).to(k_rope.dtype)
             latent = torch.cat([latent, inv_rms.transpose(1, 2)[:, None].to(latent.dtype)], dim=-1)
-        cos_k = cos[:, :, rope_dims_].transpose(1, 2)  # [b, n_kv, t, d_r]
-        sin_k = sin[:, :, rope_dims_].transpose(1, 2)
         k_rope = k_rope * cos_k + _rotate_half(k_rope) * sin_k
         return query, k_rope, latent
 
     def keys_values(self, k_rope: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached RoPE keys [b, n_kv, T, d_r] and latent rows [b, 1, T, r (+ n_kv)] -> keys and values
-        [b, n_kv, T, d], the NoPE keys and values rebuilt from the latent (the unabsorbed form)."""
+        """Cached RoPE keys [b, n_rope, T, d_r] and latent rows [b, 1, T, r (+ n_kv)] -> keys [b, n_kv, T,
+        d_r + nope_dim] and values [b, n_kv, T, d], the NoPE keys and values rebuilt from the latent (unabsorbed)."""
         _, nope_dims_ = self._index(latent.device)
         k_nope, value = self._expand(latent[..., : self.kv_lora_rank])
         if self.k_norm is not None:
             inv_rms = latent[..., self.kv_lora_rank:].squeeze(1).transpose(1, 2)[..., None]  # [b, n_kv, T, 1]
             k_nope = self.k_norm.weight[nope_dims_][None, :, None] * (
                 k_nope.float() * inv_rms.float()).to(k_nope.dtype)
-        return torch.cat([k_rope, k_nope], dim=-1), value  # [b, n_kv, T, d] each
+        return torch.cat([k_rope.expand(-1, self.n_kv, -1, -1), k_nope], dim=-1), value
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
@@ -192,7 +207,8 @@ def _family_classes(name: str) -> tuple:
 
 
 _MLA_FIELDS = {"kv_lora_rank": (int | list[int], 0), "qk_rope_dim": (int, 0), "rope_pairs": (list | None, None),
-               "mla_init": (str | None, None), "kv_cache_dim_per_layer": (int | float | None, None)}
+               "mla_init": (str | None, None), "rope_key": (str | None, None),
+               "kv_cache_dim_per_layer": (int | float | None, None)}
 
 
 def _make_classes(source_type: str, config_cls, base_cls, causal_cls, family: FamilyAttention):

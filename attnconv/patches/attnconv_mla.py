@@ -8,8 +8,9 @@ is untouched), given a `RopeLatentKVCache`:
   attention (`sdpa_gqa_attention`: causality, the loop's padding keep-mask, sliding windows);
 - one-token steps: the absorbed form (kernels/mla_attention.py `grouped_mla_decode_attention`): each query head's
   NoPE part moves into latent space through its KV head's key up-projection, values are read in latent space and
-  up-projected after attention, the RoPE term comes per KV head as extra scores. Qwen3's k norm: its weight on the
-  NoPE dims folds into the query, its 1/rms (cached) scales the NoPE scores (the score is linear in the key).
+  up-projected after attention, the RoPE term comes per KV head (or from the one shared RoPE key) as extra
+  scores. Qwen3's k norm: its weight on the NoPE dims folds into the query, its 1/rms (cached) scales the NoPE
+  scores (the score is linear in the key).
   Sliding windows: the step reads the last `sliding_window` cached tokens, as transformers' sliding mask does.
 The attention is registered as "attnconv_mla_fmt_decode" (the same function as "attnconv_decode") in the block and
 the model's own implementation comes back after it.
@@ -33,7 +34,8 @@ NAME = "attnconv_mla_fmt_decode"
 
 
 class RopeLatentLayer(GrowingLayer):
-    """One layer's cache, allocated for the whole run: rotated RoPE keys per KV head [b, n_kv, max_len, d_r]
+    """One layer's cache, allocated for the whole run: rotated RoPE keys [b, n_rope, max_len, d_r] (per KV head,
+    or one shared by all)
     (`keys`) and latent rows [b, max_len, r (+ n_kv)] (`rows`; `values` is the [b, 1, max_len, ...] view
     `MLAAttention` caches), so the model's own forward can use it too."""
 
@@ -50,8 +52,8 @@ class RopeLatentLayer(GrowingLayer):
         return None
 
     def append(self, k_rope: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k_rope [b, n_kv, s, d_r] and latent [b, 1, s, r (+ n_kv)] after the filled tokens; the filled
-        RoPE keys [b, n_kv, end, d_r] and latent rows [b, end, r (+ n_kv)], this call's tokens included."""
+        """Write k_rope [b, n_rope, s, d_r] and latent [b, 1, s, r (+ n_kv)] after the filled tokens; the filled
+        RoPE keys [b, n_rope, end, d_r] and latent rows [b, end, r (+ n_kv)], this call's tokens included."""
         start, end = self.length, self.length + k_rope.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} tokens > {self.max_len} preallocated")
@@ -82,13 +84,13 @@ class RopeLatentKVCache(Cache):
 
     def __init__(self, model, batch: int, max_len: int, dtype: torch.dtype, device):
         super().__init__(layers=[
-            RopeLatentLayer(batch, max_len, m.n_kv, m.qk_rope_dim, m.cache_latent_dim, dtype, device)
+            RopeLatentLayer(batch, max_len, m.n_rope, m.qk_rope_dim, m.cache_latent_dim, dtype, device)
             for m in mla_modules(model)
         ])
 
     @property
     def nbytes(self) -> int:
-        """What the cache tensors really hold: r (+ n_kv) + n_kv x d_r values per token and layer."""
+        """What the cache tensors really hold: r (+ n_kv) + n_rope x d_r values per token and layer."""
         return sum(layer.keys.nbytes + layer.rows.nbytes for layer in self.layers)
 
 
@@ -109,21 +111,22 @@ def _step(module, hidden_states, position_embeddings, attention_mask, layer: Rop
     """One new token per sequence, absorbed: [b, 1, hidden] -> the attention output [b, 1, hidden]."""
     b = hidden_states.shape[0]
     n_kv, heads, d, d_r, rank = module.n_kv, module.n_heads, module.head_dim, module.qk_rope_dim, module.kv_lora_rank
-    query, k_rope, latent = module.project(hidden_states, position_embeddings)  # [b, H, 1, d], ...
-    keys, rows = layer.append(k_rope, latent)  # [b, n_kv, L, d_r], [b, L, r (+ n_kv)]
+    nope = module.nope_dim
+    query, k_rope, latent = module.project(hidden_states, position_embeddings)  # [b, H, 1, d_r + nope], ...
+    keys, rows = layer.append(k_rope, latent)  # [b, n_rope, L, d_r], [b, L, r (+ n_kv)]
     keep = None if attention_mask is None else attention_mask[:, 0, -1, :rows.shape[1]]  # [b, L]
     window = module.sliding_window
     if window is not None and rows.shape[1] > window:  # transformers' sliding mask: the last `window` tokens
         keys, rows = keys[:, :, -window:], rows[:, -window:]
         keep = None if keep is None else keep[:, -window:]
-    query = query[:, :, 0].view(b, n_kv, heads // n_kv, d)
-    q_rot, q_nope = query.split([d_r, d - d_r], dim=-1)  # [b, n_kv, g, d_r], [b, n_kv, g, d - d_r]
+    query = query[:, :, 0].view(b, n_kv, heads // n_kv, d_r + nope)
+    q_rot, q_nope = query.split([d_r, nope], dim=-1)  # [b, n_kv, g, d_r], [b, n_kv, g, nope]
     key_scale = None
     if module.k_norm is not None:  # the norm's weight on the NoPE dims goes to the query, its 1/rms to the scores
         nope_dims = module._index(query.device)[1]  # [n_kv, d - d_r]
         q_nope = q_nope * module.k_norm.weight[nope_dims][None, :, None]
         key_scale = rows[..., rank:]  # [b, L, n_kv]
-    w_uk, w_uv = split_kv_b(module.kv_b_proj.weight, n_kv, d - d_r, d)  # [n_kv, d - d_r, r], [n_kv, d, r]
+    w_uk, w_uv = split_kv_b(module.kv_b_proj.weight, n_kv, nope, d)  # [n_kv, nope, r], [n_kv, d, r]
     out = grouped_mla_decode_attention(q_nope, q_rot, rows[..., :rank], keys, w_uk, w_uv, module.scaling, keep,
                                        key_scale, backend)  # [b, n_kv, g, d]
     return module.o_proj(out.reshape(b, 1, heads * d))

@@ -135,11 +135,13 @@ def attnconv_output_shapes(shape: AttentionShape, *, kv_rank: int, rope_dim: int
 
 
 def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, pairs: list[Tensor],
-                    init: str) -> dict:
+                    init: str, rope_key: str = "per-kv-head") -> dict:
     """config.json of the attnconv-format output: the source's, with the MLA model type and the MLA fields.
 
-    kv_ranks: one rank per layer (all equal is written as one int); pairs: per layer [n_kv, rope_dim / 2].
-    Adds kv_lora_rank, qk_rope_dim, rope_pairs, mla_init and kv_cache_dim_per_layer.
+    kv_ranks: one rank per layer (all equal is written as one int); pairs: per layer [n_kv, rope_dim / 2], or
+    [1, rope_dim / 2] with rope_key "shared" (attnconv_shared.py), whose latent has one block per query head
+    (num_key_value_heads = the query heads). Adds kv_lora_rank, qk_rope_dim, rope_pairs, rope_key, mla_init and
+    kv_cache_dim_per_layer.
     """
     model_type = source_config.get("model_type")
     if model_type not in ROPE_FAMILIES:
@@ -151,8 +153,11 @@ def attnconv_config(source_config: dict, *, kv_ranks: list[int], rope_dim: int, 
     out["qk_rope_dim"] = rope_dim
     out["rope_pairs"] = [p.tolist() for p in pairs]
     out["mla_init"] = init
+    out["rope_key"] = rope_key
     # what attnconv.families.cache_shape reads: cached values per token and layer (mean over layers if ranks differ)
     n_kv = source_config.get("num_key_value_heads") or source_config["num_attention_heads"]
+    if rope_key == "shared":
+        out["num_key_value_heads"], n_kv = source_config["num_attention_heads"], 1  # latent blocks; one RoPE key
     dims = [r + n_kv * rope_dim + (n_kv if FAMILIES[model_type].qk_norm else 0) for r in kv_ranks]
     out["kv_cache_dim_per_layer"] = dims[0] if len(set(dims)) == 1 else sum(dims) / len(dims)
     return out

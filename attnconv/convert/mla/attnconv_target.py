@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
+from attnconv.convert.mla import attnconv_shared as shared
 from attnconv.convert.mla.attnconv_format import (
     attnconv_config,
     attnconv_output_shapes,
@@ -24,6 +25,7 @@ from attnconv.convert.mla.attnconv_format import (
 from attnconv.convert.mla.inmemory import LayerStatistics
 from attnconv.convert.mla.rope import select_pairs
 from attnconv.convert.mla.target import MlaTarget
+from attnconv.families import source_family
 
 
 @dataclass
@@ -32,18 +34,30 @@ class AttnconvMlaTarget(MlaTarget):
 
     pairs: dict[int, Tensor] = field(default_factory=dict)  # kept pairs per layer, as converted
 
+    @property
+    def shared(self) -> bool:
+        """--rope-key shared: one RoPE key for all heads (mla/attnconv_shared.py)."""
+        return self.settings.rope_key == "shared"
+
     @staticmethod
     def default_rope_dim(shape: AttentionShape) -> int:
         return 2 * (shape.rotary_dim // 4)
 
+    def prepare(self) -> None:
+        if self.shared:  # before any calibration
+            shared.check_shared(source_family(self.config).qk_norm)
+
     def max_kv_rank(self) -> int:
-        return max_kv_rank(self.shape, self.rope_dim)
+        return (shared.max_kv_rank if self.shared else max_kv_rank)(self.shape, self.rope_dim)
 
     # --- layout ---
     def layer_outputs(self, layer: int, keys: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        biases = dict(q_bias="q_proj.bias" in keys, kv_bias="k_proj.bias" in keys, o_bias="o_proj.bias" in keys)
+        if self.shared:
+            return shared.shared_output_shapes(self.shape, kv_rank=self.kv_ranks[layer], rope_dim=self.rope_dim,
+                                               **biases)
         return attnconv_output_shapes(self.shape, kv_rank=self.kv_ranks[layer], rope_dim=self.rope_dim,
-                                      q_bias="q_proj.bias" in keys, kv_bias="k_proj.bias" in keys,
-                                      o_bias="o_proj.bias" in keys, qk_norm="k_norm.weight" in keys)
+                                      qk_norm="k_norm.weight" in keys, **biases)
 
     def other_outputs(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], str]]:
         return [(name, shape, "copy")]
@@ -53,7 +67,7 @@ class AttnconvMlaTarget(MlaTarget):
         pairs = [self.pairs[i] if i in self.pairs else self._pairs(None) for i in range(len(self.kv_ranks))]
         config = dict(self.config, num_key_value_heads=self.shape.n_kv_heads)
         return attnconv_config(config, kv_ranks=self.kv_ranks, rope_dim=self.rope_dim, pairs=pairs,
-                               init=self.settings.init)
+                               init=self.settings.init, rope_key=self.settings.rope_key)
 
     def planned_config(self, layout_config: dict) -> dict:
         return {}  # it records the pairs each layer keeps: known once the layers are converted
@@ -62,18 +76,25 @@ class AttnconvMlaTarget(MlaTarget):
         return {"rope_pairs": {i: p.tolist() for i, p in sorted(self.pairs.items())}} if self.pairs else {}
 
     def cache_values_per_token(self, keys: set[str]) -> int:
+        if self.shared:
+            return sum(r + self.rope_dim for r in self.kv_ranks)
         return sum(cache_per_token(self.shape, r, self.rope_dim, "k_norm.weight" in keys) for r in self.kv_ranks)
 
     def rope_description(self) -> str:
-        return f"RoPE {self.rope_dim} per KV head ({self.settings.rope_select})"
+        where = "shared by all heads" if self.shared else "per KV head"
+        return f"RoPE {self.rope_dim} {where} ({self.settings.rope_select})"
 
     # --- computation ---
     def _pairs(self, stats: LayerStatistics | None) -> Tensor:
-        n_keep = self.rope_dim // 2
-        return select_pairs(self.settings.rope_select, self.shape, n_keep, stats.pair_scores if stats else None)
+        n_keep, scores = self.rope_dim // 2, stats.pair_scores if stats else None
+        select = shared.shared_pairs if self.shared else select_pairs
+        return select(self.settings.rope_select, self.shape, n_keep, scores)
 
     def convert_latent(self, layer: int, w: AttentionWeights, tensors: dict[str, Tensor],
                        stats: LayerStatistics | None, moments, phases) -> dict[str, Tensor]:
         self.pairs[layer] = self._pairs(stats)
+        if self.shared:
+            return shared.convert_shared_layer(w, kv_rank=self.kv_ranks[layer], pairs=self.pairs[layer][0],
+                                               init=self.settings.init, moments=moments, phases=phases)
         return convert_attnconv_layer(w, kv_rank=self.kv_ranks[layer], pairs=self.pairs[layer],
                                       init=self.settings.init, moments=moments, phases=phases)

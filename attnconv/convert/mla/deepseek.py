@@ -63,6 +63,8 @@ from attnconv.convert.mla.rope import (
     interleave_permutation,
     principal_rotations,
     shared_frequencies,
+    shared_rope_key,
+    shared_rope_queries,
 )
 from attnconv.engines import DENSE_EXPERT_FIELDS
 from attnconv.errors import AttnconvError
@@ -145,16 +147,11 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     check_rank(kv_rank, max_kv_rank(s, rope_dim))
     stats = input_moments(init, moments, s.hidden)
     pairs, _ = shared_frequencies(rope_select, s, n_keep)
-    half, d = s.rotary_dim // 2, s.head_dim
+    d = s.head_dim
 
     # RoRoPE: per kept pair, the top principal axis u across KV heads carries the shared RoPE key.
     u = principal_rotations(stats.of_linear(w.k), s, pairs)[:, :, 0].float()  # [n_keep, n_kv]
-    k = w.heads("k")  # [n_kv, d, hidden]
-    rope_a = torch.einsum("pg,gph->ph", u, k[:, pairs])  # [n_keep, hidden]: first halves of the shared key
-    rope_b = torch.einsum("pg,gph->ph", u, k[:, pairs + half])  # second halves
-    k_nope = k.clone()  # each KV head's key minus its share of the shared RoPE key
-    k_nope[:, pairs] -= u.T[:, :, None] * rope_a[None]
-    k_nope[:, pairs + half] -= u.T[:, :, None] * rope_b[None]
+    rope_key, k_nope = shared_rope_key(w.heads("k"), u, pairs, s.rotary_dim)  # [d_r, hidden], [n_kv, d, hidden]
 
     target = torch.cat([k_nope, w.heads("v")], dim=1).reshape(-1, s.hidden)  # [n_kv * 2d, hidden]
     k_rows = torch.zeros(s.n_kv_heads, 2 * d, dtype=torch.bool)
@@ -165,9 +162,8 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     kv_b = low.up.reshape(s.n_kv_heads, 2 * d, kv_rank)[s.kv_head_of()]  # [n_heads, 2d, kv_rank]: GQA copies
 
     perm = interleave_permutation(rope_dim)
-    uq = u.T[s.kv_head_of()][..., None]  # [n_heads, n_keep, 1]: each query head's share of the shared key
     q = w.heads("q")  # [n_heads, d, hidden]
-    q_rope = torch.cat([uq * q[:, pairs], uq * q[:, pairs + half]], dim=1)[:, perm]  # [n_heads, d_r, hidden]
+    q_rope = shared_rope_queries(q, u.T[s.kv_head_of()], pairs, s.rotary_dim)[:, perm]  # [n_heads, d_r, hidden]
     q_nope = q
     if phases is not None:
         q_nope = apply_phases(q, phases, torch.arange(s.rotary_pairs).expand(s.n_heads, -1), s.rotary_dim)
@@ -175,7 +171,7 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
 
     shrink = linear_norm_shrink(float((moments if moments is not None else stats).of_linear(down).diagonal().mean()))
     out = {
-        "kv_a_proj_with_mqa.weight": torch.cat([down * shrink, torch.cat([rope_a, rope_b])[perm]]),  # [r + d_r, D]
+        "kv_a_proj_with_mqa.weight": torch.cat([down * shrink, rope_key[perm]]),  # [r + d_r, D]
         "kv_a_layernorm.weight": linear_norm_weight(kv_rank, shrink),
         "kv_b_proj.weight": kv_b.reshape(-1, kv_rank),  # [n_heads * 2d, r], per head [k_nope; v]
         "o_proj.weight": w.o * residual_scale(w.norm_eps),

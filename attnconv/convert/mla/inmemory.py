@@ -15,6 +15,7 @@ from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionWeights, from_hf_attention
 from attnconv.convert.mla.attnconv_format import attnconv_config, convert_attnconv_layer
+from attnconv.convert.mla.attnconv_shared import convert_shared_layer, shared_pairs
 from attnconv.convert.mla.calibration import (
     AttentionPhaseCollector,
     InputMoments,
@@ -106,14 +107,16 @@ def _resolve(model, calibration, seq_len: int, phases: bool) -> list[LayerStatis
 
 def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_select: str = "high",
                     init: str = "svd", calibration: Tensor | list[LayerStatistics] | None = None,
-                    seq_len: int = 256, phases: bool = False, merged: list[AttentionWeights] | None = None):
+                    seq_len: int = 256, phases: bool = False, merged: list[AttentionWeights] | None = None,
+                    rope_key: str = "per-kv-head"):
     """The attnconv-format MLA of a loaded Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3 model (float32).
 
     calibration: token ids [n] or statistics from collect_statistics; phases: rotate dropped query pairs by the
     source's mean rotation (needs calibration). merged: the layers to convert instead of the model's, with fewer
     KV heads (`merge_kv_heads`): the format holds that GQA exactly at kv_rank = kv_heads x head_dim with every
     RoPE dim kept, so the MLA starts from the best GQA of its cache and can go below it (the phases and 2-norm
-    scores are the source heads' and do not apply).
+    scores are the source heads' and do not apply). rope_key: "per-kv-head" (attnconv_format.py) or "shared"
+    (one RoPE key for all heads, attnconv_shared.py).
     """
     from attnconv.models.mla import CLASSES, register_auto_classes
 
@@ -131,12 +134,20 @@ def to_attnconv_mla(model, *, kv_rank: int | list[int], rope_dim: int, rope_sele
     state, all_pairs = _non_attention_state(model), []
     for i, w in enumerate(weights):
         st = stats[i] if stats else None
-        pairs = select_pairs(rope_select, w.shape, n_keep, st.pair_scores if st and merged is None else None)
+        scores = st.pair_scores if st and merged is None else None
+        layer_phases = st.phases if st and phases else None
+        if rope_key == "shared":
+            pairs = shared_pairs(rope_select, w.shape, n_keep, scores)
+            out = convert_shared_layer(w, kv_rank=ranks[i], pairs=pairs[0], init=init, moments=st and st.moments,
+                                       phases=layer_phases)
+        else:
+            pairs = select_pairs(rope_select, w.shape, n_keep, scores)
+            out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init, moments=st and st.moments,
+                                         phases=layer_phases)
         all_pairs.append(pairs)
-        out = convert_attnconv_layer(w, kv_rank=ranks[i], pairs=pairs, init=init, moments=st and st.moments,
-                                     phases=st.phases if st and phases else None)
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in out.items()})
-    config = attnconv_config(source_config, kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init)
+    config = attnconv_config(source_config, kv_ranks=ranks, rope_dim=rope_dim, pairs=all_pairs, init=init,
+                             rope_key=rope_key)
     config_cls, _, causal_cls = CLASSES[model.config.model_type]
     mla = causal_cls(config_cls(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")}))
     mla.load_state_dict(state, strict=True)

@@ -114,3 +114,32 @@ def apply_phases(q_heads: Tensor, phases: Tensor, pairs: Tensor, rotary_dim: int
     out.scatter_(1, index, re * a - im * b)
     out.scatter_(1, index + half, im * a + re * b)
     return out
+
+
+def shared_rope_key(k_heads: Tensor, u: Tensor, pairs: Tensor, rotary_dim: int) -> tuple[Tensor, Tensor]:
+    """RoRoPE's shared RoPE key and what each KV head's key keeps beside it.
+
+    k_heads: [n_kv, head_dim, *rest] key weights (or biases); u: [n_keep, n_kv] each KV head's share of the shared
+    key per kept pair (principal_rotations' first column); pairs [n_keep].
+    -> the shared key [rope_dim, *rest] in rotate_half order (first halves, then second halves), and the NoPE keys
+    [n_kv, head_dim, *rest]: each head's key minus its share of the shared one (zero where it is all of it).
+    """
+    half = rotary_dim // 2
+    share = u.reshape(*u.shape, *([1] * (k_heads.dim() - 2))).to(k_heads.dtype)  # [n_keep, n_kv, 1...]
+    first = (share * k_heads[:, pairs].transpose(0, 1)).sum(1)  # [n_keep, *rest]
+    second = (share * k_heads[:, pairs + half].transpose(0, 1)).sum(1)
+    nope = k_heads.clone()
+    nope[:, pairs] -= share.transpose(0, 1) * first[None]
+    nope[:, pairs + half] -= share.transpose(0, 1) * second[None]
+    return torch.cat([first, second]), nope
+
+
+def shared_rope_queries(q_heads: Tensor, u_of_head: Tensor, pairs: Tensor, rotary_dim: int) -> Tensor:
+    """The query side of a shared RoPE key: each query head's kept pairs times its KV head's share.
+
+    q_heads: [n_heads, head_dim, *rest]; u_of_head: [n_heads, n_keep] (u.T per query head's KV head)
+    -> [n_heads, rope_dim, *rest] in rotate_half order.
+    """
+    half = rotary_dim // 2
+    share = u_of_head.reshape(*u_of_head.shape, *([1] * (q_heads.dim() - 2))).to(q_heads.dtype)
+    return torch.cat([share * q_heads[:, pairs], share * q_heads[:, pairs + half]], dim=1)
