@@ -7,6 +7,8 @@ source keeping every RoPE pair at full rank), and the one-line refusals of what 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -17,6 +19,7 @@ from attnconv.convert.mla.attnconv_shared import convert_shared_layer, max_kv_ra
 from attnconv.convert.mla.inmemory import collect_statistics, to_attnconv_mla, to_deepseek_v3
 from attnconv.convert.settings import ConvertSettings
 from attnconv.errors import AttnconvError
+from attnconv.push.card import model_card
 from attnconv.testing import build_tiny_model
 
 
@@ -77,6 +80,8 @@ def test_cli_conversion_round_trip_and_refusals(tmp_path, cli):
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     reference = to_attnconv_mla(source, kv_rank=20, rope_dim=8, rope_key="shared")
     assert loaded.config.rope_key == "shared" and torch.equal(_logits(loaded, IDS), _logits(reference, IDS))
+    assert json.loads((out / "attnconv.json").read_text())["conversion"]["rope_key"] == "shared"
+    assert "one RoPE key of 8 dims shared by all heads" in model_card(out, "me/x")
 
     qwen3 = build_tiny_model("qwen3", tmp_path / "qwen3", n_heads=4, n_kv_heads=2)
     code, _, err = cli("convert", qwen3, tmp_path / "q3", "--to", "mla", "--format", "attnconv", "--rope-key",

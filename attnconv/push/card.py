@@ -23,8 +23,8 @@ def _mla_section(prov: dict, conv: dict) -> list[str]:
     ratio = f" ({kv_before / kv_after:.0f}x smaller)" if kv_before and kv_after else ""
     ranks = sorted(set(conv.get("kv_rank") or [])) or ["?"]
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per layer)"
-    deepseek = conv.get("format") == "deepseek-v3"
-    rope = (f"one RoPE key of {conv.get('rope_dim')} dims shared by all heads" if deepseek
+    shared = conv.get("format") == "deepseek-v3" or conv.get("rope_key") == "shared"
+    rope = (f"one RoPE key of {conv.get('rope_dim')} dims shared by all heads" if shared
             else f"{conv.get('rope_dim')} RoPE dims kept per key/value head ({conv.get('rope_select')})")
     calib = conv.get("calibration")
     how = f"{conv.get('init')} initialisation" + (

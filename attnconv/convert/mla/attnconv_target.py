@@ -73,7 +73,8 @@ class AttnconvMlaTarget(MlaTarget):
         return {}  # it records the pairs each layer keeps: known once the layers are converted
 
     def format_record(self) -> dict[str, Any]:
-        return {"rope_pairs": {i: p.tolist() for i, p in sorted(self.pairs.items())}} if self.pairs else {}
+        pairs = {"rope_pairs": {i: p.tolist() for i, p in sorted(self.pairs.items())}} if self.pairs else {}
+        return {"rope_key": self.settings.rope_key, **pairs}
 
     def cache_values_per_token(self, keys: set[str]) -> int:
         if self.shared:
