@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -170,11 +171,13 @@ class MLAAttention(nn.Module):
             k_rope, latent = cache.update(k_rope, latent, self.layer_idx, kwargs=kwargs)
         key, value = self.keys_values(k_rope, latent)
 
+        if self.shared_rope:  # values narrower than queries: SDPA's fused kernels need one head size (else the
+            value = F.pad(value, (0, self.qk_rope_dim))  # math kernel, [b, H, t, T] scores); cut after attention
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         out, weights = attention(self, query, key, value, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-        return self.o_proj(out.reshape(b, t, -1).contiguous()), weights
+        return self.o_proj(out[..., :self.head_dim].reshape(b, t, -1).contiguous()), weights
 
 
 def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

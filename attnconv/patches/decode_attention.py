@@ -67,15 +67,18 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, 
         else:
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling,
                                                  enable_gqa=True)  # [b, n_kv, g, d]
-        return out.reshape(b, 1, h, d), None
+        return out.reshape(b, 1, h, value.shape[-1]), None
     key, value = key.contiguous(), value.contiguous()  # a no-op but for a CPU cache's views (chunked prefill)
+    d_v = value.shape[-1]
+    if d_v < d:  # MLA's narrower values: SDPA's fused kernels need one head size, else [b, h, s, k] scores in memory
+        value = F.pad(value, (0, d - d_v))
     if mask is None and q_len == k_len and not windowed:  # prefill from position 0: plain causal
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     else:  # padding, chunked prefill, or a prompt longer than the window: one mask for the whole call
         band = _window_mask(q_len, k_len, sliding_window if windowed else None, query.device)  # [s, k]
         mask = band if mask is None else mask & band
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2), None  # [b, s, h, d]
+    return out[..., :d_v].transpose(1, 2), None  # [b, s, h, d_v]
 
 
 @contextmanager
