@@ -6,7 +6,8 @@ dims, and against transformers' generate() on the MLA model; `--attnconv-format`
 - MLA: DeepseekV3 of the same dims (q_lora_rank null, qk_nope 64, v 64, dense MLPs), kv_lora_rank 128 +
   qk_rope_head_dim 64 = 192 cached values per token and layer: 12.5% of MHA's KV bytes;
 - MLA-attnconv (--attnconv-format): attnconv's own MLA format of the MHA dims at the same KV bytes, kv_lora_rank
-  96 + 12 KV heads x 8 RoPE dims = 192 cached values per token and layer.
+  96 + 12 KV heads x 8 RoPE dims = 192 cached values per token and layer; and MLA-attnconv-shared, the same
+  format with one RoPE key for all heads (--rope-key shared), 128 + 64 as the DeepseekV3 model.
 Targets: MLA loop >= 1.5x the MHA loop's tokens/s, >= 3x generate() on the MLA checkpoint. The machine may be
 shared: the implementations run in alternating order, every round, and the ratios are medians of the rounds'.
 `--profile` times one MLA step's parts: the absorbed attention alone against the rest, with bytes and FLOPs.
@@ -64,6 +65,21 @@ def build_mla_attnconv(max_positions: int, rank: int = 96, rope: int = 8):
     pairs = [[list(range(0, 32, 32 // (rope // 2)))] * heads] * layers  # [layer][KV head][kept pair], spread
     config = CLASSES["llama"][0](**DIMS, max_position_embeddings=max_positions, kv_lora_rank=rank, qk_rope_dim=rope,
                                  rope_pairs=pairs, kv_cache_dim_per_layer=rank + heads * rope)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def build_mla_attnconv_shared(max_positions: int, rank: int = 128, rope: int = 64):
+    """attnconv's MLA format with one RoPE key shared by all heads (--rope-key shared): DeepseekV3's cache,
+    rank + rope cached values per token and layer, a latent block per query head."""
+    from attnconv.models.mla import CLASSES, register_auto_classes
+
+    register_auto_classes()
+    torch.manual_seed(0)
+    heads, layers = DIMS["num_attention_heads"], DIMS["num_hidden_layers"]
+    pairs = [[list(range(0, 32, 32 // (rope // 2)))]] * layers  # [layer][the one RoPE key][kept pair]
+    config = CLASSES["llama"][0](**DIMS, max_position_embeddings=max_positions, kv_lora_rank=rank, qk_rope_dim=rope,
+                                 rope_pairs=pairs, rope_key="shared", kv_cache_dim_per_layer=rank + rope)
+    config.num_key_value_heads = heads
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
@@ -155,7 +171,8 @@ def profile_attention(model, batch: int, context: int, repeats: int = 3) -> dict
 
 
 RATIOS = {"mla_over_mha": ("MLA", "MHA"), "mla_over_generate": ("MLA", "generate"),
-          "attnconv_mla_over_mha": ("MLA-attnconv", "MHA")}
+          "attnconv_mla_over_mha": ("MLA-attnconv", "MHA"),
+          "attnconv_shared_mla_over_mha": ("MLA-attnconv-shared", "MHA")}
 
 
 def _cell(r: dict, name: str) -> str:
@@ -171,13 +188,14 @@ def _ratio(r: dict, a: str, b: str) -> str:
 
 def print_rounds(console: Console, context: int, rounds: list[dict]) -> None:
     table = Table(title=f"batch x context {context}: decode tokens/s per round, whole run (fastest step)")
-    for col in ("round", "order", "MHA loop", "MLA loop", "MLA generate()", "MLA-attnconv loop", "MLA/MHA",
-                "MLA/generate()", "MLA-attnconv/MHA"):
+    for col in ("round", "order", "MHA loop", "MLA loop", "MLA generate()", "MLA-attnconv loop",
+                "MLA-attnconv-shared loop", "MLA/MHA", "MLA/generate()", "MLA-attnconv/MHA", "shared/MHA"):
         table.add_column(col, justify="right")
     for i, r in enumerate(rounds):
         table.add_row(str(i + 1), " ".join(r["order"]), _cell(r, "MHA"), _cell(r, "MLA"), _cell(r, "generate"),
-                      _cell(r, "MLA-attnconv"), _ratio(r, "MLA", "MHA"), _ratio(r, "MLA", "generate"),
-                      _ratio(r, "MLA-attnconv", "MHA"))
+                      _cell(r, "MLA-attnconv"), _cell(r, "MLA-attnconv-shared"), _ratio(r, "MLA", "MHA"),
+                      _ratio(r, "MLA", "generate"), _ratio(r, "MLA-attnconv", "MHA"),
+                      _ratio(r, "MLA-attnconv-shared", "MHA"))
     console.print(table)
 
 
@@ -220,6 +238,7 @@ def main() -> None:
     models = {"MHA": build_mha(max_positions), "MLA": build_mla(max_positions)}
     if args.attnconv_format:
         models["MLA-attnconv"] = build_mla_attnconv(max_positions)
+        models["MLA-attnconv-shared"] = build_mla_attnconv_shared(max_positions)
     for name, model in models.items():
         shape = cache_shape(model.config)
         console.print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -248,7 +267,8 @@ def main() -> None:
             rounds.append(round_)
         print_rounds(console, context, rounds)
         summary = summarize(rounds)
-        for key, target in (("mla_over_mha", 1.5), ("mla_over_generate", 3.0), ("attnconv_mla_over_mha", None)):
+        for key, target in (("mla_over_mha", 1.5), ("mla_over_generate", 3.0), ("attnconv_mla_over_mha", None),
+                            ("attnconv_shared_mla_over_mha", None)):
             if key in summary:
                 v = summary[key]
                 console.print(f"context {context}: {key} [bold]{v['median_whole_run']:.2f}x[/] median of whole runs, "

@@ -2,8 +2,9 @@
 
 The reference (Llama, MHA, 8 heads of 32, 6 layers) caches 512 values per token and layer. At GQA-2's 128 and
 MQA's 64: GQA by mean pooling; MLA in attnconv format (per-KV-head RoPE dims, the budget spent mostly on RoPE
-dims, as measured best; and from the calibrated GQA-2 / MQA, `--kv-heads`, which is that GQA at its bytes, and
-at half MQA's bytes) and in deepseek-v3 format (one shared RoPE key), each with --init pca (+ phases) and
+dims, as measured best; from the calibrated GQA-2 / MQA, `--kv-heads`, which is that GQA at its bytes, and at half
+MQA's bytes; and from the calibrated GQA-2 with one RoPE key shared by all heads, `--rope-key shared`, at MQA's
+bytes and half of them) and in deepseek-v3 format (one shared RoPE key), each with --init pca (+ phases) and
 --init svd (weights only). Every model is scored on held-out Tiny Shakespeare against the source (KL, perplexity);
 the GQA baselines (mean and the best calibrated, `grouped+aligned+fit`) and the best MLA of each budget are then
 uptrained on 5% of the reference's pretraining tokens and scored again. Targets: MLA (pca) beats GQA before and
@@ -53,10 +54,15 @@ MODELS = {
                                              method="grouped+aligned+fit")),
     "mla attnconv from mqa 16:16": (32, dict(to="mla", format="attnconv", kv_rank=16, rope_dim=16, kv_heads=1,
                                              method="grouped+aligned+fit")),
+    "mla attnconv shared from gqa2 32:32": (64, dict(to="mla", format="attnconv", rope_key="shared", kv_rank=32,
+                                                     rope_dim=32, kv_heads=2, method="grouped+aligned+fit")),
+    "mla attnconv shared from gqa2 16:16": (32, dict(to="mla", format="attnconv", rope_key="shared", kv_rank=16,
+                                                     rope_dim=16, kv_heads=2, method="grouped+aligned+fit")),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 UPTRAIN = ("gqa2 mean", "gqa2 grouped+aligned+fit", "mla attnconv 16:14 pca", "mla attnconv from gqa2 64:32",
-           "mqa mean", "mqa grouped+aligned+fit", "mla attnconv 16:6 pca", "mla attnconv from mqa 32:32")
+           "mqa mean", "mqa grouped+aligned+fit", "mla attnconv 16:6 pca", "mla attnconv from mqa 32:32",
+           "mla attnconv shared from gqa2 32:32")
 
 
 def main() -> None:

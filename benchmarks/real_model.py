@@ -1,6 +1,7 @@
 """A real pretrained model (SmolLM2-135M-Instruct: 9 query heads, 3 KV heads of 64, 30 layers) through every
 route to a smaller KV cache, before and after uptraining: GQA `mean` / `grouped+aligned+fit` (MQA), MLA in attnconv
-format (the PCA latent of all KV heads, and the latent of the calibrated MQA: `--kv-heads 1`) and in DeepSeek-V3 format,
+format (the PCA latent of all KV heads with RoPE dims per KV head or one RoPE key shared by all heads, `--rope-key
+shared`, and the latent of the calibrated MQA: `--kv-heads 1`) and in DeepSeek-V3 format,
 at MQA's bytes (128 values per token and layer) and below it, down to a quarter.
 
 Calibration on the first half of the shipped WikiText-2 test split (`wikitext-2-test:calib`), scores on a slice of
@@ -44,6 +45,8 @@ WINDOW, STRIDE = 512, 256
 MQA = dict(format="attnconv", kv_heads=1, method="grouped+aligned+fit")  # MLA from the calibrated MQA
 ALL = "MLA attnconv, all KV heads (pca, phases)"
 FROM_MQA = "MLA attnconv from the calibrated MQA"
+SHARED_KEY = dict(format="attnconv", rope_key="shared")  # one RoPE key for all heads, a full NoPE key per head
+SHARED = "MLA attnconv, shared RoPE key (pca, phases)"
 # name -> (family in the plot, values per token and layer, convert settings)
 MODELS = {
     "MQA mean": ("GQA", 128, dict(to="mqa")),
@@ -51,6 +54,12 @@ MODELS = {
     "MLA deepseek-v3 96 + 32 (pca, phases)": ("MLA deepseek-v3", 128, dict(to="mla", kv_rank=(96,), rope_dim=32)),
     "MLA deepseek-v3 48 + 16 (pca, phases)": ("MLA deepseek-v3", 64, dict(to="mla", kv_rank=(48,), rope_dim=16)),
     "MLA deepseek-v3 24 + 8 (pca, phases)": ("MLA deepseek-v3", 32, dict(to="mla", kv_rank=(24,), rope_dim=8)),
+    "MLA attnconv shared RoPE 96 + 32 (pca, phases)": (SHARED, 128, dict(to="mla", kv_rank=(96,), rope_dim=32,
+                                                                      **SHARED_KEY)),
+    "MLA attnconv shared RoPE 48 + 16 (pca, phases)": (SHARED, 64, dict(to="mla", kv_rank=(48,), rope_dim=16,
+                                                                     **SHARED_KEY)),
+    "MLA attnconv shared RoPE 24 + 8 (pca, phases)": (SHARED, 32, dict(to="mla", kv_rank=(24,), rope_dim=8,
+                                                                    **SHARED_KEY)),
     "MLA attnconv 80 + 3 x 16 (pca, phases)": (ALL, 128, dict(to="mla", format="attnconv", kv_rank=(80,),
                                                               rope_dim=16)),
     "MLA attnconv 16 + 3 x 16 (pca, phases)": (ALL, 64, dict(to="mla", format="attnconv", kv_rank=(16,),
@@ -63,7 +72,8 @@ MODELS = {
 }
 
 # Uptrained, with the same short distillation: the routes at MQA's bytes
-UPTRAIN = ("MQA grouped+aligned+fit", "MLA deepseek-v3 96 + 32 (pca, phases)", "MLA attnconv from MQA 64 + 64")
+UPTRAIN = ("MQA grouped+aligned+fit", "MLA deepseek-v3 96 + 32 (pca, phases)",
+           "MLA attnconv shared RoPE 96 + 32 (pca, phases)", "MLA attnconv from MQA 64 + 64")
 UP_SEQ_LEN, UP_BATCH, UP_LR = 256, 4, 1e-4
 
 
