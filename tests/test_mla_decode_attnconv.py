@@ -107,8 +107,10 @@ def test_absorbed_steps_equal_the_models_own_forward(checkpoint, variant, monkey
     path = checkpoint(variant)[1]
     model = load_causal_lm(path, dtype="float32")
     eager = load_causal_lm(path, dtype="float32", attn_implementation="eager")
-    steps, real = [], attnconv_mla.grouped_mla_decode_attention
-    monkeypatch.setattr(attnconv_mla, "grouped_mla_decode_attention", lambda *a: steps.append(1) or real(*a))
+    steps = []
+    for kernel in ("grouped_mla_decode_attention", "mla_decode_attention"):  # per-KV-head / shared RoPE keys
+        real = getattr(attnconv_mla, kernel)
+        monkeypatch.setattr(attnconv_mla, kernel, lambda *a, real=real: steps.append(1) or real(*a))
     ids, mask = prompts(3, padded=True)
     result, ours = step_logits(model, ids, mask)
     ref = full_forward(eager, ids, mask, result.tokens)
@@ -185,7 +187,7 @@ def test_the_cache_serves_the_models_own_forward(checkpoint):
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama-16", "qwen3-16"])
+@pytest.mark.parametrize("variant", ["llama-16", "qwen3-16", "llama-shared"])
 def test_torch_path_and_bfloat16(checkpoint, variant):
     """The torch kernels give the native ones' logits; bf16 (SDPA or torch over the latent) stays within bf16
     rounding of fp32."""

@@ -8,9 +8,10 @@ is untouched), given a `RopeLatentKVCache`:
   attention (`sdpa_gqa_attention`: causality, the loop's padding keep-mask, sliding windows);
 - one-token steps: the absorbed form (kernels/mla_attention.py `grouped_mla_decode_attention`): each query head's
   NoPE part moves into latent space through its KV head's key up-projection, values are read in latent space and
-  up-projected after attention, the RoPE term comes per KV head (or from the one shared RoPE key) as extra
-  scores. Qwen3's k norm: its weight on the NoPE dims folds into the query, its 1/rms (cached) scales the NoPE
-  scores (the score is linear in the key).
+  up-projected after attention, the RoPE term comes per KV head as extra scores. Qwen3's k norm: its weight on
+  the NoPE dims folds into the query, its 1/rms (cached) scales the NoPE scores (the score is linear in the key).
+  With one shared RoPE key (rope_key "shared") the cache rows are [latent; RoPE key], as DeepSeek's, and the step
+  is DeepSeek's (`mla_decode_attention`): one fused pass over the rows.
   Sliding windows: the step reads the last `sliding_window` cached tokens, as transformers' sliding mask does.
 The attention is registered as "attnconv_mla_fmt_decode" (the same function as "attnconv_decode") in the block and
 the model's own implementation comes back after it.
@@ -25,7 +26,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from attnconv.errors import AttnconvError
-from attnconv.kernels.mla_attention import grouped_mla_decode_attention, split_kv_b
+from attnconv.kernels.mla_attention import grouped_mla_decode_attention, mla_decode_attention, split_kv_b
 from attnconv.patches.attention import attention_implementation, instance_forwards
 from attnconv.patches.decode_attention import sdpa_gqa_attention
 from attnconv.patches.decode_cache import GrowingLayer
@@ -35,16 +36,22 @@ NAME = "attnconv_mla_fmt_decode"
 
 class RopeLatentLayer(GrowingLayer):
     """One layer's cache, allocated for the whole run: rotated RoPE keys [b, n_rope, max_len, d_r] (per KV head,
-    or one shared by all)
-    (`keys`) and latent rows [b, max_len, r (+ n_kv)] (`rows`; `values` is the [b, 1, max_len, ...] view
-    `MLAAttention` caches), so the model's own forward can use it too."""
+    or one shared by all) (`keys`) and latent rows [b, max_len, r (+ n_kv)] (`rows`; `values` is the
+    [b, 1, max_len, ...] view `MLAAttention` caches), so the model's own forward can use it too.
+    `joint` (one shared RoPE key): each row is [latent; RoPE key], as DeepSeek's cache, and `keys` a view of the
+    rows' last d_r columns, so an absorbed step reads one row per token in one fused pass."""
 
-    def __init__(self, batch: int, max_len: int, n_kv: int, rope_dim: int, latent_dim: int, dtype, device):
+    def __init__(self, batch: int, max_len: int, n_rope: int, rope_dim: int, latent_dim: int, dtype, device,
+                 joint: bool = False):
         super().__init__()
-        self.max_len = max_len
-        self.keys = torch.zeros(batch, n_kv, max_len, rope_dim, dtype=dtype, device=device)
-        self.rows = torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device)
-        self.values = self.rows[:, None]
+        self.max_len, self.joint, self.latent_dim = max_len, joint, latent_dim
+        if joint:
+            self.rows = torch.zeros(batch, max_len, latent_dim + rope_dim, dtype=dtype, device=device)
+            self.keys = self.rows[:, None, :, latent_dim:]  # [b, 1, max_len, d_r], a view
+        else:
+            self.keys = torch.zeros(batch, n_rope, max_len, rope_dim, dtype=dtype, device=device)
+            self.rows = torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device)
+        self.values = self.rows[:, None, :, :latent_dim]
         self.length = 0
         self.is_initialized = True
 
@@ -53,12 +60,13 @@ class RopeLatentLayer(GrowingLayer):
 
     def append(self, k_rope: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k_rope [b, n_rope, s, d_r] and latent [b, 1, s, r (+ n_kv)] after the filled tokens; the filled
-        RoPE keys [b, n_rope, end, d_r] and latent rows [b, end, r (+ n_kv)], this call's tokens included."""
+        RoPE keys [b, n_rope, end, d_r] and latent rows [b, end, r (+ n_kv); joint: r + d_r], this call's tokens
+        included."""
         start, end = self.length, self.length + k_rope.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} tokens > {self.max_len} preallocated")
         self.keys[:, :, start:end].copy_(k_rope)
-        self.rows[:, start:end].copy_(latent[:, 0])
+        self.rows[:, start:end, :self.latent_dim].copy_(latent[:, 0])
         self.length = end
         return self.keys[:, :, :end], self.rows[:, :end]
 
@@ -67,7 +75,7 @@ class RopeLatentLayer(GrowingLayer):
         keys, rows = self.append(key_states, value_states)
         if start == 0:  # a prefill from empty attends to exactly these, contiguous
             return key_states, value_states
-        return keys, rows[:, None]
+        return keys, rows[:, None, :, :self.latent_dim]
 
 
 
@@ -84,14 +92,15 @@ class RopeLatentKVCache(Cache):
 
     def __init__(self, model, batch: int, max_len: int, dtype: torch.dtype, device):
         super().__init__(layers=[
-            RopeLatentLayer(batch, max_len, m.n_rope, m.qk_rope_dim, m.cache_latent_dim, dtype, device)
+            RopeLatentLayer(batch, max_len, m.n_rope, m.qk_rope_dim, m.cache_latent_dim, dtype, device,
+                            joint=m.shared_rope)
             for m in mla_modules(model)
         ])
 
     @property
     def nbytes(self) -> int:
         """What the cache tensors really hold: r (+ n_kv) + n_rope x d_r values per token and layer."""
-        return sum(layer.keys.nbytes + layer.rows.nbytes for layer in self.layers)
+        return sum(layer.rows.nbytes + (0 if layer.joint else layer.keys.nbytes) for layer in self.layers)
 
 
 def unsupported_reason(model) -> str | None:
@@ -121,6 +130,11 @@ def _step(module, hidden_states, position_embeddings, attention_mask, layer: Rop
         keep = None if keep is None else keep[:, -window:]
     query = query[:, :, 0].view(b, n_kv, heads // n_kv, d_r + nope)
     q_rot, q_nope = query.split([d_r, nope], dim=-1)  # [b, n_kv, g, d_r], [b, n_kv, g, nope]
+    if layer.joint:  # rows [latent; shared RoPE key]: DeepSeek's absorbed step, one fused pass over the rows
+        w_uk, w_uv = split_kv_b(module.kv_b_proj.weight, heads, nope, d)  # [H, nope, r], [H, d, r]
+        out = mla_decode_attention(q_nope.reshape(b, heads, nope), q_rot.reshape(b, heads, d_r), rows, w_uk, w_uv,
+                                   module.scaling, keep, backend)  # [b, H, d]
+        return module.o_proj(out.reshape(b, 1, heads * d))
     key_scale = None
     if module.k_norm is not None:  # the norm's weight on the NoPE dims goes to the query, its 1/rms to the scores
         nope_dims = module._index(query.device)[1]  # [n_kv, d - d_r]
