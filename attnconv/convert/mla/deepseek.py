@@ -56,16 +56,9 @@ from torch import Tensor
 
 from attnconv.convert.attention_weights import AttentionShape, AttentionWeights
 from attnconv.convert.mla.calibration import InputMoments
-from attnconv.convert.mla.lowrank import check_rank, input_moments, joint_low_rank
-from attnconv.convert.mla.rope import (
-    apply_phases,
-    check_rope_dim,
-    interleave_permutation,
-    principal_rotations,
-    shared_frequencies,
-    shared_rope_key,
-    shared_rope_queries,
-)
+from attnconv.convert.mla.lowrank import check_rank, joint_low_rank
+from attnconv.convert.mla.rope import check_rope_dim, interleave_permutation, shared_frequencies
+from attnconv.convert.mla.shared_key import shared_key_layer
 from attnconv.engines import DENSE_EXPERT_FIELDS
 from attnconv.errors import AttnconvError
 from attnconv.families import FAMILIES, ROPE_FAMILIES
@@ -73,11 +66,6 @@ from attnconv.families import FAMILIES, ROPE_FAMILIES
 _OTHER_FORMAT = "use --format attnconv, which keeps it exactly"
 KV_NORM_EPS = 1e-6  # kv_a_layernorm's eps in transformers (its default, whatever the config says)
 LATENT_EPS_SHARE = 1e-6  # the latent's mean square over that eps: how far from linear the latent norm is
-
-
-def max_kv_rank(shape: AttentionShape, rope_dim: int) -> int:
-    """The rank of [NoPE keys; values] of all KV heads: the shared RoPE key takes rope_dim key dims."""
-    return 2 * shape.n_kv_heads * shape.head_dim - rope_dim
 
 
 def residual_scale(source_eps: float) -> float:
@@ -144,36 +132,18 @@ def convert_deepseek_layer(w: AttentionWeights, *, kv_rank: int, rope_dim: int, 
     s = w.shape
     check_layer(w)
     n_keep = check_rope_dim(rope_dim, s)
-    check_rank(kv_rank, max_kv_rank(s, rope_dim))
-    stats = input_moments(init, moments, s.hidden)
     pairs, _ = shared_frequencies(rope_select, s, n_keep)
     d = s.head_dim
-
-    # RoRoPE: per kept pair, the top principal axis u across KV heads carries the shared RoPE key.
-    u = principal_rotations(stats.of_linear(w.k), s, pairs)[:, :, 0].float()  # [n_keep, n_kv]
-    rope_key, k_nope = shared_rope_key(w.heads("k"), u, pairs, s.rotary_dim)  # [d_r, hidden], [n_kv, d, hidden]
-
-    target = torch.cat([k_nope, w.heads("v")], dim=1).reshape(-1, s.hidden)  # [n_kv * 2d, hidden]
-    k_rows = torch.zeros(s.n_kv_heads, 2 * d, dtype=torch.bool)
-    k_rows[:, :d] = True
-    low = joint_low_rank(None, kv_rank, k_rows.flatten(), balance=init == "pca",
-                         factor=stats.factor_of_linear(target))
-    down = low.down @ target  # [kv_rank, hidden]
-    kv_b = low.up.reshape(s.n_kv_heads, 2 * d, kv_rank)[s.kv_head_of()]  # [n_heads, 2d, kv_rank]: GQA copies
-
+    layer = shared_key_layer(w, kv_rank=kv_rank, pairs=pairs, init=init, moments=moments, phases=phases)
+    down, stats = layer.down, layer.stats
     perm = interleave_permutation(rope_dim)
-    q = w.heads("q")  # [n_heads, d, hidden]
-    q_rope = shared_rope_queries(q, u.T[s.kv_head_of()], pairs, s.rotary_dim)[:, perm]  # [n_heads, d_r, hidden]
-    q_nope = q
-    if phases is not None:
-        q_nope = apply_phases(q, phases, torch.arange(s.rotary_pairs).expand(s.n_heads, -1), s.rotary_dim)
-    q_all = torch.cat([q_nope, q_rope], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # DeepSeek: (d + d_r)^-0.5
+    q_all = torch.cat([layer.q_nope, layer.q_rope[:, perm]], dim=1) * (s.scaling * (d + rope_dim) ** 0.5)  # (d+d_r)^-.5
 
     shrink = linear_norm_shrink(float((moments if moments is not None else stats).of_linear(down).diagonal().mean()))
     out = {
-        "kv_a_proj_with_mqa.weight": torch.cat([down * shrink, rope_key[perm]]),  # [r + d_r, D]
+        "kv_a_proj_with_mqa.weight": torch.cat([down * shrink, layer.rope_key[perm]]),  # [r + d_r, D]
         "kv_a_layernorm.weight": linear_norm_weight(kv_rank, shrink),
-        "kv_b_proj.weight": kv_b.reshape(-1, kv_rank),  # [n_heads * 2d, r], per head [k_nope; v]
+        "kv_b_proj.weight": layer.kv_b.reshape(-1, kv_rank),  # [n_heads * 2d, r], per head [k_nope; v]
         "o_proj.weight": w.o * residual_scale(w.norm_eps),
     }
     q_flat = q_all.reshape(-1, s.hidden)  # [n_heads * (d + d_r), hidden]

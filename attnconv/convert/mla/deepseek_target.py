@@ -21,9 +21,9 @@ from attnconv.convert.mla.deepseek import (
     deepseek_output_shapes,
     deepseek_rules,
     folds_input_norm,
-    max_kv_rank,
 )
 from attnconv.convert.mla.inmemory import LayerStatistics
+from attnconv.convert.mla.shared_key import max_kv_rank
 from attnconv.convert.mla.target import MlaTarget
 from attnconv.convert.target import INPUT_NORM, INPUT_NORM_KEY
 from attnconv.engines import engine, engines_loading
