@@ -65,12 +65,9 @@ def latent_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, backend
 
 
 def grouped_rope_scores(q_rot: torch.Tensor, k_rot: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
-    """scale * q_rot [b, n_kv, g, d_r] . k_rot [b, n_rope, L, d_r] -> [b, n_kv * g, L], fp32: the RoPE term for
-    RoPE keys kept per KV head (n_rope = n_kv) or shared by groups of them (n_rope divides n_kv; 1: one key for
-    all heads); add it to `latent_scores` of the latent alone."""
-    b, n_kv, g, d_r = q_rot.shape
-    if k_rot.shape[1] != n_kv:  # the query heads of each RoPE key side by side (KV heads are contiguous groups)
-        q_rot, n_kv, g = q_rot.reshape(b, k_rot.shape[1], -1, d_r), k_rot.shape[1], n_kv * g // k_rot.shape[1]
+    """scale * q_rot [b, n_kv, g, d_r] . k_rot [b, n_kv, L, d_r] -> [b, n_kv * g, L], fp32: the RoPE term for
+    RoPE keys kept per KV head (add it to `latent_scores` of the latent alone)."""
+    b, n_kv, g, _ = q_rot.shape
     if _native(q_rot, k_rot, backend=backend):
         scores = cpu_decode.decode_scores(q_rot, k_rot, scale)
     else:
@@ -156,8 +153,7 @@ def grouped_mla_decode_attention(q_nope: torch.Tensor, q_rot: torch.Tensor, late
     KV head g has its own up-projections and its own rotated RoPE key (attnconv's MLA format).
 
     q_nope [b, n_kv, g, d_nope] and q_rot [b, n_kv, g, d_r] (rotated): the g query heads of each KV head;
-    latent [b, L, r] (a view of the cache rows, stride 1 along r); k_rot [b, n_rope, L, d_r] (n_rope = n_kv, or
-    a divisor of it: a RoPE key shared by groups of KV heads, 1 for all); W_uk [n_kv, d_nope, r],
+    latent [b, L, r] (a view of the cache rows, stride 1 along r); k_rot [b, n_kv, L, d_r]; W_uk [n_kv, d_nope, r],
     W_uv [n_kv, d_v, r]; keep: None or boolean [b, L]; key_scale: None or [b, L, n_kv], a factor on each cached
     NoPE key (Qwen3's per-head 1/rms): the NoPE score is linear in the key, so it scales the score instead.
     Returns [b, n_kv, g, d_v].
@@ -185,7 +181,6 @@ def grouped_mla_decode_reference(q_nope: torch.Tensor, q_rot: torch.Tensor, late
                                  key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """`grouped_mla_decode_attention` unabsorbed, as plain torch math: NoPE keys and values expanded per KV head
     from the latent, keys [k_nope * key_scale; k_rot], softmax attention; [b, n_kv, g, d_v]."""
-    k_rot = k_rot.repeat_interleave(w_uk.shape[0] // k_rot.shape[1], dim=1)  # [b, n_kv, L, d_r]
     k_nope = torch.einsum("knr,blr->bkln", w_uk, latent)  # [b, n_kv, L, d_nope]
     if key_scale is not None:
         k_nope = k_nope * key_scale.transpose(1, 2)[..., None]
